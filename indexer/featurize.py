@@ -1,0 +1,152 @@
+"""Per-example tangent features g(x) = d m(x, y; theta) / d theta with ``torch.func`` (DESIGN.md 1.1).
+
+``vmap`` over ``grad`` of the output function gives the gradients of a whole batch at once; they are
+flattened in ``model.named_parameters()`` order and projected before the next batch, so memory holds at
+most one buffer of `(buffer_rows, n_params)` float32 gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from tqdm.auto import tqdm
+
+from indexer.projection import RandomProjection
+from indexer.tasks import OutputFunction
+
+__all__ = ["Features", "per_example_gradients", "model_outputs", "tangent_features", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class Features:
+    """Projected tangent features of a set of examples.
+
+    Attributes:
+        phi: `(n, k)` float32 projected tangent features.
+        outputs: `(n,)` float64 output-function values m_i at theta*.
+        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits).
+        targets: `(n,)` the targets the output function was evaluated at.
+    """
+
+    phi: np.ndarray
+    outputs: np.ndarray
+    model_outputs: np.ndarray
+    targets: np.ndarray
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number P of trainable parameters, the length of a tangent feature."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def per_example_gradients(
+    model: nn.Module, output_fn: OutputFunction, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tangent features of one batch with vmap over grad.
+
+    Args:
+        model: the network, in eval mode; its buffers are used as they are.
+        output_fn: the scalar output function m.
+        inputs: `(n, *input_shape)` model inputs.
+        targets: `(n,)` targets.
+
+    Returns:
+        ``(gradients, outputs, model_outputs)``: `(n, n_params)` float32 flattened gradients in
+        ``named_parameters()`` order, `(n,)` output values, `(n, n_outputs)` raw outputs.
+    """
+    params = _params(model)
+    buffers = {name: b.detach() for name, b in model.named_buffers()}
+
+    def m(
+        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        raw = functional_call(model, (p, buffers), (x.unsqueeze(0),)).squeeze(0)
+        out = output_fn.output(raw, y)
+        return out, (out.detach(), raw.detach())
+
+    grads, (outputs, raw) = vmap(grad(m, has_aux=True), in_dims=(None, 0, 0))(params, inputs, targets)
+    flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in params], dim=1)
+    return flat, outputs, raw.reshape(inputs.shape[0], -1)
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Raw model outputs, batched.
+
+    Args:
+        model: the network, in eval mode.
+        inputs: `(n, *input_shape)`.
+        batch_size: examples per forward pass.
+
+    Returns:
+        `(n, n_outputs)` float32.
+    """
+    chunks = [
+        model(inputs[i : i + batch_size]).reshape(len(inputs[i : i + batch_size]), -1)
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(chunks).float().cpu().numpy()
+
+
+def tangent_features(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    projection: RandomProjection,
+    batch_size: int = 128,
+    buffer_bytes: int = 256 * 2**20,
+    progress: str | None = None,
+) -> Features:
+    """Projected tangent features phi = R^T d m / d theta of every example (DESIGN.md 1.1).
+
+    Args:
+        model: the network with the trained weights theta*; switched to eval mode.
+        output_fn: the output function m.
+        inputs: `(n, *input_shape)` inputs, on the model's device.
+        targets: `(n,)` targets to evaluate m at.
+        projection: the seeded projection; its ``n_params`` must equal the model's parameter count.
+        batch_size: examples per vmap call.
+        buffer_bytes: gradients are gathered up to this many bytes before each pass over R's blocks.
+        progress: a tqdm description, or None for no progress bar.
+
+    Returns:
+        :class:`Features` with `(n, k)` float32 ``phi``.
+
+    Raises:
+        ValueError: ``inputs`` and ``targets`` disagree in length, or ``projection`` was made for a
+            different parameter count.
+    """
+    n_params = count_parameters(model)
+    if projection.n_params != n_params:
+        raise ValueError(f"projection is for {projection.n_params} parameters; the model has {n_params}")
+    if len(inputs) != len(targets):
+        raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) must have the same length")
+    model.eval()
+    n = len(inputs)
+    buffer_rows = max(batch_size, (buffer_bytes // (4 * n_params)) // batch_size * batch_size)
+    phi = np.zeros((n, projection.k), dtype=np.float32)
+    outputs = np.zeros(n, dtype=np.float64)
+    raw_chunks: list[np.ndarray] = []
+    with tqdm(total=n, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
+        for start in range(0, n, buffer_rows):
+            stop = min(start + buffer_rows, n)
+            grads = []
+            for b in range(start, stop, batch_size):
+                e = min(b + batch_size, stop)
+                g, out, raw = per_example_gradients(model, output_fn, inputs[b:e], targets[b:e])
+                grads.append(g.float().cpu().numpy())
+                outputs[b:e] = out.double().cpu().numpy()
+                raw_chunks.append(raw.float().cpu().numpy())
+                bar.update(e - b)
+            phi[start:stop] = projection.project(np.concatenate(grads))
+    raw_all = np.concatenate(raw_chunks) if raw_chunks else np.zeros((0, 0), dtype=np.float32)
+    return Features(phi=phi, outputs=outputs, model_outputs=raw_all, targets=targets.cpu().numpy())

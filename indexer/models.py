@@ -1,0 +1,157 @@
+"""Model specs: how the service rebuilds the network an index was made from.
+
+A :class:`ModelSpec` names a factory and its keyword arguments; the manifest records it and the service
+calls it to featurize raw queries with the same architecture (weights come from the index's checkpoint).
+Built-in factories: ``mlp`` and ``logistic_regression``; others register with :func:`register_model`
+or are named as an import path ``"package.module:function"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+__all__ = [
+    "ModelSpec",
+    "mlp",
+    "logistic_regression",
+    "register_model",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "sha256_file",
+]
+
+
+def mlp(in_features: int, hidden: list[int], out_features: int) -> nn.Module:
+    """A ReLU multilayer perceptron on flat inputs `(batch, in_features)` -> `(batch, out_features)`.
+
+    Args:
+        in_features: input width; hidden: widths of the hidden layers; out_features: number of outputs.
+    """
+    widths = [in_features, *hidden, out_features]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def logistic_regression(in_features: int, out_features: int) -> nn.Module:
+    """Multinomial logistic regression `(batch, in_features)` -> `(batch, out_features)` logits."""
+    return nn.Sequential(nn.Linear(in_features, out_features))
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "logistic_regression": logistic_regression}
+
+
+def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Register a model factory under ``name`` so that a manifest can name it.
+
+    Raises:
+        ValueError: the name is taken by another factory or contains ':' (reserved for import paths).
+    """
+    if ":" in name:
+        raise ValueError(f"model name {name!r} must not contain ':' (reserved for import paths)")
+    if _FACTORIES.get(name, factory) is not factory:
+        raise ValueError(f"model name {name!r} is already registered")
+    _FACTORIES[name] = factory
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture of an indexed model.
+
+    Attributes:
+        factory: a registered name (``"mlp"``) or an import path ``"package.module:function"``.
+        kwargs: JSON-serialisable keyword arguments of the factory.
+    """
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest entry."""
+        return {"factory": self.factory, "kwargs": dict(self.kwargs)}
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate the architecture of ``spec`` (random weights).
+
+    Raises:
+        ValueError: unknown factory name, an import path that does not resolve, or bad kwargs.
+    """
+    if ":" in spec.factory:
+        module_name, _, attr = spec.factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot import model factory {spec.factory!r}: {exc}") from exc
+    else:
+        if spec.factory not in _FACTORIES:
+            raise ValueError(f"unknown model factory {spec.factory!r}; registered: {sorted(_FACTORIES)}")
+        factory = _FACTORIES[spec.factory]
+    try:
+        model = factory(**spec.kwargs)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments {spec.kwargs!r} for model factory {spec.factory!r}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec.factory!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def sha256_file(path: Path, chunk_bytes: int = 2**20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load weights into ``model`` without unpickling anything.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``,
+    which refuses arbitrary pickled objects.
+
+    Args:
+        model: the architecture; its state dict keys and shapes must match.
+        path: the checkpoint file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a loadable state dict, or keys/shapes do not match the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch raise many types for a bad file
+        raise ValueError(
+            f"checkpoint {path} is not a safetensors file or a weights-only torch state dict: {exc}"
+        ) from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {path} does not match the model: {exc}") from exc
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> None:
+    """Write ``model``'s state dict as safetensors (contiguous CPU tensors)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -1,0 +1,151 @@
+"""Single-example attribution scores and their vector-database form (DESIGN.md 1.3, 1.5).
+
+Every formula is written so that saturated examples (beta_i -> 0) and zero features give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from indexer.enums import Score
+from indexer.surrogate import QueryTerms
+
+__all__ = ["example_scores", "signed_score", "score_vectors", "query_vector", "score_from_inner"]
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
+    den_arr = np.broadcast_to(np.asarray(den, dtype=np.float64), np.shape(num))
+    out = np.zeros(np.shape(num), dtype=np.float64)
+    np.divide(num, den_arr, out=out, where=den_arr > 0)
+    return out
+
+
+def example_scores(
+    query: QueryTerms,
+    phi: np.ndarray,
+    whitened: np.ndarray,
+    beta: np.ndarray,
+    grad_term: np.ndarray,
+    s: np.ndarray,
+    prior_precision: float,
+) -> dict[Score, np.ndarray]:
+    """Every score of DESIGN.md 1.3 for one query and a set of training examples, in float64.
+
+    - information_loss = 0.5 log(1 + beta_i c_qi^2 / (v_q s_i))   (nats)
+    - information_gain = -0.5 log(1 - beta_i (phi_q.phi_i)^2 / (|phi_q|^2 (beta_i |phi_i|^2 + tau)))   (nats)
+    - influence = c_qi beta_i r_i / s_i   (output units)
+    - inner_product = phi_q.phi_i ; cosine = phi_q.phi_i / (|phi_q| |phi_i|)
+
+    Args:
+        query: the query's :class:`QueryTerms`.
+        phi: `(m, k)` features of the examples.
+        whitened: `(m, k)` float64 whitened features u_i.
+        beta: `(m,)` likelihood weights.
+        grad_term: `(m,)` beta_i r_i.
+        s: `(m,)` one minus leverage (already clamped).
+        prior_precision: tau.
+
+    Returns:
+        ``{Score: (m,) float64}`` for all five scores.
+    """
+    phi64 = np.asarray(phi, dtype=np.float64)
+    c = whitened @ query.whitened
+    x = phi64 @ query.phi
+    phi_norm = np.linalg.norm(phi64, axis=1)
+    information_loss = 0.5 * np.log1p(_safe_div(beta * c**2, query.posterior_variance * s))
+    ratio = _safe_div(beta * x**2, query.phi_norm**2 * (beta * phi_norm**2 + prior_precision))
+    # ratio < 1 by Cauchy-Schwarz since tau > 0; the clip only guards the last float64 ulp
+    information_gain = -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+    return {
+        Score.INFORMATION_LOSS: information_loss,
+        Score.INFORMATION_GAIN: information_gain,
+        Score.INFLUENCE: c * grad_term / s,
+        Score.INNER_PRODUCT: x,
+        Score.COSINE: _safe_div(x, query.phi_norm * phi_norm),
+    }
+
+
+def signed_score(score: Score, scores: dict[Score, np.ndarray]) -> np.ndarray:
+    """The score with a direction: signed scores as they are, unsigned ones times sign(influence).
+
+    Args:
+        score: which score.
+        scores: output of :func:`example_scores`.
+
+    Returns:
+        `(m,)` float64; positive for proponents, negative for opponents (DESIGN.md 1.3).
+    """
+    if score.signed:
+        return scores[score]
+    return np.sign(scores[Score.INFLUENCE]) * scores[score]
+
+
+def score_vectors(
+    score: Score,
+    phi: np.ndarray,
+    whitened: np.ndarray,
+    beta: np.ndarray,
+    grad_term: np.ndarray,
+    s: np.ndarray,
+    prior_precision: float,
+) -> np.ndarray:
+    """Per-example vectors z_i such that the score is monotone in <a_q, z_i> (DESIGN.md 1.3).
+
+    - information_loss: z_i = u_i sqrt(beta_i / s_i)
+    - information_gain: z_i = sqrt(beta_i) phi_i / sqrt(beta_i |phi_i|^2 + tau)
+    - influence: z_i = u_i beta_i r_i / s_i
+    - inner_product: z_i = phi_i ; cosine: z_i = phi_i / |phi_i| (0 for a zero feature)
+
+    Args:
+        score: which score.
+        phi: `(n, k)` features; whitened: `(n, k)` u_i; beta, grad_term, s: `(n,)`; prior_precision: tau.
+
+    Returns:
+        `(n, k)` float64 vectors.
+    """
+    phi64 = np.asarray(phi, dtype=np.float64)
+    if score is Score.INFORMATION_LOSS:
+        return whitened * np.sqrt(beta / s)[:, None]
+    if score is Score.INFORMATION_GAIN:
+        norm2 = np.einsum("nk,nk->n", phi64, phi64)
+        return phi64 * (np.sqrt(beta) / np.sqrt(beta * norm2 + prior_precision))[:, None]
+    if score is Score.INFLUENCE:
+        return whitened * (grad_term / s)[:, None]
+    if score is Score.INNER_PRODUCT:
+        return phi64
+    norm = np.linalg.norm(phi64, axis=1)
+    return phi64 * _safe_div(np.ones_like(norm), norm)[:, None]
+
+
+def query_vector(score: Score, query: QueryTerms) -> np.ndarray:
+    """The query side a_q of :func:`score_vectors`.
+
+    Returns:
+        `(k,)` float64: u_q for information_loss and influence, phi_q for information_gain and
+        inner_product, phi_q / |phi_q| for cosine (0 for a zero query).
+    """
+    if score in (Score.INFORMATION_LOSS, Score.INFLUENCE):
+        return query.whitened
+    if score is Score.COSINE:
+        return query.phi / query.phi_norm if query.phi_norm > 0 else np.zeros_like(query.phi)
+    return query.phi
+
+
+def score_from_inner(score: Score, inner: np.ndarray, query: QueryTerms) -> np.ndarray:
+    """Map x = <a_q, z_i> to the score; monotone in x (signed scores) or in |x| (unsigned ones).
+
+    Args:
+        score: which score.
+        inner: `(m,)` inner products x.
+        query: the query's terms.
+
+    Returns:
+        `(m,)` float64 scores, equal to :func:`example_scores` up to rounding.
+    """
+    x = np.asarray(inner, dtype=np.float64)
+    if score is Score.INFORMATION_LOSS:
+        return 0.5 * np.log1p(_safe_div(x**2, np.full_like(x, query.posterior_variance)))
+    if score is Score.INFORMATION_GAIN:
+        ratio = _safe_div(x**2, np.full_like(x, query.phi_norm**2))
+        return -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+    return x

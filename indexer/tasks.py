@@ -1,0 +1,225 @@
+"""Output functions: what scalar of the model an attribution explains (DESIGN.md 1.1).
+
+An :class:`OutputFunction` turns the model's raw output for one example into the scalar ``m(x, y)``
+whose tangent features are indexed, and gives the likelihood weight ``beta_i`` and gradient term
+``beta_i r_i`` of the Gaussian-process surrogate. The indexer never guesses a loss: built-ins cover
+classification (the margin) and regression; custom ones subclass the base and are registered by name
+so that the manifest can name them and the service can rebuild them.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from indexer.enums import OutputKind
+
+__all__ = [
+    "OutputFunction",
+    "ClassificationMargin",
+    "RegressionOutput",
+    "register_output_function",
+    "output_function_from_spec",
+]
+
+
+class OutputFunction(ABC):
+    """Base class of output functions.
+
+    Subclasses implement :meth:`output` (differentiable, per example, vmap-safe), :meth:`likelihood_weight`
+    and :meth:`grad_term`; :meth:`predict` and :meth:`default_target` have classification defaults.
+    """
+
+    name: ClassVar[str]
+    """Registry name written to the manifest."""
+
+    @abstractmethod
+    def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The scalar output function of one example.
+
+        Args:
+            model_output: `(n_outputs,)` raw model output (logits) of ONE example; called under vmap.
+            target: `()` the example's target.
+
+        Returns:
+            `()` tensor, m(x, y; theta).
+        """
+
+    @abstractmethod
+    def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Noise precision beta_i of the surrogate (DESIGN.md 1.1).
+
+        Args:
+            outputs: `(n,)` float64 output-function values m_i.
+            targets: `(n,)` targets.
+
+        Returns:
+            `(n,)` float64, beta_i >= 0.
+        """
+
+    @abstractmethod
+    def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """beta_i r_i: derivative of log p(y_i | f_i) w.r.t. f_i at theta* (DESIGN.md 1.3, influence).
+
+        Args:
+            outputs: `(n,)` float64 output-function values m_i.
+            targets: `(n,)` targets.
+
+        Returns:
+            `(n,)` float64.
+        """
+
+    def params(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments, written to the manifest."""
+        return {}
+
+    def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Prediction from raw model outputs.
+
+        Args:
+            model_outputs: `(n, n_outputs)` float logits.
+
+        Returns:
+            `(n,)` predicted class (int64) and `(n, n_outputs)` float64 softmax probabilities.
+        """
+        z = model_outputs.astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        return p.argmax(axis=1).astype(np.int64), p
+
+    def default_target(self, model_outputs: np.ndarray) -> np.ndarray:
+        """The target to explain when a query gives none: the predicted class.
+
+        Args:
+            model_outputs: `(n, n_outputs)` float logits.
+
+        Returns:
+            `(n,)` targets.
+        """
+        return self.predict(model_outputs)[0]
+
+    def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:
+        """Entropy of the predictive distribution of the label, in nats.
+
+        Args:
+            model_outputs: `(n, n_outputs)` logits.
+            posterior_variance: `(n,)` v_q (unused by the categorical default).
+
+        Returns:
+            `(n,)` float64 nats: -sum_c p_c log p_c of the softmax.
+        """
+        _, p = self.predict(model_outputs)
+        assert p is not None  # the classification default always returns probabilities
+        return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
+
+
+class ClassificationMargin(OutputFunction):
+    """m = z_y - logsumexp_{c != y} z_c, so p_i = sigmoid(m_i) is the softmax probability of the label.
+
+    beta_i = p_i (1 - p_i) and beta_i r_i = 1 - p_i (DESIGN.md 1.1, 1.3).
+    """
+
+    name = OutputKind.CLASSIFICATION_MARGIN.value
+
+    def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        is_label = torch.arange(model_output.shape[-1], device=model_output.device) == target
+        z_y = torch.where(is_label, model_output, torch.zeros_like(model_output)).sum(-1)
+        others = torch.where(is_label, torch.full_like(model_output, -math.inf), model_output)
+        return z_y - torch.logsumexp(others, dim=-1)
+
+    def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        # p (1 - p) written via the two tails so that saturated examples give a tiny positive, not 1 - 1
+        return _sigmoid(outputs) * _sigmoid(-outputs)
+
+    def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return _sigmoid(-outputs)
+
+
+class RegressionOutput(OutputFunction):
+    """The model's scalar output, Gaussian likelihood with noise standard deviation ``sigma``.
+
+    beta_i = 1 / sigma^2 and beta_i r_i = (y_i - m_i) / sigma^2 (DESIGN.md 1.1, 1.3).
+
+    Args:
+        sigma: noise standard deviation, in output units; must be positive and finite.
+
+    Raises:
+        ValueError: ``sigma`` is not a positive finite number.
+    """
+
+    name = OutputKind.REGRESSION.value
+
+    def __init__(self, sigma: float = 1.0) -> None:
+        if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a positive finite number; got {sigma!r}")
+        self.sigma = float(sigma)
+
+    def params(self) -> dict[str, Any]:
+        return {"sigma": self.sigma}
+
+    def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return model_output.reshape(-1)[0]
+
+    def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return np.full(outputs.shape, 1.0 / self.sigma**2)
+
+    def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return (targets.astype(np.float64) - outputs) / self.sigma**2
+
+    def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return model_outputs.reshape(len(model_outputs), -1)[:, 0].astype(np.float64), None
+
+    def default_target(self, model_outputs: np.ndarray) -> np.ndarray:
+        return self.predict(model_outputs)[0]
+
+    def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:
+        """Differential entropy of y_q ~ N(m_q, sigma^2 + v_q), in nats."""
+        return 0.5 * np.log(2 * math.pi * math.e * (self.sigma**2 + posterior_variance))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+_REGISTRY: dict[str, type[OutputFunction]] = {
+    ClassificationMargin.name: ClassificationMargin,
+    RegressionOutput.name: RegressionOutput,
+}
+
+
+def register_output_function(cls: type[OutputFunction]) -> type[OutputFunction]:
+    """Register a custom output function under ``cls.name`` (usable as a class decorator).
+
+    Raises:
+        ValueError: the name is already taken by another class.
+    """
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"output function name {cls.name!r} is already registered to {existing.__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def output_function_from_spec(name: str, params: dict[str, Any] | None = None) -> OutputFunction:
+    """Rebuild an output function from its manifest entry.
+
+    Args:
+        name: registry name, e.g. ``"classification_margin"``.
+        params: constructor arguments (see :meth:`OutputFunction.params`).
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones) or bad parameters.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown output function {name!r}; registered: {sorted(_REGISTRY)}")
+    try:
+        return cls(**(params or {}))
+    except TypeError as exc:
+        raise ValueError(f"bad parameters {params!r} for output function {name!r}: {exc}") from exc

@@ -1,0 +1,54 @@
+"""FastAPI dependencies: the settings, the registry and one index, typed with ``Annotated``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Path, Request, status
+
+from service.engine import AttributionEngine
+from service.registry import IndexRegistry
+from service.settings import Settings
+
+__all__ = ["get_settings", "get_registry", "get_index", "SettingsDep", "RegistryDep", "IndexDep"]
+
+INDEX_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's :class:`Settings` (set by :func:`service.app.create_app`)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_registry(request: Request) -> IndexRegistry:
+    """The loaded :class:`IndexRegistry` (set in the lifespan)."""
+    registry: IndexRegistry | None = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="indexes are not loaded yet")
+    return registry
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[IndexRegistry, Depends(get_registry)]
+
+
+def get_index(
+    registry: RegistryDep,
+    name: Annotated[str, Path(pattern=INDEX_NAME_PATTERN, description="index name (see GET /v1/indexes)")],
+) -> AttributionEngine:
+    """The engine of index ``name``: 404 when unknown, 503 when present but not loadable."""
+    if name in registry.failures:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail=f"index {name!r} is not ready: {registry.failures[name]}",
+        )
+    if name not in registry.engines:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            detail=f"no index named {name!r}; served indexes: {sorted(registry.engines)}",
+        )
+    return registry.engines[name]
+
+
+IndexDep = Annotated[AttributionEngine, Depends(get_index)]

@@ -1,0 +1,63 @@
+"""The indexes a service holds: every subfolder of the index root with a manifest, loaded and verified."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from indexer.constants import MANIFEST_FILE
+from indexer.exceptions import IndexNotFoundError
+from indexer.index_format import load_index
+from service.engine import AttributionEngine
+
+__all__ = ["IndexRegistry"]
+
+log = logging.getLogger("infotrace.service")
+
+
+class IndexRegistry:
+    """Loaded indexes by name, and the reason for each index that could not be loaded.
+
+    Args:
+        engines: name -> engine of each healthy index.
+        failures: name -> why that index is not served.
+    """
+
+    def __init__(self, engines: dict[str, AttributionEngine], failures: dict[str, str]) -> None:
+        self.engines = engines
+        self.failures = failures
+
+    @classmethod
+    def load(cls, root: Path, projection_cache_bytes: int = 1 << 30) -> IndexRegistry:
+        """Load every ``<root>/<name>/manifest.json`` index; a broken one is recorded, not fatal.
+
+        Raises:
+            IndexNotFoundError: ``root`` is not a folder.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise IndexNotFoundError(f"index root {root} is not a folder")
+        engines: dict[str, AttributionEngine] = {}
+        failures: dict[str, str] = {}
+        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if not (folder / MANIFEST_FILE).is_file():
+                continue
+            try:
+                engine = AttributionEngine(load_index(folder), projection_cache_bytes)
+            except Exception as exc:  # any failure marks this index not ready; the others are served
+                failures[folder.name] = f"{type(exc).__name__}: {exc}"
+                log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
+                continue
+            engines[folder.name] = engine
+        return cls(engines, failures)
+
+    def get(self, name: str) -> AttributionEngine:
+        """The engine of a healthy index.
+
+        Raises:
+            IndexNotFoundError: no index of that name (message lists the served ones).
+        """
+        engine = self.engines.get(name)
+        if engine is None:
+            raise IndexNotFoundError(f"no index named {name!r}; served indexes: {sorted(self.engines)}")
+        return engine

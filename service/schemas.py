@@ -1,0 +1,207 @@
+"""Request and response models of the HTTP API (DESIGN.md 2.2). Separate from the engine's objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from indexer.enums import Direction, Objective, Score
+
+__all__ = [
+    "QuerySpec",
+    "AttributionRequest",
+    "SubsetRequest",
+    "QueryInfo",
+    "ScoreSet",
+    "AttributedExample",
+    "Timings",
+    "AttributionResponse",
+    "SubsetMember",
+    "SubsetResponse",
+    "IndexSummary",
+    "IndexList",
+    "Health",
+    "Readiness",
+]
+
+
+class QuerySpec(BaseModel):
+    """The query: exactly one of ``id``, ``input`` or ``feature``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int | None = Field(
+        None, description="id of a stored query (the held-out split featurized at index time)"
+    )
+    input: list[Any] | None = Field(
+        None, description="raw model input as nested lists with the index's input_shape (e.g. 784 floats)"
+    )
+    target: float | None = Field(
+        None,
+        description="label (class index) or regression target to explain for `input`; default: prediction",
+    )
+    feature: list[float] | None = Field(None, description="precomputed projected tangent feature, k floats")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> QuerySpec:
+        given = [name for name in ("id", "input", "feature") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'id', 'input' or 'feature'; got {given or 'none'}")
+        if self.target is not None and self.input is None:
+            raise ValueError("'target' applies only to an 'input' query")
+        return self
+
+
+class AttributionRequest(BaseModel):
+    """``POST /v1/indexes/{name}/attributions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: QuerySpec
+    top_k: int = Field(10, ge=1, description="number of training examples to return")
+    score: Score = Field(Score.INFORMATION_GAIN, description="ranking score (DESIGN.md 1.3)")
+    direction: Direction = Field(Direction.BOTH, description="proponents, opponents or both (by magnitude)")
+    candidates: int | None = Field(
+        None,
+        ge=1,
+        description="retrieval depth before the exact rerank (default from settings; deepened as needed)",
+    )
+
+
+class SubsetRequest(BaseModel):
+    """``POST /v1/indexes/{name}/attributions/subset``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: QuerySpec
+    size: int = Field(10, ge=1, description="number of examples m in the greedy set")
+    objective: Objective = Field(
+        Objective.INFORMATION_LOSS, description="joint score to maximise (DESIGN.md 1.4)"
+    )
+    candidates: int = Field(
+        200, ge=1, description="candidate pool: top examples by the objective's single score"
+    )
+
+
+class QueryInfo(BaseModel):
+    """What the model and the surrogate say about the query."""
+
+    kind: str = Field(description="stored, input or feature")
+    id: int | None = Field(description="stored query id")
+    label: int | float | None = Field(description="true label of a stored query")
+    target: int | float | None = Field(description="the label or target being explained")
+    prediction: int | float | None = Field(description="predicted class (classification) or value")
+    probabilities: list[float] | None = Field(description="softmax over classes")
+    output: float | None = Field(description="output function m_q (classification: the margin)")
+    posterior_variance: float = Field(description="v_q, posterior variance of f_q under the surrogate")
+    output_entropy: float = Field(description="differential entropy of f_q, 0.5 log(2 pi e v_q), nats")
+    predictive_entropy: float | None = Field(description="entropy of the predictive distribution, nats")
+    metadata: dict[str, Any] | None = Field(None, description="metadata of a stored query")
+
+
+class ScoreSet(BaseModel):
+    """Every score of DESIGN.md 1.3 for one training example."""
+
+    information_gain: float = Field(description="nats, unsigned")
+    information_loss: float = Field(description="nats, unsigned")
+    influence: float = Field(description="signed, output units: drop of the query's mean when removed")
+    inner_product: float
+    cosine: float
+
+
+class AttributedExample(BaseModel):
+    """One ranked training example."""
+
+    rank: int = Field(description="1 = best")
+    id: int = Field(description="training example id (row of the training set)")
+    label: int | float | None
+    prediction: int | float | None = Field(description="the model's prediction on this training example")
+    sign: int = Field(description="+1 proponent, -1 opponent, 0 neither")
+    signed_score: float = Field(description="the ranking score with its sign")
+    scores: ScoreSet
+    metadata: dict[str, Any]
+
+
+class Timings(BaseModel):
+    """Server-side time per stage, in milliseconds."""
+
+    featurize_ms: float
+    retrieve_ms: float
+    rerank_ms: float
+    total_ms: float
+
+
+class AttributionResponse(BaseModel):
+    """Ranked training examples for one query."""
+
+    index: str
+    score: Score
+    direction: Direction
+    top_k: int
+    candidates_searched: int = Field(description="retrieval depth finally used per FAISS search")
+    exact: bool = Field(description="true when the result equals the brute-force top-k over all examples")
+    query: QueryInfo
+    results: list[AttributedExample]
+    timings: Timings
+
+
+class SubsetMember(BaseModel):
+    """One member of a greedy subset."""
+
+    step: int
+    id: int
+    label: int | float | None
+    marginal_gain: float = Field(description="increase of the joint objective when added, nats")
+    joint: float = Field(description="joint objective of the first `step` members, nats")
+    scores: ScoreSet
+    metadata: dict[str, Any]
+
+
+class SubsetResponse(BaseModel):
+    """A greedy subset and its joint score."""
+
+    index: str
+    objective: Objective
+    size: int
+    candidates: int
+    query: QueryInfo
+    members: list[SubsetMember]
+    joint: float = Field(description="joint objective of the whole set, nats")
+    top_single_joint: float = Field(description="joint objective of the top-m single-example set, nats")
+    timings: Timings
+
+
+class IndexSummary(BaseModel):
+    """An index as listed by the service."""
+
+    name: str
+    ready: bool
+    error: str | None = None
+    n_train: int | None = None
+    n_query: int | None = None
+    k: int | None = None
+    model: dict[str, Any] | None = None
+    projection: dict[str, Any] | None = None
+    surrogate: dict[str, Any] | None = None
+    faiss: dict[str, Any] | None = None
+    raw_input_queries: bool = Field(False, description="whether the index can featurize raw inputs")
+
+
+class IndexList(BaseModel):
+    """``GET /v1/indexes``."""
+
+    indexes: list[IndexSummary]
+
+
+class Health(BaseModel):
+    """``GET /healthz``: the process is up."""
+
+    status: str
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``: whether indexes are loaded."""
+
+    ready: bool
+    indexes: dict[str, str] = Field(description="name -> 'ready' or the reason it is not")

@@ -1,0 +1,202 @@
+"""Every endpoint through httpx (Starlette's TestClient), on a real small digits index."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.data import Dataset
+from indexer.enums import Direction, Score
+from indexer.index_format import load_index
+from indexer.scores import example_scores, signed_score
+from service.app import create_app
+from service.settings import Settings
+
+URL = "/v1/indexes/digits/attributions"
+
+
+@pytest.fixture(scope="module")
+def client(index_root: Path) -> Iterator[TestClient]:
+    app = create_app(Settings(index_root=index_root, max_top_k=200))
+    with TestClient(app) as c:
+        yield c
+
+
+def brute_force_top_k(
+    index_root: Path, phi_q: np.ndarray, score: Score, direction: Direction, k: int
+) -> list[int]:
+    """Top-k over ALL training examples, from every score computed in float64, no FAISS."""
+    data = load_index(index_root / "digits")
+    s = data.surrogate
+    terms = s.query_terms(phi_q)
+    scores = example_scores(terms, data.phi, s.whitened, s.beta, s.grad_term, s.s, s.prior_precision)
+    signed = signed_score(score, scores)
+    ids = np.arange(data.n_train)
+    if direction is Direction.PROPONENTS:
+        key, keep = signed, signed > 0
+    elif direction is Direction.OPPONENTS:
+        key, keep = -signed, signed < 0
+    else:
+        key, keep = np.abs(signed), np.ones_like(signed, dtype=bool)
+    order = np.lexsort((ids, -key))
+    return [int(i) for i in order[keep[order]][:k]]
+
+
+def test_health_ready_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/indexes", "/v1/indexes/{name}", "/v1/indexes/{name}/attributions"} <= set(paths)
+
+
+def test_list_and_describe_index(client: TestClient) -> None:
+    listed = client.get("/v1/indexes").json()["indexes"]
+    assert [i["name"] for i in listed] == ["digits"]
+    one = client.get("/v1/indexes/digits").json()
+    assert one["n_train"] == 600 and one["n_query"] == 80 and one["k"] == 64
+    assert one["model"]["n_params"] == 784 * 16 + 16 + 16 * 10 + 10
+    assert one["surrogate"]["prior_precision"] > 0
+    assert one["raw_input_queries"] is True
+
+
+@pytest.mark.parametrize("score", list(Score))
+@pytest.mark.parametrize("direction", list(Direction))
+def test_top_k_equals_brute_force(
+    client: TestClient, index_root: Path, score: Score, direction: Direction
+) -> None:
+    data = load_index(index_root / "digits")
+    for query_id in (0, 7, 31):
+        body = {
+            "query": {"id": query_id},
+            "top_k": 10,
+            "score": score.value,
+            "direction": direction.value,
+            "candidates": 10,
+        }
+        response = client.post(URL, json=body)
+        assert response.status_code == 200, response.text
+        got = [r["id"] for r in response.json()["results"]]
+        assert got == brute_force_top_k(index_root, data.query_phi[query_id], score, direction, 10)
+
+
+def test_response_carries_every_score_and_query_info(client: TestClient, index_root: Path) -> None:
+    data = load_index(index_root / "digits")
+    body = client.post(URL, json={"query": {"id": 3}, "top_k": 5}).json()
+    q = body["query"]
+    assert q["kind"] == "stored" and q["id"] == 3 and q["label"] == int(data.queries["label"][3])
+    assert q["prediction"] in range(10) and math.isclose(sum(q["probabilities"]), 1.0, rel_tol=1e-9)
+    terms = data.surrogate.query_terms(data.query_phi[3])
+    assert math.isclose(q["posterior_variance"], terms.posterior_variance, rel_tol=1e-12)
+    p = np.asarray(q["probabilities"])
+    assert math.isclose(q["predictive_entropy"], float(-(p * np.log(p)).sum()), rel_tol=1e-9)
+    assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
+    ids = np.array([r["id"] for r in body["results"]])
+    s = data.surrogate
+    expected = example_scores(
+        terms, data.phi[ids], s.whitened[ids], s.beta[ids], s.grad_term[ids], s.s[ids], s.prior_precision
+    )
+    for r, row in enumerate(body["results"]):
+        for score in Score:
+            assert math.isclose(row["scores"][score.value], expected[score][r], rel_tol=1e-9, abs_tol=1e-15)
+        assert row["sign"] == int(np.sign(expected[Score.INFLUENCE][r]))
+        assert row["label"] == int(data.examples["label"][row["id"]])
+        assert "source_row" in row["metadata"]
+    assert body["timings"]["total_ms"] > 0
+
+
+def test_raw_input_matches_stored_query(client: TestClient, test_digits: Dataset) -> None:
+    """A raw test digit with its label explained equals the stored query of the same digit."""
+    raw = {"input": test_digits.inputs[5].tolist(), "target": int(test_digits.targets[5])}
+    by_input = client.post(URL, json={"query": raw, "top_k": 10}).json()
+    by_id = client.post(URL, json={"query": {"id": 5}, "top_k": 10}).json()
+    assert [r["id"] for r in by_input["results"]] == [r["id"] for r in by_id["results"]]
+    assert math.isclose(
+        by_input["query"]["posterior_variance"], by_id["query"]["posterior_variance"], rel_tol=1e-4
+    )
+    assert by_input["query"]["kind"] == "input" and by_input["timings"]["featurize_ms"] > 0
+
+
+def test_raw_input_without_target_explains_prediction(client: TestClient, test_digits: Dataset) -> None:
+    body = client.post(URL, json={"query": {"input": test_digits.inputs[9].tolist()}}).json()
+    assert body["query"]["target"] == body["query"]["prediction"]
+    assert len(body["results"]) == 10
+
+
+def test_feature_query_matches_stored_query(client: TestClient, index_root: Path) -> None:
+    phi = load_index(index_root / "digits").query_phi[11].tolist()
+    by_feature = client.post(URL, json={"query": {"feature": phi}, "score": "influence"}).json()
+    by_id = client.post(URL, json={"query": {"id": 11}, "score": "influence"}).json()
+    assert [r["id"] for r in by_feature["results"]] == [r["id"] for r in by_id["results"]]
+    assert by_feature["query"]["prediction"] is None and by_feature["query"]["predictive_entropy"] is None
+
+
+def test_subset_endpoint(client: TestClient) -> None:
+    for objective in ("information_loss", "information_gain"):
+        body = client.post(
+            URL + "/subset", json={"query": {"id": 2}, "size": 5, "objective": objective, "candidates": 50}
+        ).json()
+        members = body["members"]
+        assert len(members) == 5 and len({m["id"] for m in members}) == 5
+        assert np.allclose(np.cumsum([m["marginal_gain"] for m in members]), [m["joint"] for m in members])
+        assert math.isclose(body["joint"], members[-1]["joint"])
+        # greedy's first pick is the best single example, so the greedy joint is at least the top-1's
+        assert body["joint"] >= members[0]["joint"] > 0
+
+
+BAD_REQUESTS = [
+    ({"query": {"input": [0.0] * 783}}, 422, "shape [784]"),
+    ({"query": {"input": [[0.0] * 784]}}, 422, "shape [784]"),
+    ({"query": {"input": ["a"] * 784}}, 422, "input"),
+    ({"query": {"feature": [0.0] * 63}}, 422, "shape (64,)"),
+    ({"query": {"id": 80}}, 404, "valid ids are 0..79"),
+    ({"query": {"id": -1}}, 404, "valid ids are 0..79"),
+    ({"query": {}}, 422, "exactly one of"),
+    ({"query": {"id": 1, "feature": [0.0] * 64}}, 422, "exactly one of"),
+    ({"query": {"id": 1}, "top_k": 0}, 422, "greater than or equal to 1"),
+    ({"query": {"id": 1}, "top_k": -3}, 422, "greater than or equal to 1"),
+    ({"query": {"id": 1}, "top_k": 201}, 422, "top_k must be at most 200"),
+    ({"query": {"id": 1}, "score": "banana"}, 422, "information_gain"),
+    ({"query": {"id": 1}, "direction": "sideways"}, 422, "proponents"),
+    ({"query": {"input": [0.5] * 784, "target": 10}}, 422, "class index in 0..9"),
+    ({"query": {"id": 1}, "surprise": 1}, 422, "Extra inputs"),
+]
+
+
+@pytest.mark.parametrize(("body", "code", "message"), BAD_REQUESTS)
+def test_bad_input_gives_clear_4xx(client: TestClient, body: dict, code: int, message: str) -> None:
+    response = client.post(URL, json=body)
+    assert response.status_code == code, response.text
+    assert message in response.text
+    assert client.get("/healthz").status_code == 200  # and the service keeps serving
+
+
+@pytest.mark.parametrize(("field", "length"), [("input", 784), ("feature", 64)])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_values_are_refused(client: TestClient, field: str, length: int, literal: str) -> None:
+    # JSON has no NaN literal, but Python's json module reads and writes one, as a hostile client might
+    raw = f'{{"query": {{"{field}": [' + ",".join([literal] + ["0.0"] * (length - 1)) + "]}}"
+    response = client.post(URL, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert "finite" in response.text
+
+
+def test_unknown_index_and_bad_names(client: TestClient) -> None:
+    response = client.post("/v1/indexes/nope/attributions", json={"query": {"id": 1}})
+    assert response.status_code == 404 and "served indexes: ['digits']" in response.text
+    assert client.get("/v1/indexes/nope").status_code == 404
+    assert client.get("/v1/indexes/..%2F..%2Fetc").status_code in (404, 422)
+
+
+def test_subset_bad_sizes(client: TestClient) -> None:
+    url = URL + "/subset"
+    assert client.post(url, json={"query": {"id": 1}, "size": 0}).status_code == 422
+    response = client.post(url, json={"query": {"id": 1}, "size": 20, "candidates": 10})
+    assert response.status_code == 422 and "must be at least size" in response.text

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import faiss
+import threadpoolctl
+import torch
 from fastapi import FastAPI, Request, status
 from fastapi.responses import JSONResponse
 
@@ -32,6 +35,13 @@ STATUS_OF: dict[type[Exception], int] = {
 }
 
 
+def limit_threads(n: int) -> None:
+    """Cap torch's, the BLAS libraries' and FAISS's thread pools at ``n`` threads each (process-wide)."""
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    threadpoolctl.threadpool_limits(n)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the service.
 
@@ -48,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.compute_threads is not None:
+            limit_threads(settings.compute_threads)
         app.state.registry = IndexRegistry.load(settings.index_root, settings.projection_cache_bytes)
         yield
         app.state.registry = None

@@ -28,7 +28,7 @@ from indexer.constants import (
 )
 from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import InvalidQueryError, ModelMismatchError, UnknownExampleError
-from indexer.featurize import count_parameters, per_example_gradients
+from indexer.featurize import count_parameters, example_gradient
 from indexer.index_format import IndexData
 from indexer.models import ModelSpec, build_model, load_checkpoint
 from indexer.projection import RandomProjection
@@ -239,17 +239,17 @@ class AttributionEngine:
             elif not math.isfinite(float(target)):
                 raise InvalidQueryError("target must be finite")
         dtype = torch.int64 if probabilities is not None else torch.float32
-        grads, out, _ = per_example_gradients(
-            self.model, self.output_fn, inputs, torch.tensor([target_value], dtype=dtype)
+        gradient, out, _ = example_gradient(
+            self.model, self.output_fn, inputs[0], torch.tensor(target_value, dtype=dtype)
         )
-        phi = self.projection.project(grads.numpy())[0]
+        phi = self.projection.project(gradient.numpy()[None])[0]
         return Query(
             kind="input",
             terms=self.data.surrogate.query_terms(phi),
             target=target_value,
             prediction=_to_python(prediction[0]),
             probabilities=None if probabilities is None else probabilities[0].tolist(),
-            output=float(out[0]),
+            output=float(out),
             model_output=raw_out[0],
             featurize_ms=(time.perf_counter() - started) * 1e3,
         )

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     default_candidates: int = Field(100, ge=1, description="retrieval depth before the exact rerank")
     max_subset_size: int = Field(200, ge=1, description="largest greedy subset a request may ask for")
     max_subset_candidates: int = Field(5000, ge=1, description="largest candidate pool of a subset request")
+    compute_threads: int | None = Field(
+        1,
+        ge=1,
+        description="threads for torch, BLAS and FAISS per process (None: leave the libraries' defaults); "
+        "one query is memory-bound, and several thread pools on few cores contend (3x slower, measured)",
+    )
     projection_cache_bytes: int = Field(
         1 << 30, ge=0, description="keep the projection matrix in memory when it is at most this many bytes"
     )

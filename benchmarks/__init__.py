@@ -1,0 +1,1 @@
+"""Benchmarks of infotrace (run as modules, e.g. ``python -m benchmarks.speed``)."""

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +167,8 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
 class MetadataStore:
     """Read-only access to ``metadata.sqlite``: labels and metadata of training examples and stored queries.
 
-    One connection per call keeps it safe under concurrent requests without a lock.
+    One read-only connection per thread: safe under concurrent requests without a lock, and without the
+    cost of opening the file on every call.
 
     Args:
         path: the SQLite file.
@@ -174,9 +176,14 @@ class MetadataStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._local = threading.local()
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._local.db = db
+        return db
 
     def get(self, split: str, rows: list[int]) -> dict[int, dict[str, Any]]:
         """Metadata of ``rows`` of ``split``.
@@ -187,11 +194,10 @@ class MetadataStore:
         if not rows:
             return {}
         marks = ",".join("?" * len(rows))
-        with self._connect() as db:
-            found = db.execute(
-                f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
-                [split, *map(int, rows)],
-            ).fetchall()
+        found = self._connect().execute(
+            f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
+            [split, *map(int, rows)],
+        ).fetchall()
         return {int(r): {"label": label, **json.loads(meta)} for r, label, meta in found}
 
     def get_one(self, split: str, row: int) -> dict[str, Any]:

@@ -157,7 +157,7 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
         )
         for r, i in enumerate(ids)
     ]
-    total = (time.perf_counter() - started) * 1e3
+    info = _query_info(engine, query)
     return AttributionResponse(
         index=engine.data.name,
         score=request.score,
@@ -165,13 +165,13 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
         top_k=request.top_k,
         candidates_searched=ranked.depth,
         exact=engine.exact,
-        query=_query_info(engine, query),
+        query=info,
         results=results,
         timings=Timings(
             featurize_ms=query.featurize_ms,
             retrieve_ms=ranked.retrieve_ms,
             rerank_ms=ranked.rerank_ms,
-            total_ms=total,
+            total_ms=(time.perf_counter() - started) * 1e3,
         ),
     )
 
@@ -214,13 +214,13 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
         )
         for step, i in enumerate(ids)
     ]
-    total = (time.perf_counter() - started) * 1e3
+    info = _query_info(engine, query)
     return SubsetResponse(
         index=engine.data.name,
         objective=request.objective,
         size=request.size,
         candidates=len(pool.ids),
-        query=_query_info(engine, query),
+        query=info,
         members=members,
         joint=float(greedy.joint[-1]),
         top_single_joint=float(found["top_single_joint"]),
@@ -228,6 +228,6 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
             featurize_ms=query.featurize_ms,
             retrieve_ms=pool.retrieve_ms,
             rerank_ms=pool.rerank_ms,
-            total_ms=total,
+            total_ms=(time.perf_counter() - started) * 1e3,
         ),
     )

@@ -113,8 +113,12 @@ def _query_info(engine: AttributionEngine, query: Query) -> QueryInfo:
         posterior_variance=v,
         output_entropy=0.5 * math.log(2 * math.pi * math.e * v) if v > 0 else -math.inf,
         predictive_entropy=engine.predictive_entropy(query),
-        metadata=engine.query_metadata(query.id) if query.id is not None else None,
+        metadata=_without_label(engine.query_metadata(query.id)) if query.id is not None else None,
     )
+
+
+def _without_label(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in meta.items() if key != "label"}
 
 
 def _score_set(scores: dict[Score, np.ndarray], i: int) -> ScoreSet:
@@ -153,7 +157,7 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
             sign=int(np.sign(ranked.signed[r])),
             signed_score=float(ranked.signed[r]),
             scores=_score_set(ranked.scores, r),
-            metadata={key: value for key, value in meta.get(i, {}).items() if key != "label"},
+            metadata=_without_label(meta.get(i, {})),
         )
         for r, i in enumerate(ids)
     ]
@@ -210,7 +214,7 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
             marginal_gain=float(greedy.marginal_gains[step]),
             joint=float(greedy.joint[step]),
             scores=_score_set(pool.scores, int(greedy.indices[step])),
-            metadata={key: value for key, value in meta.get(i, {}).items() if key != "label"},
+            metadata=_without_label(meta.get(i, {})),
         )
         for step, i in enumerate(ids)
     ]

@@ -194,10 +194,14 @@ class MetadataStore:
         if not rows:
             return {}
         marks = ",".join("?" * len(rows))
-        found = self._connect().execute(
-            f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
-            [split, *map(int, rows)],
-        ).fetchall()
+        found = (
+            self._connect()
+            .execute(
+                f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
+                [split, *map(int, rows)],
+            )
+            .fetchall()
+        )
         return {int(r): {"label": label, **json.loads(meta)} for r, label, meta in found}
 
     def get_one(self, split: str, row: int) -> dict[str, Any]:

@@ -32,11 +32,13 @@ from indexer.constants import (
     KEY_PROBABILITIES,
     KEY_S,
     PHI_FILE,
+    QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
     QUERY_STATS_FILE,
     S_FLOOR,
     SPLIT_QUERY,
     SPLIT_TRAIN,
+    TRAIN_INPUTS_FILE,
     WHITENED_FILE,
 )
 from indexer.data import Dataset
@@ -284,6 +286,8 @@ def build_index(
                 WHITENED_FILE: surrogate.whitened,
                 CHOLESKY_FILE: surrogate.cholesky,
                 QUERY_PHI_FILE: query_tangent.phi,
+                TRAIN_INPUTS_FILE: train.inputs.cpu().numpy(),
+                QUERY_INPUTS_FILE: query_set.inputs.cpu().numpy(),
             },
             npz={EXAMPLE_STATS_FILE: example_stats, QUERY_STATS_FILE: query_stats},
             faiss_indexes=faiss_indexes,

@@ -14,6 +14,8 @@ WHITENED_FILE = "whitened.npy"  # `(n_train, k)` float64: u_i = L^-1 phi_i
 CHOLESKY_FILE = "cholesky.npy"  # `(k, k)` float64: lower factor L of the posterior precision A
 EXAMPLE_STATS_FILE = "examples.npz"  # per-example vectors (beta, h, s, gradient term, norms, outputs)
 QUERY_PHI_FILE = "query_phi.npy"  # `(n_query, k)` float32: stored query features (held-out split)
+TRAIN_INPUTS_FILE = "inputs.npy"  # `(n_train, *input_shape)`: the training inputs, for rendering examples
+QUERY_INPUTS_FILE = "query_inputs.npy"  # `(n_query, *input_shape)`: the stored queries' inputs
 QUERY_STATS_FILE = "queries.npz"  # per-query outputs, labels and predictions
 METADATA_FILE = "metadata.sqlite"  # one row per training example and per stored query
 CHECKPOINT_FILE = "model.safetensors"  # the weights the features were taken from

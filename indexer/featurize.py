@@ -2,12 +2,15 @@
 
 ``vmap`` over ``grad`` of the output function gives the gradients of a whole batch at once; they are
 flattened in ``model.named_parameters()`` order and projected before the next batch, so memory holds at
-most one buffer of `(buffer_rows, n_params)` float32 gradients.
+most one buffer of `(buffer_rows, n_params)` float32 gradients. Each finished buffer can be handed to a
+:class:`BufferCache` (the indexer's shard store, :mod:`indexer.shards`), so that an interrupted build
+resumes from the buffers it already finished.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,7 +22,10 @@ from indexer.projection import RandomProjection
 from indexer.tasks import OutputFunction
 
 __all__ = [
+    "BufferCache",
+    "BufferFeatures",
     "Features",
+    "buffer_rows",
     "per_example_gradients",
     "example_gradient",
     "model_outputs",
@@ -43,6 +49,51 @@ class Features:
     outputs: np.ndarray
     model_outputs: np.ndarray
     targets: np.ndarray
+
+
+@dataclass(frozen=True)
+class BufferFeatures:
+    """What :func:`tangent_features` computes for one buffer of consecutive examples.
+
+    Attributes:
+        phi: `(rows, k)` float32 projected tangent features.
+        outputs: `(rows,)` float64 output-function values.
+        model_outputs: `(rows, n_outputs)` float32 raw model outputs.
+    """
+
+    phi: np.ndarray
+    outputs: np.ndarray
+    model_outputs: np.ndarray
+
+
+class BufferCache(Protocol):
+    """Keeps finished buffers of :func:`tangent_features` (e.g. :class:`indexer.shards.SplitShards`).
+
+    Buffer ``b`` holds examples ``[b * buffer_rows, min((b + 1) * buffer_rows, n))``; the cache must only
+    hand back buffers computed with the same model, output function, projection, data and buffer layout.
+    """
+
+    def load(self, buffer: int, rows: int) -> BufferFeatures | None:
+        """The stored, verified buffer ``buffer`` of ``rows`` examples, or None to compute it."""
+        ...
+
+    def save(self, buffer: int, features: BufferFeatures) -> None:
+        """Store buffer ``buffer`` once it is complete."""
+        ...
+
+
+def buffer_rows(n_params: int, batch_size: int, buffer_bytes: int) -> int:
+    """Examples per buffer: the most whole batches whose float32 gradients fit in ``buffer_bytes``.
+
+    Args:
+        n_params: P, the length of one gradient.
+        batch_size: examples per vmap call.
+        buffer_bytes: gradient memory per projection pass, in bytes.
+
+    Returns:
+        A positive multiple of ``batch_size`` (at least one batch, however small ``buffer_bytes``).
+    """
+    return max(batch_size, (buffer_bytes // (4 * n_params)) // batch_size * batch_size)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -137,6 +188,7 @@ def tangent_features(
     batch_size: int = 128,
     buffer_bytes: int = 256 * 2**20,
     progress: str | None = None,
+    cache: BufferCache | None = None,
 ) -> Features:
     """Projected tangent features phi = R^T d m / d theta of every example (DESIGN.md 1.1).
 
@@ -149,6 +201,8 @@ def tangent_features(
         batch_size: examples per vmap call.
         buffer_bytes: gradients are gathered up to this many bytes before each pass over R's blocks.
         progress: a tqdm description, or None for no progress bar.
+        cache: where finished buffers are kept: buffers it already holds are taken from it, every
+            buffer computed is saved to it (see :func:`buffer_rows` for the layout). None: no cache.
 
     Returns:
         :class:`Features` with `(n, k)` float32 ``phi``.
@@ -164,21 +218,49 @@ def tangent_features(
         raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) must have the same length")
     model.eval()
     n = len(inputs)
-    buffer_rows = max(batch_size, (buffer_bytes // (4 * n_params)) // batch_size * batch_size)
+    rows_per_buffer = buffer_rows(n_params, batch_size, buffer_bytes)
     phi = np.zeros((n, projection.k), dtype=np.float32)
     outputs = np.zeros(n, dtype=np.float64)
     raw_chunks: list[np.ndarray] = []
     with tqdm(total=n, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
-        for start in range(0, n, buffer_rows):
-            stop = min(start + buffer_rows, n)
-            grads = []
-            for b in range(start, stop, batch_size):
-                e = min(b + batch_size, stop)
-                g, out, raw = per_example_gradients(model, output_fn, inputs[b:e], targets[b:e])
-                grads.append(g.float().cpu().numpy())
-                outputs[b:e] = out.double().cpu().numpy()
-                raw_chunks.append(raw.float().cpu().numpy())
-                bar.update(e - b)
-            phi[start:stop] = projection.project(np.concatenate(grads))
+        for buffer, start in enumerate(range(0, n, rows_per_buffer)):
+            stop = min(start + rows_per_buffer, n)
+            done = cache.load(buffer, stop - start) if cache is not None else None
+            if done is None:
+                done = _featurize_buffer(
+                    model, output_fn, inputs[start:stop], targets[start:stop], projection, batch_size, bar
+                )
+                if cache is not None:
+                    cache.save(buffer, done)
+            else:
+                bar.update(stop - start)
+            phi[start:stop] = done.phi
+            outputs[start:stop] = done.outputs
+            raw_chunks.append(done.model_outputs)
     raw_all = np.concatenate(raw_chunks) if raw_chunks else np.zeros((0, 0), dtype=np.float32)
     return Features(phi=phi, outputs=outputs, model_outputs=raw_all, targets=targets.cpu().numpy())
+
+
+def _featurize_buffer(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    projection: RandomProjection,
+    batch_size: int,
+    bar: tqdm,
+) -> BufferFeatures:
+    grads, outputs, raw = [], [], []
+    for b in range(0, len(inputs), batch_size):
+        g, out, r = per_example_gradients(
+            model, output_fn, inputs[b : b + batch_size], targets[b : b + batch_size]
+        )
+        grads.append(g.float().cpu().numpy())
+        outputs.append(out.double().cpu().numpy())
+        raw.append(r.float().cpu().numpy())
+        bar.update(len(g))
+    return BufferFeatures(
+        phi=projection.project(np.concatenate(grads)),
+        outputs=np.concatenate(outputs),
+        model_outputs=np.concatenate(raw),
+    )

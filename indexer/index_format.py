@@ -97,6 +97,8 @@ def write_index_dir(
         for name, array in arrays.items():
             np.save(tmp / name, array, allow_pickle=False)
         for name, members in npz.items():
+            # byte-deterministic: savez adds members via ZipFile.open(name, "w"), whose ZipInfo carries the
+            # fixed date 1980-01-01, not the clock; a resumed build's checksums rely on it
             with open(tmp / name, "wb") as fh:
                 np.savez(fh, **members)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
         for score, index in faiss_indexes.items():
@@ -251,8 +253,9 @@ class IndexData:
 
     @property
     def name(self) -> str:
-        """The index name (its manifest's ``name``)."""
-        return str(self.manifest["name"])
+        """The index name: its folder's name, under which the service serves it (the manifest's ``name``
+        records what it was built as)."""
+        return self.path.name
 
     @property
     def n_train(self) -> int:

@@ -9,7 +9,12 @@ import faiss
 import threadpoolctl
 import torch
 from fastapi import FastAPI, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from swagger_ui_bundle import swagger_ui_path
 
 from indexer.exceptions import (
     IndexCorruptError,
@@ -19,6 +24,9 @@ from indexer.exceptions import (
     ModelMismatchError,
     UnknownExampleError,
 )
+from service.dashboard import mount_dashboard
+from service.examples import router as examples_router
+from service.observability import BodySizeLimit, Metrics, install_request_middleware
 from service.registry import IndexRegistry
 from service.routes import router
 from service.settings import Settings
@@ -27,6 +35,7 @@ __all__ = ["create_app"]
 
 STATUS_OF: dict[type[Exception], int] = {
     InvalidQueryError: 422,
+    ValidationError: 422,  # a request model built inside a route (the GET forms) from bad parameters
     UnknownExampleError: status.HTTP_404_NOT_FOUND,
     IndexNotFoundError: status.HTTP_404_NOT_FOUND,
     ModelMismatchError: status.HTTP_409_CONFLICT,
@@ -56,11 +65,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or Settings()  # type: ignore[call-arg]  # read from the environment
 
+    metrics = Metrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.compute_threads is not None:
             limit_threads(settings.compute_threads)
-        app.state.registry = IndexRegistry.load(settings.index_root, settings.projection_cache_bytes)
+        registry = IndexRegistry.load(
+            settings.index_root,
+            settings.projection_cache_bytes,
+            settings.model_checkpoints,
+            frozenset(settings.trusted_model_factories),
+        )
+        for name, engine in registry.engines.items():
+            metrics.index_examples.labels(name).set(engine.data.n_train)
+            metrics.index_bytes.labels(name).set(sum(p.stat().st_size for p in engine.data.path.iterdir()))
+            metrics.index_ready.labels(name).set(1)
+        for name in registry.failures:
+            metrics.index_ready.labels(name).set(0)
+        app.state.registry = registry
         yield
         app.state.registry = None
 
@@ -70,10 +93,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Training data attribution: which training examples a prediction owes most to, with "
         "information-theoretic scores (information gain, information loss) and signed influence.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the swagger-ui-bundle package: the default loads a CDN
+        redoc_url=None,
     )
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI for the OpenAPI schema, with its assets served locally (works offline)."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="infotrace API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
     app.state.settings = settings
     app.state.registry = None
+    app.state.metrics = metrics
     app.include_router(router)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def prometheus_metrics() -> PlainTextResponse:
+        """Prometheus metrics: requests and latency by route and status, index sizes and readiness."""
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # the body limit sits inside the per-request middleware, so a 413 is still logged and counted
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_request_middleware(app, metrics, settings.keys(), settings.request_timeout_s)
+    app.include_router(examples_router)
+    mount_dashboard(app)
 
     for exc_type, code in STATUS_OF.items():
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
 
 from service.app import create_app
+from service.observability import configure_logging
 from service.settings import Settings
 
 app = typer.Typer(
@@ -18,21 +21,73 @@ app = typer.Typer(
 )
 
 
+class _AnnouncingServer(uvicorn.Server):
+    """A uvicorn server that prints where to reach it once the socket is bound and the indexes loaded."""
+
+    def __init__(self, config: uvicorn.Config, api: FastAPI, settings: Settings) -> None:
+        super().__init__(config)
+        self.api = api
+        self.settings = settings
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        base = f"http://{self.settings.host}:{self.settings.port}"
+        registry = self.api.state.registry
+        names = sorted(registry.engines) if registry is not None else []
+        typer.echo(f"infotrace is serving {len(names)} index(es) {names} at {base}  (OpenAPI: {base}/docs)")
+        if names:
+            body = json.dumps({"query": {"id": 0}, "top_k": 10})
+            typer.echo(f"Top 10 training examples behind stored test query 0 of index {names[0]!r}:")
+            typer.echo(
+                f"  curl -s -X POST {base}/v1/indexes/{names[0]}/attributions "
+                f"-H 'Content-Type: application/json' -d '{body}'"
+            )
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()  # type: ignore[call-arg]  # read from the environment
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"INFOTRACE_{'_'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        typer.echo(f"bad settings: {problems}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
 @app.command()
 def run(
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[str, typer.Option(help="log level")] = "info",
 ) -> None:
     """Serve every index under INFOTRACE_INDEX_ROOT on INFOTRACE_HOST:INFOTRACE_PORT (127.0.0.1:8000)."""
-    settings = Settings()  # type: ignore[call-arg]  # read from the environment
-    base = f"http://{settings.host}:{settings.port}"
-    body = json.dumps({"query": {"id": 0}, "top_k": 10})
-    typer.echo(f"infotrace serving indexes from {settings.index_root} at {base}  (OpenAPI: {base}/docs)")
-    typer.echo("Top 10 training examples behind stored test query 0 of the demo index:")
-    typer.echo(
-        f"  curl -s -X POST {base}/v1/indexes/digits/attributions -H 'Content-Type: application/json' "
-        f"-d '{body}'"
+    settings = _settings()
+    if not settings.index_root.is_dir():
+        typer.echo(f"INFOTRACE_INDEX_ROOT={settings.index_root} is not a folder of index folders", err=True)
+        raise typer.Exit(code=2)
+    if not settings.loopback and not settings.keys() and not settings.allow_unauthenticated:
+        typer.echo(
+            f"refusing to serve on non-loopback host {settings.host!r} without API keys: set "
+            "INFOTRACE_API_KEYS or INFOTRACE_API_KEYS_FILE, or INFOTRACE_ALLOW_UNAUTHENTICATED=true "
+            "behind your own gateway",
+            err=True,
+        )
+        raise typer.Exit(code=2)
+    api = create_app(settings)
+    config = uvicorn.Config(
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_config=configure_logging(settings.json_logs, log_level),
+        access_log=False,  # the service logs each request itself, with its request id
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level)
+    server = _AnnouncingServer(config, api, settings)
+    server.run()
+    if not server.started:
+        raise typer.Exit(code=1)
 
 
 @app.command()

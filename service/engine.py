@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import InvalidQueryError, ModelMismatchError, UnknownExampleError
 from indexer.featurize import count_parameters, example_gradient
 from indexer.index_format import IndexData
-from indexer.models import ModelSpec, build_model, load_checkpoint
+from indexer.models import ModelSpec, build_model, load_checkpoint, sha256_file
 from indexer.projection import RandomProjection
 from indexer.scores import example_scores, query_vector, score_from_inner, score_vectors, signed_score
 from indexer.subset import greedy_subset, joint_score
@@ -105,13 +106,26 @@ class AttributionEngine:
         data: the loaded index.
         projection_cache_bytes: keep R in memory (for millisecond query featurization) when its size
             ``n_params * k * 4`` bytes is at most this; otherwise R's blocks are regenerated per query.
+        checkpoint: featurize raw queries with these weights instead of the index's own copy. If its sha256
+            equals neither the index's stored checkpoint nor the file it was built from, raw queries are
+            refused (:class:`ModelMismatchError`, HTTP 409) so that attributions never mix two models;
+            stored and feature queries still work.
+        trusted_factories: import-path model factories a manifest may name; any other import path is not
+            imported (an index folder must not make the service run arbitrary code), so raw queries are
+            refused for it while stored and feature queries work.
 
     Raises:
         ValueError: the stored model spec cannot be built or its checkpoint does not fit it.
         ModelMismatchError: the stored checkpoint's hash or parameter count differ from the manifest.
     """
 
-    def __init__(self, data: IndexData, projection_cache_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        data: IndexData,
+        projection_cache_bytes: int = 1 << 30,
+        checkpoint: Path | None = None,
+        trusted_factories: frozenset[str] = frozenset(),
+    ) -> None:
         self.data = data
         manifest = data.manifest
         self.output_fn = output_function_from_spec(
@@ -120,10 +134,33 @@ class AttributionEngine:
         self.input_shape = tuple(int(d) for d in manifest["model"]["input_shape"])
         self.model: torch.nn.Module | None = None
         self.projection: RandomProjection | None = None
+        self.model_error: str | None = None
         spec = manifest["model"].get("spec")
-        if spec is not None:
+        weights = data.path / CHECKPOINT_FILE if checkpoint is None else Path(checkpoint)
+        if spec is None:
+            self.model_error = (
+                f"index {data.name!r} was built without a model spec; query it by stored id or by feature"
+            )
+        elif ":" in spec["factory"] and spec["factory"] not in trusted_factories:
+            self.model_error = (
+                f"index {data.name!r} names the model factory {spec['factory']!r}, an import path that the "
+                "service does not import unless INFOTRACE_TRUSTED_MODEL_FACTORIES lists it"
+            )
+        elif checkpoint is not None:
+            built_from = {
+                manifest["model"]["checkpoint_sha256"],
+                manifest["model"].get("source_checkpoint_sha256"),
+            }
+            digest = sha256_file(weights) if weights.is_file() else "missing"
+            if digest not in built_from:
+                self.model_error = (
+                    f"checkpoint {weights} (sha256 {digest[:12]}...) is not the one index {data.name!r} "
+                    f"was built from (sha256 {manifest['model']['checkpoint_sha256'][:12]}...); raw inputs "
+                    "would mix two models, so only stored-id and feature queries are served"
+                )
+        if spec is not None and self.model_error is None:
             model = build_model(ModelSpec(spec["factory"], spec.get("kwargs", {})))
-            load_checkpoint(model, data.path / CHECKPOINT_FILE)
+            load_checkpoint(model, weights)
             n_params = count_parameters(model)
             if n_params != manifest["model"]["n_params"]:
                 raise ModelMismatchError(
@@ -169,6 +206,10 @@ class AttributionEngine:
             UnknownExampleError: no stored query with this id.
         """
         n_query = len(self.data.query_phi)
+        if n_query == 0:
+            raise UnknownExampleError(
+                f"index {self.data.name!r} has no stored queries; query by input or feature"
+            )
         if not 0 <= query_id < n_query:
             raise UnknownExampleError(f"no stored query with id {query_id}; valid ids are 0..{n_query - 1}")
         q = self.data.queries
@@ -190,9 +231,12 @@ class AttributionEngine:
         Raises:
             InvalidQueryError: not a finite `(k,)` vector.
         """
-        return Query(
-            kind="feature", terms=self.data.surrogate.query_terms(np.asarray(feature, dtype=np.float64))
-        )
+        phi = np.asarray(feature, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            fits = bool(np.all(np.isfinite(phi.astype(np.float32))))
+        if not fits:
+            raise InvalidQueryError("feature values must be finite float32 numbers (|x| < 3.4e38)")
+        return Query(kind="feature", terms=self.data.surrogate.query_terms(phi))
 
     def input_query(self, raw: Any, target: float | int | None = None) -> Query:
         """Featurize a raw input with the index's model, projection and output function.
@@ -203,24 +247,29 @@ class AttributionEngine:
 
         Raises:
             InvalidQueryError: wrong shape, non-numeric or non-finite values, a bad target.
-            ModelMismatchError: the index has no model spec, so raw inputs cannot be featurized.
+            ModelMismatchError: the index has no model spec, or the configured checkpoint is not the one
+                the index was built from, so raw inputs cannot be featurized.
         """
         if self.model is None or self.projection is None:
-            raise ModelMismatchError(
-                f"index {self.data.name!r} was built without a model spec; "
-                "query it by stored id or by feature"
-            )
+            raise ModelMismatchError(self.model_error or "this index cannot featurize raw inputs")
         started = time.perf_counter()
+        expected = f"a rectangular array of numbers with shape {list(self.input_shape)}"
         try:
-            x = np.asarray(raw, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
+            given = np.asarray(raw)
+        except ValueError as exc:  # ragged nesting
+            raise InvalidQueryError(f"input must be {expected}; its nested lists differ in length") from exc
+        if given.dtype.kind not in "iuf":
+            raise InvalidQueryError(f"input must be {expected}; it holds null, text or true/false values")
+        if given.shape != self.input_shape:
             raise InvalidQueryError(
-                f"input must be a numeric array of shape {list(self.input_shape)}: {exc}"
-            ) from exc
-        if x.shape != self.input_shape:
-            raise InvalidQueryError(f"input must have shape {list(self.input_shape)}; got {list(x.shape)}")
+                f"input must have shape {list(self.input_shape)}; got {list(given.shape)}"
+            )
+        with np.errstate(over="ignore"):
+            x = given.astype(np.float32)
         if not np.all(np.isfinite(x)):
-            raise InvalidQueryError("input must be finite; it contains NaN or infinity")
+            raise InvalidQueryError(
+                "input must be finite float32 numbers; it holds NaN, infinity or |x| > 3.4e38"
+            )
         inputs = torch.from_numpy(x)[None]
         with torch.no_grad():
             raw_out = self.model(inputs).reshape(1, -1).numpy()
@@ -233,7 +282,7 @@ class AttributionEngine:
             if probabilities is not None and not (
                 float(target).is_integer() and 0 <= int(target) < n_outputs
             ):
-                raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target}")
+                raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
             if probabilities is not None:
                 target_value = int(target)
             elif not math.isfinite(float(target)):

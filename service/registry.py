@@ -23,13 +23,26 @@ class IndexRegistry:
         failures: name -> why that index is not served.
     """
 
-    def __init__(self, engines: dict[str, AttributionEngine], failures: dict[str, str]) -> None:
+    def __init__(self, engines: dict[str, AttributionEngine], failures: dict[str, str], root: Path) -> None:
         self.engines = engines
         self.failures = failures
+        self.root = root
 
     @classmethod
-    def load(cls, root: Path, projection_cache_bytes: int = 1 << 30) -> IndexRegistry:
+    def load(
+        cls,
+        root: Path,
+        projection_cache_bytes: int = 1 << 30,
+        checkpoints: dict[str, Path] | None = None,
+        trusted_factories: frozenset[str] = frozenset(),
+    ) -> IndexRegistry:
         """Load every ``<root>/<name>/manifest.json`` index; a broken one is recorded, not fatal.
+
+        Args:
+            root: the index root.
+            projection_cache_bytes: see :class:`~service.engine.AttributionEngine`.
+            checkpoints: index name -> checkpoint to featurize raw queries with instead of the index's copy.
+            trusted_factories: import-path model factories (``pkg.module:fn``) that manifests may name.
 
         Raises:
             IndexNotFoundError: ``root`` is not a folder.
@@ -43,13 +56,19 @@ class IndexRegistry:
             if not (folder / MANIFEST_FILE).is_file():
                 continue
             try:
-                engine = AttributionEngine(load_index(folder), projection_cache_bytes)
+                engine = AttributionEngine(
+                    load_index(folder),
+                    projection_cache_bytes,
+                    (checkpoints or {}).get(folder.name),
+                    trusted_factories,
+                )
             except Exception as exc:  # any failure marks this index not ready; the others are served
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
                 continue
             engines[folder.name] = engine
-        return cls(engines, failures)
+        log.info("serving %d index(es) from %s: %s", len(engines), root, sorted(engines))
+        return cls(engines, failures, root)
 
     def get(self, name: str) -> AttributionEngine:
         """The engine of a healthy index.

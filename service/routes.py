@@ -17,6 +17,7 @@ from service.schemas import (
     AttributedExample,
     AttributionRequest,
     AttributionResponse,
+    FeatureQuery,
     Health,
     IndexList,
     IndexSummary,
@@ -24,6 +25,7 @@ from service.schemas import (
     QuerySpec,
     Readiness,
     ScoreSet,
+    StoredQuery,
     SubsetMember,
     SubsetRequest,
     SubsetResponse,
@@ -53,9 +55,12 @@ def readyz(registry: RegistryDep, response: Response) -> Readiness:
     """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise."""
     states = dict.fromkeys(registry.engines, "ready") | dict(registry.failures)
     ready = bool(registry.engines) and not registry.failures
+    detail = None
+    if not states:
+        detail = f"no index folders (subfolders holding manifest.json) under {registry.root}"
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return Readiness(ready=ready, indexes=states)
+    return Readiness(ready=ready, indexes=states, detail=detail)
 
 
 def _summary(name: str, engine: AttributionEngine) -> IndexSummary:
@@ -92,12 +97,11 @@ def get_index_summary(engine: IndexDep) -> IndexSummary:
 
 
 def _query(engine: AttributionEngine, spec: QuerySpec) -> Query:
-    if spec.id is not None:
+    if isinstance(spec, StoredQuery):
         return engine.stored_query(spec.id)
-    if spec.feature is not None:
+    if isinstance(spec, FeatureQuery):
         return engine.feature_query(spec.feature)
-    target = spec.target
-    return engine.input_query(spec.input, None if target is None else target)
+    return engine.input_query(spec.input, spec.target)
 
 
 def _query_info(engine: AttributionEngine, query: Query) -> QueryInfo:

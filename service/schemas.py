@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 
 from indexer.enums import Direction, Objective, Score
 
 __all__ = [
     "QuerySpec",
+    "StoredQuery",
+    "InputQuery",
+    "FeatureQuery",
     "AttributionRequest",
     "SubsetRequest",
     "QueryInfo",
@@ -26,31 +29,51 @@ __all__ = [
 ]
 
 
-class QuerySpec(BaseModel):
-    """The query: exactly one of ``id``, ``input`` or ``feature``."""
+class StoredQuery(BaseModel):
+    """A held-out example featurized at index time."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: int | None = Field(
-        None, description="id of a stored query (the held-out split featurized at index time)"
-    )
-    input: list[Any] | None = Field(
-        None, description="raw model input as nested lists with the index's input_shape (e.g. 784 floats)"
-    )
-    target: float | None = Field(
-        None,
-        description="label (class index) or regression target to explain for `input`; default: prediction",
-    )
-    feature: list[float] | None = Field(None, description="precomputed projected tangent feature, k floats")
+    id: StrictInt = Field(ge=0, description="id of a stored query (see GET /v1/indexes/{name}/queries/{id})")
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> QuerySpec:
-        given = [name for name in ("id", "input", "feature") if getattr(self, name) is not None]
+
+class InputQuery(BaseModel):
+    """A raw model input, featurized with the index's model, projection and output function."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: list[Any] = Field(
+        min_length=1,
+        description="raw model input as nested lists with the index's input_shape (e.g. 784 floats)",
+    )
+    target: StrictInt | StrictFloat | None = Field(
+        None, description="label (class index) or regression target to explain; default: the prediction"
+    )
+
+
+class FeatureQuery(BaseModel):
+    """A precomputed projected tangent feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature: list[StrictFloat | StrictInt] = Field(
+        min_length=1, description="projected tangent feature phi_q, k floats"
+    )
+
+
+def _exactly_one_kind(value: Any) -> Any:
+    # checked before the union so that the caller reads one clear message, not one error per branch
+    if isinstance(value, dict):
+        given = [key for key in ("id", "input", "feature") if key in value]
         if len(given) != 1:
             raise ValueError(f"give exactly one of 'id', 'input' or 'feature'; got {given or 'none'}")
-        if self.target is not None and self.input is None:
+        if "target" in value and given != ["input"]:
             raise ValueError("'target' applies only to an 'input' query")
-        return self
+    return value
+
+
+QuerySpec = Annotated[StoredQuery | InputQuery | FeatureQuery, BeforeValidator(_exactly_one_kind)]
+"""The query: exactly one of a stored id, a raw input (with an optional target) or a feature."""
 
 
 class AttributionRequest(BaseModel):
@@ -59,10 +82,10 @@ class AttributionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: QuerySpec
-    top_k: int = Field(10, ge=1, description="number of training examples to return")
+    top_k: StrictInt = Field(10, ge=1, description="number of training examples to return")
     score: Score = Field(Score.INFORMATION_GAIN, description="ranking score (DESIGN.md 1.3)")
     direction: Direction = Field(Direction.BOTH, description="proponents, opponents or both (by magnitude)")
-    candidates: int | None = Field(
+    candidates: StrictInt | None = Field(
         None,
         ge=1,
         description="retrieval depth before the exact rerank (default from settings; deepened as needed)",
@@ -75,11 +98,11 @@ class SubsetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: QuerySpec
-    size: int = Field(10, ge=1, description="number of examples m in the greedy set")
+    size: StrictInt = Field(10, ge=1, description="number of examples m in the greedy set")
     objective: Objective = Field(
         Objective.INFORMATION_LOSS, description="joint score to maximise (DESIGN.md 1.4)"
     )
-    candidates: int = Field(
+    candidates: StrictInt = Field(
         200, ge=1, description="candidate pool: top examples by the objective's single score"
     )
 
@@ -205,3 +228,4 @@ class Readiness(BaseModel):
 
     ready: bool
     indexes: dict[str, str] = Field(description="name -> 'ready' or the reason it is not")
+    detail: str | None = Field(None, description="why the service is not ready, when no index explains it")

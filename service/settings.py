@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -35,3 +36,48 @@ class Settings(BaseSettings):
     projection_cache_bytes: int = Field(
         1 << 30, ge=0, description="keep the projection matrix in memory when it is at most this many bytes"
     )
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="largest request body accepted, in bytes (larger: 413)"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a request may take before the service answers 503 instead"
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated API keys; when set (or api_keys_file), /v1 and /metrics need one"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file with one API key per line (blank lines ignored)"
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="serve without API keys on a non-loopback host (refused otherwise)"
+    )
+    model_checkpoints: dict[str, Path] = Field(
+        default_factory=dict,
+        description="index name -> checkpoint to featurize raw queries with (JSON object); its sha256 must "
+        "equal the one the index was built from, else raw queries get 409",
+    )
+    trusted_model_factories: list[str] = Field(
+        default_factory=list,
+        description="import-path model factories ('pkg.module:fn', JSON list) that index manifests may name; "
+        "registered names (mlp, logistic_regression) are always allowed",
+    )
+    json_logs: bool = Field(True, description="structured JSON log lines with a request id")
+
+    def keys(self) -> list[bytes]:
+        """The configured API keys as bytes (empty: authentication off).
+
+        Raises:
+            FileNotFoundError: ``api_keys_file`` is set but does not exist.
+        """
+        found = [] if self.api_keys is None else self.api_keys.get_secret_value().split(",")
+        if self.api_keys_file is not None:
+            found += self.api_keys_file.read_text().splitlines()
+        return [key.strip().encode() for key in found if key.strip()]
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the bind address is a loopback address."""
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"

@@ -125,7 +125,9 @@ def test_crash_during_write_leaves_no_partial_index(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(index_format, "_write_metadata", crash)
     with pytest.raises(OSError, match="disk full"):
         build_index(model, ClassificationMargin(), data, out, config=IndexConfig(k=8, seed=5), progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no temporary folder left behind
+    # no temporary folder left behind; only the finished featurization shards, kept for a resumed build
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left[-1] == "tiny" and [n.split("-")[0] for n in left[:-1]] == [".tiny.work"]
     assert json.loads((out / MANIFEST_FILE).read_text())["files"] == before  # old index untouched
     load_index(out)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +53,7 @@ def test_health_ready_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}}
+    assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}, "detail": None}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/indexes", "/v1/indexes/{name}", "/v1/indexes/{name}/attributions"} <= set(paths)
@@ -157,7 +159,9 @@ BAD_REQUESTS = [
     ({"query": {"input": ["a"] * 784}}, 422, "input"),
     ({"query": {"feature": [0.0] * 63}}, 422, "shape (64,)"),
     ({"query": {"id": 80}}, 404, "valid ids are 0..79"),
-    ({"query": {"id": -1}}, 404, "valid ids are 0..79"),
+    ({"query": {"id": -1}}, 422, "greater than or equal to 0"),
+    ({"query": {"id": 1, "target": 3}}, 422, "'target' applies only to an 'input' query"),
+    ({"query": {"input": []}}, 422, "at least 1 item"),
     ({"query": {}}, 422, "exactly one of"),
     ({"query": {"id": 1, "feature": [0.0] * 64}}, 422, "exactly one of"),
     ({"query": {"id": 1}, "top_k": 0}, 422, "greater than or equal to 1"),
@@ -167,6 +171,19 @@ BAD_REQUESTS = [
     ({"query": {"id": 1}, "direction": "sideways"}, 422, "proponents"),
     ({"query": {"input": [0.5] * 784, "target": 10}}, 422, "class index in 0..9"),
     ({"query": {"id": 1}, "surprise": 1}, 422, "Extra inputs"),
+    ({"query": {"id": True}}, 422, "valid integer"),
+    ({"query": {"id": "3"}}, 422, "valid integer"),
+    ({"query": {"id": 2.0}}, 422, "valid integer"),
+    ({"query": {"id": 1}, "top_k": True}, 422, "valid integer"),
+    ({"query": {"id": 1}, "top_k": "3"}, 422, "valid integer"),
+    ({"query": {"input": [0.5] * 784, "target": True}}, 422, "target"),
+    ({"query": {"input": [True] * 784}}, 422, "null, text or true/false"),
+    ({"query": {"input": [None] * 784}}, 422, "null, text or true/false"),
+    ({"query": {"input": [[0.5] * 392, [0.5] * 391]}}, 422, "nested lists differ in length"),
+    ({"query": {"input": [1e39] * 784}}, 422, "finite float32"),
+    ({"query": {"feature": [1e39] * 64}}, 422, "finite float32"),
+    ({"query": {"feature": [1e200] * 64}}, 422, "finite float32"),
+    ({"query": {"feature": [True] * 64}}, 422, "valid number"),
 ]
 
 
@@ -186,6 +203,42 @@ def test_non_finite_values_are_refused(client: TestClient, field: str, length: i
     response = client.post(URL, content=raw, headers={"Content-Type": "application/json"})
     assert response.status_code == 422
     assert "finite" in response.text
+
+
+def test_docs_work_offline(client: TestClient) -> None:
+    page = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in page and "cdn." not in page
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+
+
+def test_index_is_served_under_its_folder_name(index_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(index_root / "digits", root / "renamed")
+    with TestClient(create_app(Settings(index_root=root))) as other:
+        assert other.get("/v1/indexes/renamed").json()["name"] == "renamed"
+        body = other.post("/v1/indexes/renamed/attributions", json={"query": {"id": 0}}).json()
+        assert body["index"] == "renamed"
+
+
+def test_empty_root_says_why_not_ready(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(index_root=tmp_path))) as other:
+        ready = other.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["detail"] == f"no index folders (subfolders holding manifest.json) under {tmp_path}"
+
+
+def test_import_path_factories_need_trust(index_root: Path, tmp_path: Path) -> None:
+    """An index folder must not make the service import arbitrary code (a manifest naming builtins:print)."""
+    root = tmp_path / "root"
+    shutil.copytree(index_root / "digits", root / "digits")
+    manifest_path = root / "digits" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["spec"]["factory"] = "tests_evil_module_that_does_not_exist:make"
+    manifest_path.write_text(json.dumps(manifest))
+    with TestClient(create_app(Settings(index_root=root))) as other:
+        raw = other.post(URL, json={"query": {"input": [0.5] * 784}})
+        assert raw.status_code == 409 and "INFOTRACE_TRUSTED_MODEL_FACTORIES" in raw.json()["detail"]
+        assert other.post(URL, json={"query": {"id": 0}}).status_code == 200
 
 
 def test_unknown_index_and_bad_names(client: TestClient) -> None:

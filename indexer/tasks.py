@@ -77,6 +77,18 @@ class OutputFunction(ABC):
         """JSON-serialisable constructor arguments, written to the manifest."""
         return {}
 
+    def check_targets(self, targets: torch.Tensor, n_outputs: int) -> None:
+        """Refuse targets this output function cannot explain, before any work is done.
+
+        Args:
+            targets: `(n,)` targets.
+            n_outputs: width of the model's output.
+
+        Raises:
+            ValueError: says what was expected.
+        """
+        del targets, n_outputs  # the base accepts any target; the built-ins check theirs
+
     def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Prediction from raw model outputs.
 
@@ -126,6 +138,21 @@ class ClassificationMargin(OutputFunction):
 
     name = OutputKind.CLASSIFICATION_MARGIN.value
 
+    def check_targets(self, targets: torch.Tensor, n_outputs: int) -> None:
+        if n_outputs < 2:
+            raise ValueError(
+                f"classification needs a model with at least 2 outputs (logits); it has {n_outputs}"
+            )
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dtype.is_complex:
+            raise ValueError(
+                f"classification targets must be integer class indices; got dtype {targets.dtype}"
+            )
+        if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= n_outputs):
+            raise ValueError(
+                f"classification targets must lie in 0..{n_outputs - 1} (the model has {n_outputs} outputs); "
+                f"got values from {int(targets.min())} to {int(targets.max())}"
+            )
+
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         is_label = torch.arange(model_output.shape[-1], device=model_output.device) == target
         z_y = torch.where(is_label, model_output, torch.zeros_like(model_output)).sum(-1)
@@ -161,6 +188,12 @@ class RegressionOutput(OutputFunction):
 
     def params(self) -> dict[str, Any]:
         return {"sigma": self.sigma}
+
+    def check_targets(self, targets: torch.Tensor, n_outputs: int) -> None:
+        if n_outputs != 1:
+            raise ValueError(f"regression explains a model with exactly 1 output; it has {n_outputs}")
+        if not bool(torch.isfinite(targets.double()).all()):
+            raise ValueError("regression targets must be finite numbers")
 
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return model_output.reshape(-1)[0]

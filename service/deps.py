@@ -12,7 +12,7 @@ from service.settings import Settings
 
 __all__ = ["get_settings", "get_registry", "get_index", "SettingsDep", "RegistryDep", "IndexDep"]
 
-INDEX_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+from indexer.constants import INDEX_NAME_PATTERN  # noqa: E402
 
 
 def get_settings(request: Request) -> Settings:

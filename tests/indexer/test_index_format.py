@@ -16,10 +16,10 @@ from safetensors.numpy import save_file
 
 import indexer.index_format as index_format
 from indexer.build import IndexConfig, build_index
-from indexer.constants import FORMAT_VERSION, MANIFEST_FILE, PHI_FILE
+from indexer.constants import FORMAT_VERSION, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, PHI_FILE
 from indexer.data import Dataset
 from indexer.exceptions import IndexCorruptError, IndexFormatError, IndexNotFoundError
-from indexer.index_format import load_index
+from indexer.index_format import load_index, manifest_checksum
 from indexer.models import ModelSpec, build_model, save_checkpoint
 from indexer.tasks import ClassificationMargin, RegressionOutput
 from service.app import create_app
@@ -72,7 +72,7 @@ def test_manifest_problems(index_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(IndexFormatError, match="format_version is 99; this infotrace reads version 1"):
         load_index(index_copy)
     del manifest["surrogate"]
-    (index_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    resign(index_copy / MANIFEST_FILE, manifest)
     with pytest.raises(IndexFormatError, match="lacks the field"):
         load_index(index_copy)
     (index_copy / MANIFEST_FILE).write_text("{not json")
@@ -82,10 +82,28 @@ def test_manifest_problems(index_copy: Path, tmp_path: Path) -> None:
         load_index(tmp_path / "nowhere")
 
 
+def resign(path: Path, manifest: dict) -> None:
+    """Write an edited manifest with a matching self-checksum, as a deliberate (not accidental) edit would."""
+    path.write_text(json.dumps({**manifest, MANIFEST_CHECKSUM_FIELD: manifest_checksum(manifest)}))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("projection", {"kind": "gaussian", "k": 64, "seed": 1}), ("surrogate", {"prior_precision": 1.0})],
+)
+def test_edited_manifest_is_refused(index_copy: Path, field: str, value: dict) -> None:
+    """Changing the seed or tau would silently change every score: the manifest checks itself."""
+    manifest = json.loads((index_copy / MANIFEST_FILE).read_text())
+    manifest[field] = {**manifest[field], **value}
+    (index_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(IndexCorruptError, match="was edited after the index was written"):
+        load_index(index_copy)
+
+
 def test_shape_that_disagrees_with_manifest(index_copy: Path) -> None:
     manifest = json.loads((index_copy / MANIFEST_FILE).read_text())
     manifest["counts"]["k"] = 65
-    (index_copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    resign(index_copy / MANIFEST_FILE, manifest)
     with pytest.raises(
         IndexCorruptError, match=r"phi\.npy holds float32\(600, 64\); expected float32\(600, 65\)"
     ):
@@ -166,6 +184,36 @@ def test_regression_index_and_prior_override(tmp_path: Path) -> None:
     assert np.allclose(loaded.surrogate.grad_term, residual / 0.25)
 
 
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (torch.full((40,), 3), r"must lie in 0\.\.2 \(the model has 3 outputs\); got values from 3 to 3"),
+        (torch.full((40,), -1), r"must lie in 0\.\.2"),
+        (torch.full((40,), 1.5), "must be integer class indices"),
+    ],
+)
+def test_bad_classification_targets_are_refused(tmp_path: Path, targets: torch.Tensor, message: str) -> None:
+    model, data = _tiny_problem()
+    bad = Dataset(data.inputs, targets)
+    with pytest.raises(ValueError, match=message):
+        build_index(
+            model, ClassificationMargin(), bad, tmp_path / "x", config=IndexConfig(k=8), progress=False
+        )
+    with pytest.raises(ValueError, match=message):
+        build_index(model, ClassificationMargin(), data, tmp_path / "y", queries=bad, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_mismatched_models_and_names_are_refused(tmp_path: Path) -> None:
+    model, data = _tiny_problem()
+    with pytest.raises(ValueError, match="regression explains a model with exactly 1 output; it has 3"):
+        build_index(model, RegressionOutput(), data, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match=r"the model rejects inputs of shape \[7\]"):
+        build_index(model, ClassificationMargin(), Dataset(torch.randn(40, 7), data.targets), tmp_path / "s")
+    with pytest.raises(ValueError, match="index folder name 'bad name!' must match"):
+        build_index(model, ClassificationMargin(), data, tmp_path / "bad name!", progress=False)
+
+
 def test_cli_help_and_build(tmp_path: Path) -> None:
     cli = str(Path(sys.executable).with_name("infotrace-index"))
     for args in ([], ["build"], ["demo"]):
@@ -204,6 +252,30 @@ def test_cli_help_and_build(tmp_path: Path) -> None:
         ],
         check=True,
         capture_output=True,
+    )
+    missing = subprocess.run(
+        [
+            cli,
+            "build",
+            "--out",
+            str(out),
+            "--model",
+            "mlp",
+            "--model-kwargs",
+            '{"in_features": 6, "hidden": [5], "out_features": 3}',
+            "--checkpoint",
+            str(tmp_path / "nope.pt"),
+            "--data",
+            str(dataset),
+            "--k",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"
     )
     via_cli = load_index(out)
     assert via_cli.n_train == 40 and len(via_cli.query_phi) == 5

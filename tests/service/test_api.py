@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from indexer.constants import MANIFEST_CHECKSUM_FIELD
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
-from indexer.index_format import load_index
+from indexer.index_format import load_index, manifest_checksum
 from indexer.scores import example_scores, signed_score
 from service.app import create_app
 from service.settings import Settings
@@ -234,6 +235,7 @@ def test_import_path_factories_need_trust(index_root: Path, tmp_path: Path) -> N
     manifest_path = root / "digits" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["model"]["spec"]["factory"] = "tests_evil_module_that_does_not_exist:make"
+    manifest[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(manifest)  # signed: only trust protects now
     manifest_path.write_text(json.dumps(manifest))
     with TestClient(create_app(Settings(index_root=root))) as other:
         raw = other.post(URL, json={"query": {"input": [0.5] * 784}})

@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer.constants import MANIFEST_FILE
+from indexer.constants import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
 from indexer.data import Dataset
 from indexer.enums import Direction, Objective, Score
-from indexer.index_format import load_index
+from indexer.index_format import load_index, manifest_checksum
 from service.app import create_app
 from service.dashboard import STATIC_DIR
 from service.examples import DEFAULT_SCALE, SCALING_HEADER, render_png, to_gray8
@@ -32,9 +32,10 @@ def served_root(index_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     root = tmp_path_factory.mktemp("served")
     shutil.copytree(index_root / "digits", root / "digits")
     shutil.copytree(index_root / "digits", root / "plain")
-    manifest_path = root / "plain" / MANIFEST_FILE  # not among the checksummed files
+    manifest_path = root / "plain" / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
     manifest["model"]["image_shape"] = None
+    manifest[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(manifest)  # a deliberate edit, signed again
     manifest_path.write_text(json.dumps(manifest))
     return root
 

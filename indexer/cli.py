@@ -127,6 +127,40 @@ def _build(
 
 
 @app.command()
+def coreset(
+    index: Annotated[Path, typer.Option(help="index folder")],
+    size: Annotated[int, typer.Option(help="number of training examples m to choose")],
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here (default: stdout)")] = None,
+) -> None:
+    """Choose m training examples maximising the summed information gain over the index's stored queries."""
+    from indexer.coreset import coreset_information_gain
+    from indexer.index_format import load_index
+
+    with _user_errors():
+        data = load_index(index)
+        s = data.surrogate
+        result = coreset_information_gain(
+            data.phi, s.beta, s.prior_precision, data.query_phi, size, progress=True
+        )
+        report = {
+            "index": data.name,
+            "size": size,
+            "n_queries": len(data.query_phi),
+            "ids": result.indices.tolist(),
+            "marginal_gains_nats": result.marginal_gains.tolist(),
+            "objective_nats": result.objective.tolist(),
+        }
+        text = json.dumps(report, indent=2)
+        if out is None:
+            typer.echo(text)
+        else:
+            out.write_text(text + "\n")
+            typer.echo(
+                f"wrote {out}: {size} examples, summed information gain {result.objective[-1]:.4f} nats"
+            )
+
+
+@app.command()
 def demo(
     index_root: Annotated[Path, typer.Option(help="folder of indexes")] = Path("var/indexes"),
     k: Annotated[int, typer.Option(help="projected dimension")] = 512,

@@ -27,6 +27,7 @@ from indexer.constants import (
     SPLIT_QUERY,
     SPLIT_TRAIN,
 )
+from indexer.coreset import CoresetResult, coreset_information_gain
 from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import InvalidQueryError, ModelMismatchError, UnknownExampleError
 from indexer.featurize import count_parameters, example_gradient
@@ -412,6 +413,26 @@ class AttributionEngine:
             objective, query, self.data.phi[top], s.whitened[top], s.beta[top], s.prior_precision
         )
         return {"pool": pool, "greedy": greedy, "ids": ids[greedy.indices], "top_single_joint": top_joint}
+
+    def coreset(self, size: int, query_ids: list[int] | None) -> CoresetResult:
+        """Greedy coreset maximising the summed information gain over stored queries (DESIGN.md 1.4).
+
+        Args:
+            size: m.
+            query_ids: stored queries forming the query set; None for all.
+
+        Raises:
+            UnknownExampleError: an unknown query id, or an index without stored queries.
+        """
+        n_query = len(self.data.query_phi)
+        ids = list(range(n_query)) if query_ids is None else query_ids
+        bad = [i for i in ids if not 0 <= i < n_query]
+        if not ids or bad:
+            raise UnknownExampleError(f"no stored queries with ids {bad[:5]}; valid ids are 0..{n_query - 1}")
+        s = self.data.surrogate
+        return coreset_information_gain(
+            self.data.phi, s.beta, s.prior_precision, self.data.query_phi[ids], size
+        )
 
     # ---- metadata ------------------------------------------------------------------------------------
 

@@ -17,6 +17,9 @@ from service.schemas import (
     AttributedExample,
     AttributionRequest,
     AttributionResponse,
+    CoresetMember,
+    CoresetRequest,
+    CoresetResponse,
     FeatureQuery,
     Health,
     IndexList,
@@ -118,6 +121,45 @@ def _query_info(engine: AttributionEngine, query: Query) -> QueryInfo:
         output_entropy=0.5 * math.log(2 * math.pi * math.e * v) if v > 0 else -math.inf,
         predictive_entropy=engine.predictive_entropy(query),
         metadata=_without_label(engine.query_metadata(query.id)) if query.id is not None else None,
+    )
+
+
+@router.post(
+    "/v1/indexes/{name}/coreset",
+    response_model=CoresetResponse,
+    tags=["attributions"],
+    responses=ERROR_RESPONSES,
+)
+def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) -> CoresetResponse:
+    """m training examples carrying the most information about a query set (summed information gain)."""
+    started = time.perf_counter()
+    _check_limit(
+        "size",
+        request.size,
+        min(settings.max_coreset_size, engine.data.n_train),
+        "the service limit and the index size",
+    )
+    result = engine.coreset(request.size, request.query_ids)
+    ids = [int(i) for i in result.indices]
+    meta = engine.train_metadata(ids)
+    members = [
+        CoresetMember(
+            step=step + 1,
+            id=i,
+            label=meta.get(i, {}).get("label"),
+            marginal_gain=float(result.marginal_gains[step]),
+            objective=float(result.objective[step]),
+        )
+        for step, i in enumerate(ids)
+    ]
+    elapsed = (time.perf_counter() - started) * 1e3
+    return CoresetResponse(
+        index=engine.data.name,
+        size=request.size,
+        n_queries=len(request.query_ids) if request.query_ids is not None else len(engine.data.query_phi),
+        members=members,
+        objective=float(result.objective[-1]),
+        timings=Timings(featurize_ms=0.0, retrieve_ms=0.0, rerank_ms=elapsed, total_ms=elapsed),
     )
 
 

@@ -9,6 +9,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat,
 from indexer.enums import Direction, Objective, Score
 
 __all__ = [
+    "CoresetRequest",
+    "CoresetMember",
+    "CoresetResponse",
     "QuerySpec",
     "StoredQuery",
     "InputQuery",
@@ -105,6 +108,38 @@ class SubsetRequest(BaseModel):
     candidates: StrictInt = Field(
         200, ge=1, description="candidate pool: top examples by the objective's single score"
     )
+
+
+class CoresetRequest(BaseModel):
+    """``POST /v1/indexes/{name}/coreset``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: StrictInt = Field(10, ge=1, description="number of training examples m to choose")
+    query_ids: list[StrictInt] | None = Field(
+        None, min_length=1, description="stored queries forming the query set (default: all of them)"
+    )
+
+
+class CoresetMember(BaseModel):
+    """One member of a coreset."""
+
+    step: int
+    id: int
+    label: int | float | None
+    marginal_gain: float = Field(description="increase of the summed information gain when added, nats")
+    objective: float = Field(description="sum over queries of IG(first `step` members | q), nats")
+
+
+class CoresetResponse(BaseModel):
+    """A greedy coreset (DESIGN.md 1.4)."""
+
+    index: str
+    size: int
+    n_queries: int
+    members: list[CoresetMember]
+    objective: float = Field(description="summed information gain of the whole set, nats")
+    timings: Timings
 
 
 class QueryInfo(BaseModel):

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     max_candidates: int = Field(100_000, ge=1, description="largest retrieval depth a request may ask for")
     default_candidates: int = Field(100, ge=1, description="retrieval depth before the exact rerank")
     max_subset_size: int = Field(200, ge=1, description="largest greedy subset a request may ask for")
+    max_coreset_size: int = Field(500, ge=1, description="largest coreset a request may ask for")
     max_subset_candidates: int = Field(5000, ge=1, description="largest candidate pool of a subset request")
     compute_threads: int | None = Field(
         1,

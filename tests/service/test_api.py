@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexer.constants import MANIFEST_CHECKSUM_FIELD
+from indexer.coreset import coreset_information_gain
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
 from indexer.index_format import load_index, manifest_checksum
@@ -152,6 +153,23 @@ def test_subset_endpoint(client: TestClient) -> None:
         assert math.isclose(body["joint"], members[-1]["joint"])
         # greedy's first pick is the best single example, so the greedy joint is at least the top-1's
         assert body["joint"] >= members[0]["joint"] > 0
+
+
+def test_coreset_endpoint_equals_the_library(client: TestClient, index_root: Path) -> None:
+    data = load_index(index_root / "digits")
+    s = data.surrogate
+    want = coreset_information_gain(data.phi, s.beta, s.prior_precision, data.query_phi[[1, 5, 9]], 6)
+    body = client.post("/v1/indexes/digits/coreset", json={"size": 6, "query_ids": [1, 5, 9]}).json()
+    assert [m["id"] for m in body["members"]] == want.indices.tolist()
+    assert np.allclose([m["objective"] for m in body["members"]], want.objective, rtol=1e-12)
+    assert body["n_queries"] == 3 and math.isclose(body["objective"], want.objective[-1])
+    everything = client.post("/v1/indexes/digits/coreset", json={"size": 3}).json()
+    assert everything["n_queries"] == 80 and len(everything["members"]) == 3
+    unknown = client.post("/v1/indexes/digits/coreset", json={"size": 3, "query_ids": [80]})
+    assert unknown.status_code == 404 and "valid ids are 0..79" in unknown.json()["detail"]
+    assert client.post("/v1/indexes/digits/coreset", json={"size": 0}).status_code == 422
+    too_big = client.post("/v1/indexes/digits/coreset", json={"size": 601})
+    assert too_big.status_code == 422 and "size must be at most 500" in too_big.json()["detail"]
 
 
 BAD_REQUESTS = [

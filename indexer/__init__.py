@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from indexer.build import IndexConfig, build_index, make_faiss_index
+from indexer.coreset import CoresetResult, coreset_information_gain, summed_information_gain
 from indexer.data import Dataset, load_arrays, load_mnist_sample
 from indexer.enums import Direction, Objective, OutputKind, ProjectionKind, Score, parse_enum
 from indexer.exceptions import (
@@ -37,6 +38,9 @@ from indexer.tasks import (
 
 __all__ = [
     "ClassificationMargin",
+    "CoresetResult",
+    "coreset_information_gain",
+    "summed_information_gain",
     "Dataset",
     "Direction",
     "Features",

@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
-.PHONY: install run index-demo test lint typecheck bench-speed clean browser dashboard-screenshot
+.PHONY: install run index-demo test lint typecheck bench-speed bench-load clean browser dashboard-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ test: install browser lint typecheck  ## install what the tests need, lint, type
 
 bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTTP and in-process)
 	$(PY) -m benchmarks.speed --index-root $(INDEX_ROOT) --out benchmarks/results/speed.json
+
+bench-load: index-demo  ## 32 concurrent clients for 60 s against a live service: errors, p50/p99, throughput
+	$(PY) -m benchmarks.load --index-root $(INDEX_ROOT) --clients 32 --duration 60 --out benchmarks/results/load.json
 
 browser:  ## Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -32,12 +32,10 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -52,6 +50,7 @@ from indexer.enums import Direction, Score
 from indexer.index_format import load_index, read_manifest
 from service.app import limit_threads
 from service.engine import AttributionEngine, Query, Ranked
+from service.process import running_service
 
 TOP_K = 10
 CANDIDATES = 100
@@ -63,17 +62,6 @@ REQUEST_TIMEOUT_S = 30.0
 INDEX_NAME = indexer.demo.DEMO_NAME
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
-
-# The server: the app factory with explicit settings, under uvicorn, in its own process.
-SERVER_CODE = """\
-import sys
-import uvicorn
-from service.app import create_app
-from service.settings import Settings
-root, port = sys.argv[1], int(sys.argv[2])
-app = create_app(Settings(index_root=root, port=port))
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
-"""
 
 
 def log(message: str) -> None:
@@ -307,78 +295,6 @@ def bench_in_process(
 # ---- 3. live service -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A loopback TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-chars:]
-    return ""
-
-
-def wait_ready(proc: subprocess.Popen[bytes], base: str, timeout_s: float, log_path: Path) -> float:
-    """Poll ``GET /readyz`` until 200; seconds waited.
-
-    Raises:
-        RuntimeError: the server exited or answered 503 (an index failed to load).
-        TimeoutError: not ready within ``timeout_s``.
-    """
-    started = time.perf_counter()
-    deadline = time.monotonic() + timeout_s
-    last = "no answer yet"
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            code = proc.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"the server exited with status {code} before it was ready:\n{_tail(log_path)}"
-                )
-            try:
-                response = client.get(f"{base}/readyz")
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    return time.perf_counter() - started
-                if response.status_code == 503:
-                    raise RuntimeError(f"the server is up but not ready: {response.text}\n{_tail(log_path)}")
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
-            time.sleep(0.1)
-    raise TimeoutError(f"GET {base}/readyz was not 200 within {timeout_s:.0f} s ({last}):\n{_tail(log_path)}")
-
-
-@contextlib.contextmanager
-def live_server(index_root: Path, log_path: Path, ready_timeout_s: float) -> Iterator[tuple[str, float]]:
-    """Run the service under uvicorn in a subprocess; yield ``(base_url, seconds_until_ready)``.
-
-    The subprocess is always terminated (then killed if it lingers) on the way out.
-    """
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("INFOTRACE_")}
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVER_CODE, str(index_root.resolve()), str(port)],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        yield base, wait_ready(proc, base, ready_timeout_s, log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def _time_requests(
     client: httpx.Client, bodies: list[bytes], n_queries: int, warmup: int, desc: str
 ) -> dict[str, Any]:
@@ -428,7 +344,8 @@ def bench_http(
     raw_bodies = [json.dumps({"query": {"input": x}, "top_k": TOP_K}).encode() for x in test_inputs]
     id_bodies = [json.dumps({"query": {"id": i}, "top_k": TOP_K}).encode() for i in range(n_stored)]
     log("starting uvicorn in a subprocess")
-    with live_server(index_root, log_path, READY_TIMEOUT_S) as (base, ready_seconds):
+    with running_service(index_root, log_path, ready_timeout_s=READY_TIMEOUT_S) as service:
+        base, ready_seconds = service.url, service.ready_seconds
         log(f"server ready at {base} after {ready_seconds:.1f} s; {n_queries} + {n_queries} requests")
         headers = {"content-type": "application/json"}
         with httpx.Client(base_url=base, timeout=REQUEST_TIMEOUT_S, headers=headers) as client:

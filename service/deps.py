@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the settings, the registry and one index, typed with ``Annotated``."""
+"""FastAPI dependencies: the settings, the registry and one index, typed with ``Annotated``.
+
+They only read app state, so they are ``async``: they run on the event loop and never wait for the thread
+pool that runs the heavy routes (a liveness probe must not queue behind attributions).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,13 @@ __all__ = ["get_settings", "get_registry", "get_index", "SettingsDep", "Registry
 from indexer.constants import INDEX_NAME_PATTERN  # noqa: E402
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The app's :class:`Settings` (set by :func:`service.app.create_app`)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_registry(request: Request) -> IndexRegistry:
+async def get_registry(request: Request) -> IndexRegistry:
     """The loaded :class:`IndexRegistry` (set in the lifespan)."""
     registry: IndexRegistry | None = getattr(request.app.state, "registry", None)
     if registry is None:
@@ -33,7 +37,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[IndexRegistry, Depends(get_registry)]
 
 
-def get_index(
+async def get_index(
     registry: RegistryDep,
     name: Annotated[str, Path(pattern=INDEX_NAME_PATTERN, description="index name (see GET /v1/indexes)")],
 ) -> AttributionEngine:

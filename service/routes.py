@@ -48,13 +48,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])
-def healthz() -> Health:
+async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
 @router.get("/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
-def readyz(registry: RegistryDep, response: Response) -> Readiness:
+async def readyz(registry: RegistryDep, response: Response) -> Readiness:
     """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise."""
     states = dict.fromkeys(registry.engines, "ready") | dict(registry.failures)
     ready = bool(registry.engines) and not registry.failures

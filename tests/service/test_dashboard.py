@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
+from service.process import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -48,12 +46,6 @@ if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium)", allow_module_level=True)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def served_root(request: pytest.FixtureRequest) -> Path:
     override = os.environ.get("INFOTRACE_DASHBOARD_INDEX_ROOT")
@@ -62,39 +54,10 @@ def served_root(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="module")
-def live_url(served_root: Path) -> Iterator[str]:
+def live_url(served_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The service in its own uvicorn process on a free loopback port, as in production."""
-    port = free_port()
-    env = {**os.environ, "INFOTRACE_INDEX_ROOT": str(served_root), "INFOTRACE_PORT": str(port)}
-    cli = Path(sys.executable).with_name("infotrace-serve")
-    proc = subprocess.Popen(
-        [str(cli), "run", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError("server did not become ready within 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_service(served_root, tmp_path_factory.mktemp("dashboard") / "server.log") as service:
+        yield service.url
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,49 +13,15 @@ from indexer.data import Dataset
 from indexer.enums import Direction, Score
 from indexer.index_format import load_index
 from service.engine import AttributionEngine
+from service.process import running_service
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def live_url(index_root: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "INFOTRACE_INDEX_ROOT": str(index_root), "INFOTRACE_PORT": str(port)}
-    cli = Path(sys.executable).with_name("infotrace-serve")
-    proc = subprocess.Popen(
-        [str(cli), "run", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early: {proc.stdout.read() if proc.stdout else ''}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise TimeoutError("server did not become ready within 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def live_url(index_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_service(index_root, tmp_path_factory.mktemp("live") / "server.log") as service:
+        yield service.url
 
 
 def test_live_server_answers_like_the_library(live_url: str, index_root: Path, test_digits: Dataset) -> None:

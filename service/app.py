@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.projection_cache_bytes,
             settings.model_checkpoints,
             frozenset(settings.trusted_model_factories),
+            settings.use_gpu,
         )
         for name, engine in registry.engines.items():
             metrics.index_examples.labels(name).set(engine.data.n_train)

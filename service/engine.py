@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -39,7 +40,14 @@ from indexer.subset import greedy_subset, joint_score
 from indexer.surrogate import QueryTerms
 from indexer.tasks import output_function_from_spec
 
-__all__ = ["Query", "Ranked", "AttributionEngine"]
+__all__ = ["Query", "Ranked", "AttributionEngine", "gpu_count"]
+
+
+def gpu_count() -> int:
+    """GPUs that FAISS can use: 0 with faiss-cpu, which has no GPU support."""
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    return int(get_num_gpus()) if get_num_gpus is not None else 0
+
 
 _RELATIVE_SLACK = 1e-4  # float32 FAISS inner products vs the float64 rerank
 
@@ -111,6 +119,8 @@ class AttributionEngine:
             equals neither the index's stored checkpoint nor the file it was built from, raw queries are
             refused (:class:`ModelMismatchError`, HTTP 409) so that attributions never mix two models;
             stored and feature queries still work.
+        use_gpu: search the FAISS indexes on the GPUs (faiss-gpu, the ``gpu`` extra); None: when faiss sees
+            one. The float64 rerank stays on the CPU either way.
         trusted_factories: import-path model factories a manifest may name; any other import path is not
             imported (an index folder must not make the service run arbitrary code), so raw queries are
             refused for it while stored and feature queries work.
@@ -126,6 +136,7 @@ class AttributionEngine:
         projection_cache_bytes: int = 1 << 30,
         checkpoint: Path | None = None,
         trusted_factories: frozenset[str] = frozenset(),
+        use_gpu: bool | None = None,
     ) -> None:
         self.data = data
         manifest = data.manifest
@@ -197,6 +208,11 @@ class AttributionEngine:
             for score in Score
         }
         self.exact = manifest["faiss"].get("factory") == "Flat"
+        self.on_gpu = use_gpu if use_gpu is not None else gpu_count() > 0
+        self.faiss_indexes = {
+            score: (faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index)
+            for score, index in data.faiss_indexes.items()
+        }
 
     # ---- queries -------------------------------------------------------------------------------------
 
@@ -349,7 +365,7 @@ class AttributionEngine:
             :class:`Ranked`.
         """
         n = self.data.n_train
-        index = self.data.faiss_indexes[score]
+        index = self.faiss_indexes[score]
         a = query_vector(score, query)
         signs = []
         if not score.signed or direction is not Direction.OPPONENTS:

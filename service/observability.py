@@ -93,7 +93,7 @@ class Metrics:
     Attributes:
         registry: the app's own collector registry (exposed at ``/metrics``).
         requests: counter of requests by route template, method and status.
-        latency: histogram of request durations in seconds by route template and method.
+        latency: histogram of request durations in seconds by route template, method and status.
         index_examples, index_bytes, index_ready: gauges per index name.
     """
 
@@ -105,7 +105,7 @@ class Metrics:
         self.latency = Histogram(
             "infotrace_request_duration_seconds",
             "HTTP request duration in seconds",
-            ["route", "method"],
+            ["route", "method", "status"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
@@ -171,7 +171,7 @@ def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes]
         elapsed = time.perf_counter() - started
         route = _route_template(request)
         metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route, request.method).observe(elapsed)
+        metrics.latency.labels(route, request.method, str(response.status_code)).observe(elapsed)
         response.headers["X-Request-ID"] = request_id
         log.info(
             "request",

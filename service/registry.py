@@ -35,6 +35,7 @@ class IndexRegistry:
         projection_cache_bytes: int = 1 << 30,
         checkpoints: dict[str, Path] | None = None,
         trusted_factories: frozenset[str] = frozenset(),
+        use_gpu: bool | None = None,
     ) -> IndexRegistry:
         """Load every ``<root>/<name>/manifest.json`` index; a broken one is recorded, not fatal.
 
@@ -43,6 +44,7 @@ class IndexRegistry:
             projection_cache_bytes: see :class:`~service.engine.AttributionEngine`.
             checkpoints: index name -> checkpoint to featurize raw queries with instead of the index's copy.
             trusted_factories: import-path model factories (``pkg.module:fn``) that manifests may name.
+            use_gpu: search FAISS on the GPUs; None: when FAISS sees one.
 
         Raises:
             IndexNotFoundError: ``root`` is not a folder.
@@ -61,6 +63,7 @@ class IndexRegistry:
                     projection_cache_bytes,
                     (checkpoints or {}).get(folder.name),
                     trusted_factories,
+                    use_gpu,
                 )
             except Exception as exc:  # any failure marks this index not ready; the others are served
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"

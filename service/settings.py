@@ -62,6 +62,9 @@ class Settings(BaseSettings):
         description="import-path model factories ('pkg.module:fn', JSON list) that index manifests may name; "
         "registered names (mlp, logistic_regression) are always allowed",
     )
+    use_gpu: bool | None = Field(
+        None, description="search FAISS on the GPUs (needs the gpu extra, faiss-gpu); unset: when one is seen"
+    )
     json_logs: bool = Field(True, description="structured JSON log lines with a request id")
 
     def keys(self) -> list[bytes]:

@@ -42,7 +42,9 @@ def test_metrics_count_requests_by_route_and_status(index_root: Path) -> None:
     route = ("route", "/v1/indexes/{name}/attributions")
     assert samples[("infotrace_requests_total", (("method", "POST"), route, ("status", "200")))] == 1
     assert samples[("infotrace_requests_total", (("method", "POST"), route, ("status", "404")))] == 1
-    assert samples[("infotrace_request_duration_seconds_count", (("method", "POST"), route))] == 2
+    duration = "infotrace_request_duration_seconds_count"
+    assert samples[(duration, (("method", "POST"), route, ("status", "200")))] == 1
+    assert samples[(duration, (("method", "POST"), route, ("status", "404")))] == 1
     digits = (("index", "digits"),)
     assert samples[("infotrace_index_examples", digits)] == 600
     assert samples[("infotrace_index_ready", digits)] == 1

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import faiss
 import threadpoolctl
 import torch
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -129,7 +131,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for exc_type, code in STATUS_OF.items():
 
         async def handler(request: Request, exc: Exception, code: int = code) -> JSONResponse:
-            return JSONResponse(status_code=code, content={"detail": str(exc)})
+            if isinstance(exc, ValidationError):  # the same shape as FastAPI's own 422 for a request body
+                detail: Any = jsonable_encoder(exc.errors(include_url=False))
+            else:
+                detail = str(exc)
+            return JSONResponse(status_code=code, content={"detail": detail})
 
         app.add_exception_handler(exc_type, handler)
     return app

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import typer
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.app import create_app
 from service.observability import configure_logging
@@ -33,7 +35,11 @@ class _AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started:
             return
-        base = f"http://{self.settings.host}:{self.settings.port}"
+        sockets = [sock for server in self.servers for sock in server.sockets]
+        port = (
+            sockets[0].getsockname()[1] if sockets else self.settings.port
+        )  # the bound one, even for port 0
+        base = f"http://{self.settings.host}:{port}"
         registry = self.api.state.registry
         names = sorted(registry.engines) if registry is not None else []
         typer.echo(f"infotrace is serving {len(names)} index(es) {names} at {base}  (OpenAPI: {base}/docs)")
@@ -48,13 +54,25 @@ class _AnnouncingServer(uvicorn.Server):
 
 def _settings() -> Settings:
     try:
-        return Settings()  # type: ignore[call-arg]  # read from the environment
-    except ValidationError as exc:
+        settings = Settings()  # type: ignore[call-arg]  # read from the environment
+        settings.keys()  # a missing or empty keys file is a settings error too
+        return settings
+    except ValidationError as exc:  # before ValueError, which it subclasses
         problems = "; ".join(
             f"INFOTRACE_{'_'.join(str(p) for p in error['loc']).upper()}: {error['msg']}"
             for error in exc.errors()
         )
         typer.echo(f"bad settings: {problems}", err=True)
+        raise typer.Exit(code=2) from exc
+    except SettingsError as exc:  # pydantic-settings could not decode a JSON value
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"INFOTRACE_{field.group(1).upper()}" if field else "a setting"
+        typer.echo(
+            f"bad settings: {name} must be JSON (lists and mappings are given as JSON): {exc}", err=True
+        )
+        raise typer.Exit(code=2) from exc
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"bad settings: {exc}", err=True)
         raise typer.Exit(code=2) from exc
 
 

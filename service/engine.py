@@ -208,6 +208,11 @@ class AttributionEngine:
             for score in Score
         }
         self.exact = manifest["faiss"].get("factory") == "Flat"
+        if use_gpu and gpu_count() == 0:
+            raise ValueError(
+                "INFOTRACE_USE_GPU=true but FAISS sees no GPU (faiss-cpu, or no device): install the gpu "
+                "extra on a GPU machine, or unset it"
+            )
         self.on_gpu = use_gpu if use_gpu is not None else gpu_count() > 0
         self.faiss_indexes = {
             score: (faiss.index_cpu_to_all_gpus(index) if self.on_gpu else index)

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +35,7 @@ PROTECTED_PREFIXES = ("/v1/", "/metrics")
 """Paths that need an API key when keys are configured; health, readiness and docs stay open."""
 
 
+API_KEY_COOKIE = "infotrace_api_key"
 MISSING_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
@@ -131,6 +133,8 @@ def _authorized(request: Request, keys: list[bytes]) -> bool:
     auth = request.headers.get("authorization", "")
     if given is None and auth.lower().startswith("bearer "):
         given = auth[7:]
+    if given is None:  # the dashboard's cookie (SameSite=Strict), so that <img> requests carry the key
+        given = request.cookies.get(API_KEY_COOKIE)
     if given is None:
         return False
     candidate = given.strip().encode()
@@ -174,7 +178,12 @@ def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes]
         metrics.latency.labels(route, request.method, str(response.status_code)).observe(elapsed)
         response.headers["X-Request-ID"] = request_id
         log.info(
-            "request",
+            "%s %s %d %.1f ms id=%s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            elapsed * 1e3,
+            request_id,
             extra={
                 "request_id": request_id,
                 "method": request.method,
@@ -202,6 +211,8 @@ def configure_logging(json_logs: bool, level: str = "INFO") -> dict[str, Any]:
             "()": JsonFormatter,
             "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
             "rename_fields": {"asctime": "time"},
+            # uvicorn's ANSI-coloured duplicate of the message has no place in a JSON line
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
         }
         if json_logs
         else {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}

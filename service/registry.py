@@ -69,7 +69,11 @@ class IndexRegistry:
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
                 continue
+            if engine.model_error is not None and engine.model is None and folder.name in (checkpoints or {}):
+                log.warning("index %s: raw-input queries refused: %s", folder.name, engine.model_error)
             engines[folder.name] = engine
+        for name in sorted(set(checkpoints or {}) - set(engines) - set(failures)):
+            log.warning("INFOTRACE_MODEL_CHECKPOINTS names %r, which is not an index under %s", name, root)
         log.info("serving %d index(es) from %s: %s", len(engines), root, sorted(engines))
         return cls(engines, failures, root)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Response, status
+from pydantic import BaseModel
 
 from indexer.enums import Score
 from indexer.exceptions import InvalidQueryError
@@ -79,6 +80,7 @@ def _summary(name: str, engine: AttributionEngine) -> IndexSummary:
         surrogate=m["surrogate"],
         faiss=m["faiss"],
         raw_input_queries=engine.model is not None,
+        error=engine.model_error,
     )
 
 
@@ -171,6 +173,19 @@ def _score_set(scores: dict[Score, np.ndarray], i: int) -> ScoreSet:
     return ScoreSet(**{score.value: float(values[i]) for score, values in scores.items()})
 
 
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def _clamp_defaults(request: RequestT, limits: dict[str, int]) -> RequestT:
+    """Lower the fields the caller left at their defaults to the limits (an explicit value is checked)."""
+    update = {
+        name: limit
+        for name, limit in limits.items()
+        if name not in request.model_fields_set and getattr(request, name) > limit
+    }
+    return request.model_copy(update=update) if update else request
+
+
 def _check_limit(name: str, value: int, limit: int, why: str) -> None:
     if value > limit:
         raise InvalidQueryError(f"{name} must be at most {limit} ({why}); got {value}")
@@ -186,6 +201,7 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     """Training examples ranked by how much the query's prediction owes to them (DESIGN.md 1.3, 2.2)."""
     started = time.perf_counter()
     n = engine.data.n_train
+    request = _clamp_defaults(request, {"top_k": min(settings.max_top_k, n)})
     _check_limit("top_k", request.top_k, min(settings.max_top_k, n), "the service limit and the index size")
     candidates = request.candidates or settings.default_candidates
     _check_limit("candidates", candidates, settings.max_candidates, "the service limit")
@@ -236,6 +252,10 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
     """Greedy group attribution: the set of m examples with the largest joint score (DESIGN.md 1.4)."""
     started = time.perf_counter()
     n = engine.data.n_train
+    request = _clamp_defaults(
+        request,
+        {"size": min(settings.max_subset_size, n), "candidates": min(settings.max_subset_candidates, n)},
+    )
     _check_limit(
         "size", request.size, min(settings.max_subset_size, n), "the service limit and the index size"
     )

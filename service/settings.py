@@ -26,7 +26,9 @@ class Settings(BaseSettings):
     max_candidates: int = Field(100_000, ge=1, description="largest retrieval depth a request may ask for")
     default_candidates: int = Field(100, ge=1, description="retrieval depth before the exact rerank")
     max_subset_size: int = Field(200, ge=1, description="largest greedy subset a request may ask for")
-    max_coreset_size: int = Field(500, ge=1, description="largest coreset a request may ask for")
+    max_coreset_size: int = Field(
+        100, ge=1, description="largest coreset a request may ask for (about 6 steps/s on the demo index)"
+    )
     max_subset_candidates: int = Field(5000, ge=1, description="largest candidate pool of a subset request")
     compute_threads: int | None = Field(
         1,
@@ -72,10 +74,14 @@ class Settings(BaseSettings):
 
         Raises:
             FileNotFoundError: ``api_keys_file`` is set but does not exist.
+            ValueError: ``api_keys_file`` holds no key (authentication would silently be off).
         """
         found = [] if self.api_keys is None else self.api_keys.get_secret_value().split(",")
         if self.api_keys_file is not None:
-            found += self.api_keys_file.read_text().splitlines()
+            from_file = [line for line in self.api_keys_file.read_text().splitlines() if line.strip()]
+            if not from_file:
+                raise ValueError(f"INFOTRACE_API_KEYS_FILE={self.api_keys_file} holds no key (one per line)")
+            found += from_file
         return [key.strip().encode() for key in found if key.strip()]
 
     @property

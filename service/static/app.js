@@ -85,8 +85,17 @@
   const exampleImageUrl = (id, scale) => `${exampleJsonUrl(id)}/image.png?scale=${scale}`;
   const queryImageUrl = (id, scale) => `${queryJsonUrl(id)}/image.png?scale=${scale}`;
 
-  async function fetchJson(url, options) {
+  // With API keys on (INFOTRACE_API_KEYS), the service also accepts the key from the
+  // `infotrace_api_key` cookie, so that images load too; ask for it once on a 401.
+  async function fetchJson(url, options, retried) {
     const response = await fetch(url, options);
+    if (response.status === 401 && !retried) {
+      const key = window.prompt("This infotrace service needs an API key:");
+      if (key) {
+        document.cookie = `infotrace_api_key=${encodeURIComponent(key.trim())}; path=/; SameSite=Strict`;
+        return fetchJson(url, options, true);
+      }
+    }
     let body = null;
     try {
       body = await response.json();

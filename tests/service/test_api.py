@@ -169,7 +169,7 @@ def test_coreset_endpoint_equals_the_library(client: TestClient, index_root: Pat
     assert unknown.status_code == 404 and "valid ids are 0..79" in unknown.json()["detail"]
     assert client.post("/v1/indexes/digits/coreset", json={"size": 0}).status_code == 422
     too_big = client.post("/v1/indexes/digits/coreset", json={"size": 601})
-    assert too_big.status_code == 422 and "size must be at most 500" in too_big.json()["detail"]
+    assert too_big.status_code == 422 and "size must be at most 100" in too_big.json()["detail"]
 
 
 BAD_REQUESTS = [

@@ -102,6 +102,7 @@ def test_api_keys(keyed: TestClient) -> None:
     )  # a prefix is not a key
     assert keyed.post(URL, json=body, headers={"Authorization": "Bearer env-key-2"}).status_code == 200
     assert keyed.post(URL, json=body, headers={"X-API-Key": "file-key"}).status_code == 200
+    assert keyed.post(URL, json=body, headers={"Cookie": "infotrace_api_key=env-key-1"}).status_code == 200
     assert keyed.get("/metrics").status_code == 401
     assert keyed.get("/healthz").status_code == 200 and keyed.get("/readyz").status_code == 200
 
@@ -113,6 +114,43 @@ def test_serving_off_loopback_without_keys_is_refused(index_root: Path) -> None:
     run = subprocess.run([cli, "run"], env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "refusing to serve on non-loopback host '0.0.0.0' without API keys" in run.stderr
+
+
+def test_empty_keys_file_and_bad_settings_are_one_line_errors(index_root: Path, tmp_path: Path) -> None:
+    cli = str(Path(sys.executable).with_name("infotrace-serve"))
+    empty = tmp_path / "keys.txt"
+    empty.write_text("\n  \n")
+    cases = {
+        "INFOTRACE_API_KEYS_FILE": (str(empty), "holds no key"),
+        "INFOTRACE_MODEL_CHECKPOINTS": ("{bad", "INFOTRACE_MODEL_CHECKPOINTS"),
+    }
+    for variable, (value, message) in cases.items():
+        env = {**os.environ, "INFOTRACE_INDEX_ROOT": str(index_root), variable: value}
+        run = subprocess.run([cli, "run"], env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, run.stderr
+        assert run.stderr.startswith("bad settings:") and message in run.stderr
+        assert "Traceback" not in run.stderr
+
+
+def test_defaults_follow_lowered_limits(index_root: Path) -> None:
+    with client_for(index_root, max_top_k=5, max_subset_candidates=30) as client:
+        assert len(client.post(URL, json={"query": {"id": 0}}).json()["results"]) == 5
+        assert client.post(URL, json={"query": {"id": 0}, "top_k": 6}).status_code == 422  # explicit: checked
+        subset = client.post(URL + "/subset", json={"query": {"id": 0}, "size": 3})
+        assert subset.status_code == 200 and subset.json()["candidates"] == 30
+
+
+def test_gpu_asked_for_without_gpu_is_explained(index_root: Path) -> None:
+    with client_for(index_root, use_gpu=True) as client:
+        ready = client.get("/readyz").json()
+    assert "FAISS sees no GPU" in ready["indexes"]["digits"]
+
+
+def test_plain_text_logs_keep_the_request_fields(index_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with client_for(index_root) as client, caplog.at_level(logging.INFO, logger="infotrace.access"):
+        client.get("/healthz", headers={"X-Request-ID": "plain-1"})
+    line = [r.getMessage() for r in caplog.records if r.name == "infotrace.access"][0]
+    assert line.startswith("GET /healthz 200 ") and line.endswith("id=plain-1")
 
 
 def test_body_size_limit(index_root: Path) -> None:

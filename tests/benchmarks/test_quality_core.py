@@ -1,0 +1,179 @@
+"""Foundations of the attribution-quality harness: LDS, noise ceiling and batched subset retraining."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.quality import retrain
+from benchmarks.quality.lds import lds, noise_ceiling, per_query_spearman, random_subsets
+from benchmarks.quality.retrain import (
+    RetrainConfig,
+    margins,
+    retrain_margins,
+    stacked_margins,
+    train_alone,
+    train_stacked,
+)
+from indexer.data import Dataset, load_mnist_sample
+from indexer.tasks import ClassificationMargin
+
+N_TRAIN, N_QUERY = 200, 16
+CONFIG = RetrainConfig(epochs=2)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Dataset, Dataset]:
+    train, test = load_mnist_sample(n_train=4000, seed=0)
+    return (
+        Dataset(train.inputs[:N_TRAIN], train.targets[:N_TRAIN]),
+        Dataset(test.inputs[:N_QUERY], test.targets[:N_QUERY]),
+    )
+
+
+# ---- LDS ---------------------------------------------------------------------------------------
+
+
+def test_random_subsets_shape_size_and_seed() -> None:
+    masks = random_subsets(100, 7, 0.3, seed=1)
+    assert masks.shape == (7, 100) and masks.dtype == np.bool_
+    assert (masks.sum(1) == 30).all()
+    assert np.array_equal(masks, random_subsets(100, 7, 0.3, seed=1))
+    assert not np.array_equal(masks, random_subsets(100, 7, 0.3, seed=2))
+    with pytest.raises(ValueError):
+        random_subsets(100, 3, 0.0, seed=0)
+
+
+def test_lds_of_a_perfect_linear_predictor_is_one() -> None:
+    rng = np.random.default_rng(0)
+    masks = random_subsets(300, 40, 0.5, seed=0)
+    w = rng.normal(size=(12, 300))  # (n_query, n_train)
+    outputs = masks @ w.T  # (M, n_query): exactly the summed scores
+    result = lds(w, masks, outputs)
+    assert result.n_excluded == 0
+    assert result.mean == pytest.approx(1.0, abs=1e-12)
+    # any strictly increasing transform of the outputs keeps the rank correlation at 1
+    assert lds(w, masks, np.exp(outputs / 10)).mean == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lds_of_random_scores_is_about_zero() -> None:
+    rng = np.random.default_rng(1)
+    m, n_query = 50, 200
+    masks = random_subsets(300, m, 0.5, seed=1)
+    outputs = masks @ rng.normal(size=(300, n_query))
+    result = lds(rng.normal(size=(n_query, 300)), masks, outputs)
+    # each per-query Spearman under independence has sd ~ 1/sqrt(M - 1); the mean of n_query of them
+    # has sd ~ 1/sqrt((M - 1) n_query) = 0.0101 here; allow 4 sd
+    tolerance = 4 / math.sqrt((m - 1) * n_query)
+    assert abs(result.mean) < tolerance
+    assert result.per_query.std() == pytest.approx(1 / math.sqrt(m - 1), rel=0.25)
+
+
+def test_constant_columns_are_excluded_and_counted() -> None:
+    rng = np.random.default_rng(2)
+    masks = random_subsets(50, 20, 0.5, seed=2)
+    scores = rng.normal(size=(3, 50))
+    outputs = masks @ scores.T
+    outputs[:, 1] = 7.0  # constant output
+    scores[2] = 1.0  # every subset has the same size, so summed scores are constant
+    result = lds(scores, masks, outputs)
+    assert result.n_excluded == 2
+    assert np.isnan(result.per_query[1]) and np.isnan(result.per_query[2])
+    assert result.mean == pytest.approx(1.0)
+
+
+def test_spearman_matches_scipy() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(30, 5))
+    b = a + rng.normal(size=(30, 5))
+    b[:4, 0] = b[4, 0]  # ties
+    ours = per_query_spearman(a, b).per_query
+    ref = [spearmanr(a[:, q], b[:, q]).statistic for q in range(5)]
+    np.testing.assert_allclose(ours, ref, atol=1e-12)
+
+
+def test_noise_ceiling_of_identical_and_independent_seeds() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(40, 10))
+    assert noise_ceiling(a, a).mean == pytest.approx(1.0)
+    assert abs(noise_ceiling(a, rng.normal(size=(40, 10))).mean) < 4 / math.sqrt(39 * 10)
+
+
+# ---- retraining --------------------------------------------------------------------------------
+
+
+def test_margin_matches_classification_margin() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, 25, 10) * 5
+    labels = torch.randint(0, 10, (25,))
+    # ClassificationMargin.output compares arange(C) with the target, so a batch of labels is (n, 1)
+    ref = torch.stack([ClassificationMargin().output(logits[i], labels[:, None]) for i in range(3)])
+    torch.testing.assert_close(margins(logits, labels), ref)
+    # sigmoid(margin) is the softmax probability of the label
+    p = torch.softmax(logits, -1)[:, torch.arange(25), labels]
+    torch.testing.assert_close(torch.sigmoid(margins(logits, labels)), p, atol=1e-6, rtol=1e-5)
+
+
+def test_batched_retraining_equals_training_each_model_alone(tiny: tuple[Dataset, Dataset]) -> None:
+    train, query = tiny
+    masks = random_subsets(N_TRAIN, 3, 0.5, seed=0)
+    masks[1, :60] = True  # a larger subset: takes more steps per epoch than the others
+    masks[2] = False
+    masks[2, :20] = True  # a partial single batch
+    seeds = np.array([5, 6, 7])
+    base, params = train_stacked(train.inputs, train.targets, masks, seeds, CONFIG)
+    batched = stacked_margins(base, params, query.inputs, query.targets)
+    assert batched.shape == (3, N_QUERY)
+    for m in range(3):
+        model = train_alone(train, masks[m], int(seeds[m]), CONFIG)
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(params[name][m], value, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            alone = ClassificationMargin().output(model(query.inputs), query.targets[:, None])
+        torch.testing.assert_close(batched[m], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_seed_changes_the_model_and_repeats_exactly(tiny: tuple[Dataset, Dataset]) -> None:
+    train, query = tiny
+    masks = np.repeat(random_subsets(N_TRAIN, 1, 0.5, seed=3), 3, axis=0)
+    out = retrain_margins(train, query, masks, np.array([0, 0, 1]), CONFIG)
+    assert np.array_equal(out[0], out[1])
+    assert not np.allclose(out[0], out[2])
+
+
+def test_cache_reuses_finished_chunks(tiny: tuple[Dataset, Dataset], tmp_path, monkeypatch) -> None:
+    train, query = tiny
+    masks = random_subsets(N_TRAIN, 3, 0.5, seed=1)
+    seeds = np.arange(3)
+    first = retrain_margins(train, query, masks, seeds, CONFIG, cache_dir=tmp_path, chunk_size=2)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+    with np.load(next(tmp_path.glob("*.npz")), allow_pickle=False) as cached:
+        assert cached["margins"].dtype == np.float32
+
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained although the result was cached")
+
+    monkeypatch.setattr(retrain, "_train_chunk", fail)
+    second = retrain_margins(train, query, masks, seeds, CONFIG, cache_dir=tmp_path, chunk_size=2)
+    np.testing.assert_array_equal(first, second)
+    # a different seed, epoch count or data is a different key, so it would retrain
+    with pytest.raises(AssertionError, match="retrained"):
+        retrain_margins(train, query, masks, seeds + 1, CONFIG, cache_dir=tmp_path, chunk_size=2)
+    with pytest.raises(AssertionError, match="retrained"):
+        retrain_margins(train, query, masks, seeds, RetrainConfig(epochs=3), cache_dir=tmp_path, chunk_size=2)
+    other_query = Dataset(query.inputs, (query.targets + 1) % 10)
+    with pytest.raises(AssertionError, match="retrained"):
+        retrain_margins(train, other_query, masks, seeds, CONFIG, cache_dir=tmp_path, chunk_size=2)
+
+
+def test_bad_masks_are_rejected(tiny: tuple[Dataset, Dataset]) -> None:
+    train, query = tiny
+    with pytest.raises(ValueError, match="bool"):
+        retrain_margins(train, query, np.ones((2, N_TRAIN), dtype=int), np.arange(2), CONFIG)
+    with pytest.raises(ValueError, match="at least one"):
+        retrain_margins(train, query, np.zeros((2, N_TRAIN), dtype=bool), np.arange(2), CONFIG)

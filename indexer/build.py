@@ -33,6 +33,7 @@ from indexer.constants import (
     KEY_GRAD_TERM,
     KEY_H,
     KEY_LABEL,
+    KEY_MODEL_OUTPUT,
     KEY_OUTPUT,
     KEY_PHI_NORM,
     KEY_PREDICTION,
@@ -147,6 +148,7 @@ def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarra
         KEY_LABEL: features.targets,
         KEY_PREDICTION: prediction,
         KEY_PHI_NORM: np.linalg.norm(features.phi.astype(np.float64), axis=1),
+        KEY_MODEL_OUTPUT: features.model_outputs,
     }
     if probabilities is not None:
         stats[KEY_PROBABILITIES] = probabilities

@@ -28,7 +28,6 @@ __all__ = [
     "buffer_rows",
     "per_example_gradients",
     "example_gradient",
-    "model_outputs",
     "tangent_features",
     "count_parameters",
 ]
@@ -158,25 +157,6 @@ def example_gradient(
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
     return torch.cat([g.reshape(-1) for g in grads]), out.detach(), raw.detach()
-
-
-@torch.no_grad()
-def model_outputs(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Raw model outputs, batched.
-
-    Args:
-        model: the network, in eval mode.
-        inputs: `(n, *input_shape)`.
-        batch_size: examples per forward pass.
-
-    Returns:
-        `(n, n_outputs)` float32.
-    """
-    chunks = [
-        model(inputs[i : i + batch_size]).reshape(len(inputs[i : i + batch_size]), -1)
-        for i in range(0, len(inputs), batch_size)
-    ]
-    return torch.cat(chunks).float().cpu().numpy()
 
 
 def tangent_features(

@@ -22,6 +22,7 @@ import torch
 from indexer.constants import (
     CHECKPOINT_FILE,
     KEY_LABEL,
+    KEY_MODEL_OUTPUT,
     KEY_OUTPUT,
     KEY_PREDICTION,
     KEY_PROBABILITIES,
@@ -35,7 +36,7 @@ from indexer.featurize import count_parameters, example_gradient
 from indexer.index_format import IndexData
 from indexer.models import ModelSpec, build_model, load_checkpoint, sha256_file
 from indexer.projection import RandomProjection
-from indexer.scores import example_scores, query_vector, score_from_inner, score_vectors, signed_score
+from indexer.scores import example_scores, query_vector, score_from_inner, signed_score
 from indexer.subset import greedy_subset, joint_score
 from indexer.surrogate import QueryTerms
 from indexer.tasks import output_function_from_spec
@@ -186,28 +187,17 @@ class AttributionEngine:
             )
             for _ in self.projection.blocks():  # fill the cache now, not on the first request
                 pass
-        surrogate = data.surrogate
-        self._z_norm_max = {
-            score: float(
-                np.max(
-                    np.linalg.norm(
-                        score_vectors(
-                            score,
-                            data.phi,
-                            surrogate.whitened,
-                            surrogate.beta,
-                            surrogate.grad_term,
-                            surrogate.s,
-                            surrogate.prior_precision,
-                        ),
-                        axis=1,
-                    ),
-                    initial=0.0,
-                )
-            )
-            for score in Score
-        }
         self.exact = manifest["faiss"].get("factory") == "Flat"
+        # largest |z_i| per score, for the float32 slack of the exactness bound (only the exact flat index is
+        # deepened); read back from the vectors the flat index holds rather than recomputed
+        self._z_norm_max = (
+            {
+                score: float(np.linalg.norm(index.reconstruct_n(0, index.ntotal), axis=1).max(initial=0.0))
+                for score, index in data.faiss_indexes.items()
+            }
+            if self.exact
+            else {}
+        )
         if use_gpu and gpu_count() == 0:
             raise ValueError(
                 "INFOTRACE_USE_GPU=true but FAISS sees no GPU (faiss-cpu, or no device): install the gpu "
@@ -236,6 +226,7 @@ class AttributionEngine:
             raise UnknownExampleError(f"no stored query with id {query_id}; valid ids are 0..{n_query - 1}")
         q = self.data.queries
         probabilities = q.get(KEY_PROBABILITIES)
+        model_output = q.get(KEY_MODEL_OUTPUT)
         return Query(
             kind="stored",
             terms=self.data.surrogate.query_terms(self.data.query_phi[query_id]),
@@ -245,6 +236,7 @@ class AttributionEngine:
             prediction=_to_python(q[KEY_PREDICTION][query_id]),
             probabilities=None if probabilities is None else probabilities[query_id].tolist(),
             output=float(q[KEY_OUTPUT][query_id]),
+            model_output=None if model_output is None else model_output[query_id],
         )
 
     def feature_query(self, feature: list[float]) -> Query:
@@ -341,10 +333,8 @@ class AttributionEngine:
         )
 
     def predictive_entropy(self, query: Query) -> float | None:
-        """Entropy of the query's predictive distribution in nats (None for a bare feature)."""
-        if query.kind == "stored" and query.probabilities is not None:
-            p = np.asarray(query.probabilities)
-            return float(-(p * np.log(np.clip(p, 1e-300, None))).sum())
+        """Entropy of the query's predictive distribution in nats, by the output function (None for a bare
+        feature): categorical for classification, Gaussian with the posterior variance for regression."""
         if query.model_output is not None:
             return float(
                 self.output_fn.predictive_entropy(
@@ -377,7 +367,7 @@ class AttributionEngine:
             signs.append(1.0)
         if not score.signed or direction is not Direction.PROPONENTS:
             signs.append(-1.0)
-        slack = 1e-5 * float(np.linalg.norm(a)) * self._z_norm_max[score]
+        slack = 1e-5 * float(np.linalg.norm(a)) * self._z_norm_max.get(score, 0.0)
         depth = min(max(candidates, top_k), n)
         retrieve_ms = rerank_ms = 0.0
         while True:

@@ -10,15 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
+from indexer.build import IndexConfig, build_index
 from indexer.constants import MANIFEST_CHECKSUM_FIELD
 from indexer.coreset import coreset_information_gain
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
 from indexer.index_format import load_index, manifest_checksum
+from indexer.models import ModelSpec, build_model
 from indexer.scores import example_scores, signed_score
+from indexer.tasks import RegressionOutput
 from service.app import create_app
+from service.engine import AttributionEngine
 from service.settings import Settings
 
 URL = "/v1/indexes/digits/attributions"
@@ -273,3 +278,27 @@ def test_subset_bad_sizes(client: TestClient) -> None:
     assert client.post(url, json={"query": {"id": 1}, "size": 0}).status_code == 422
     response = client.post(url, json={"query": {"id": 1}, "size": 20, "candidates": 10})
     assert response.status_code == 422 and "must be at least size" in response.text
+
+
+def test_regression_stored_query_has_its_gaussian_predictive_entropy(tmp_path: Path) -> None:
+    """Stored queries keep their raw outputs, so every output function gives its own predictive entropy."""
+    torch.manual_seed(3)
+    spec = ModelSpec("mlp", {"in_features": 4, "hidden": [6], "out_features": 1})
+    data = Dataset(torch.randn(30, 4), torch.randn(30))
+    queries = Dataset(torch.randn(5, 4), torch.randn(5))
+    out = build_index(
+        build_model(spec),
+        RegressionOutput(sigma=0.5),
+        data,
+        tmp_path / "reg",
+        queries=queries,
+        model_spec=spec,
+        config=IndexConfig(k=6),
+        progress=False,
+    )
+    engine = AttributionEngine(load_index(out))
+    query = engine.stored_query(2)
+    v = query.terms.posterior_variance
+    assert engine.predictive_entropy(query) == pytest.approx(
+        0.5 * math.log(2 * math.pi * math.e * (0.25 + v))
+    )

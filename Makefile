@@ -6,7 +6,8 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
-.PHONY: install run index-demo test lint typecheck bench-speed bench-load clean browser dashboard-screenshot
+.PHONY: install install-bench run index-demo test lint typecheck bench bench-quick bench-speed bench-load clean browser \
+	dashboard-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install infotrace with its test tools
+
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install-bench: $(VENV)/.installed-bench  ## add the quality harness's peers (traker, dattri, captum) and matplotlib
 
 index-demo: install  ## train (cached) the digits classifier and build its index under $(INDEX_ROOT)
 	$(VENV)/bin/infotrace-index demo --index-root $(INDEX_ROOT)
@@ -31,8 +38,14 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-test: install browser lint typecheck  ## install what the tests need, lint, type-check and run the suite
+test: install install-bench browser lint typecheck  ## install what the tests need, lint, type-check and run the suite
 	$(VENV)/bin/pytest -q
+
+bench: install-bench  ## attribution quality vs TRAK, dattri, Captum (full mode, ~40 min): benchmarks/results/QUALITY.md
+	$(PY) -m benchmarks.quality.run $(if $(QUICK),--quick)
+
+bench-quick: install-bench  ## the same harness on a tiny problem (what CI runs, ~2 min): var/bench-quick/QUALITY.md
+	$(PY) -m benchmarks.quality.run --quick
 
 bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTTP and in-process)
 	$(PY) -m benchmarks.speed --index-root $(INDEX_ROOT) --out benchmarks/results/speed.json

@@ -19,9 +19,9 @@ weights, to float tolerance, as ``train_classifier`` on its subset alone: nothin
 depends on the other models. Adam is ``torch.optim.Adam`` over per-model views of the stacked
 tensors (its fused kernel on CPU).
 
-Results (margins of the retrained models on the query examples, DESIGN.md 1.1) are cached on disk,
-one ``.npz`` file (``allow_pickle=False``) per chunk of models, keyed by a sha256 of the chunk's masks,
-seeds, the training hyperparameters and the data, so that a rerun reuses the chunks already finished.
+Results (logits of the retrained models on the query inputs; margins, DESIGN.md 1.1, follow from them)
+are cached on disk, one ``.npz`` file (``allow_pickle=False``) per retrained model, keyed by a sha256 of
+its mask, seed, the training hyperparameters and the data, so that a rerun reuses every finished retrain.
 
 Run ``python -m benchmarks.quality.retrain`` to measure model-retrains per second, batched vs alone.
 """
@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
 
 from indexer.data import Dataset
 from indexer.models import mlp
@@ -55,10 +56,12 @@ __all__ = [
     "retrain_margins",
     "train_alone",
     "data_hash",
-    "chunk_key",
+    "model_key",
+    "retrain_logits",
+    "stacked_logits",
 ]
 
-_CACHE_VERSION = "retrain-v1"
+_CACHE_VERSION = "retrain-v2"
 
 
 @dataclass(frozen=True)
@@ -233,9 +236,7 @@ def stacked_margins(
     Returns:
         `(n_models, n_query)` float32 margins.
     """
-    with torch.no_grad():
-        logits = vmap(lambda p: functional_call(base, p, (inputs,)))(params)  # (n_models, n_query, C)
-        return margins(logits, labels)
+    return margins(stacked_logits(base, params, inputs), labels)
 
 
 def train_alone(
@@ -268,7 +269,7 @@ def train_alone(
 
 
 def data_hash(*tensors: torch.Tensor) -> str:
-    """sha256 over the dtype, shape and bytes of each tensor (e.g. train inputs, targets, queries, labels)."""
+    """sha256 over the dtype, shape and bytes of each tensor (e.g. train inputs, targets, queries)."""
     digest = hashlib.sha256()
     for t in tensors:
         a = t.detach().cpu().contiguous().numpy()
@@ -277,24 +278,37 @@ def data_hash(*tensors: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def chunk_key(masks: np.ndarray, seeds: np.ndarray, config: RetrainConfig, data_digest: str) -> str:
-    """Cache key of a chunk of models: sha256 of (masks `(n, n_train)` bool, seeds `(n,)`, config, data)."""
+def model_key(mask: np.ndarray, seed: int, config: RetrainConfig, data_digest: str) -> str:
+    """Cache key of one retrain: sha256 of (mask `(n_train,)` bool, seed, config, data digest)."""
     digest = hashlib.sha256(_CACHE_VERSION.encode())
-    masks = np.ascontiguousarray(masks, dtype=np.bool_)
-    digest.update(f"{masks.shape}".encode())
-    digest.update(np.packbits(masks, axis=1).tobytes())
-    digest.update(np.ascontiguousarray(seeds, dtype=np.int64).tobytes())
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
+    digest.update(f"{mask.shape}".encode())
+    digest.update(np.packbits(mask).tobytes())
+    digest.update(int(seed).to_bytes(8, "little", signed=True))
     digest.update(config.describe().encode())
     digest.update(data_digest.encode())
     return digest.hexdigest()
 
 
 def _train_chunk(
-    train: Dataset, query: Dataset, masks: np.ndarray, seeds: np.ndarray, config: RetrainConfig
+    train: Dataset, query_inputs: torch.Tensor, masks: np.ndarray, seeds: np.ndarray, config: RetrainConfig
 ) -> np.ndarray:
-    """Train one chunk and return its `(n_chunk, n_query)` float32 margins (the step the cache skips)."""
+    """Train one chunk and return its `(n_chunk, n_query, C)` float32 logits (the step the cache skips)."""
     base, params = train_stacked(train.inputs, train.targets, masks, seeds, config)
-    return stacked_margins(base, params, query.inputs, query.targets).numpy().astype(np.float32)
+    return stacked_logits(base, params, query_inputs).numpy().astype(np.float32)
+
+
+def stacked_logits(base: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of every stacked model on the same inputs.
+
+    Args:
+        base, params: from :func:`train_stacked` (params `(n_models, *shape)`); inputs: `(n, in_features)`.
+
+    Returns:
+        `(n_models, n, C)` float32 logits.
+    """
+    with torch.no_grad():
+        return vmap(lambda p: functional_call(base, p, (inputs,)))(params)
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -308,6 +322,89 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         raise
 
 
+def _load_cached(path: Path, mask: np.ndarray, seed: int) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            # the stored mask and seed guard against a stale or foreign file under the same name
+            if np.array_equal(np.unpackbits(cached["mask"])[: len(mask)].astype(bool), mask) and int(
+                cached["seed"]
+            ) == int(seed):
+                return np.asarray(cached["logits"])
+    except (OSError, ValueError, KeyError):  # a truncated or unreadable file is retrained, not trusted
+        return None
+    return None
+
+
+def retrain_logits(
+    train: Dataset,
+    query_inputs: torch.Tensor,
+    masks: np.ndarray,
+    seeds: np.ndarray,
+    config: RetrainConfig = RetrainConfig(),
+    cache_dir: Path | None = None,
+    chunk_size: int = 32,
+    progress: str | None = None,
+) -> np.ndarray:
+    """Retrain one model per (mask, seed) and return their logits on the query inputs, with a disk cache.
+
+    Each retrain is cached on its own as ``cache_dir/<key>.npz`` (key: :func:`model_key`), so a rerun,
+    or another experiment asking for the same (mask, seed), reuses it. Retrains not in the cache are
+    trained ``chunk_size`` at a time (models of similar subset size together) and saved as each chunk
+    finishes. Duplicate (mask, seed) rows are trained once.
+
+    Args:
+        train: training set, inputs `(n_train, in_features)`, targets `(n_train,)` int64.
+        query_inputs: `(n_query, in_features)` float32 inputs the retrained models are evaluated on.
+        masks: `(n_models, n_train)` bool; seeds: `(n_models,)` integers.
+        config: hyperparameters; cache_dir: where retrains are cached (None: no cache).
+        chunk_size: models trained at once; progress: a tqdm description, or None for no bar.
+
+    Returns:
+        `(n_models, n_query, C)` float32 logits.
+
+    Raises:
+        ValueError: masks not bool `(n_models, n_train)`, an empty subset, or seeds of the wrong shape.
+    """
+    masks, seeds = _check_masks_seeds(masks, seeds, len(train))
+    n_models = masks.shape[0]
+    digest = data_hash(train.inputs, train.targets, query_inputs)
+    keys = [model_key(masks[m], int(seeds[m]), config, digest) for m in range(n_models)]
+    results: dict[str, np.ndarray] = {}
+    if cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for m, key in enumerate(keys):
+            if key not in results:
+                hit = _load_cached(cache_dir / f"{key}.npz", masks[m], int(seeds[m]))
+                if hit is not None:
+                    results[key] = hit
+    todo: dict[str, int] = {}
+    for m, key in enumerate(keys):
+        if key not in results and key not in todo:
+            todo[key] = m
+    order = sorted(todo.items(), key=lambda item: (int(masks[item[1]].sum()), item[0]))
+    with tqdm(total=len(order), desc=progress, unit="model", disable=progress is None, leave=False) as bar:
+        for start in range(0, len(order), chunk_size):
+            chunk = order[start : start + chunk_size]
+            rows = np.array([m for _, m in chunk])
+            logits = _train_chunk(train, query_inputs, masks[rows], seeds[rows], config)
+            for (key, m), out in zip(chunk, logits, strict=True):
+                results[key] = out
+                if cache_dir is not None:
+                    _save_npz(
+                        cache_dir / f"{key}.npz",
+                        logits=out,
+                        mask=np.packbits(masks[m]),
+                        seed=np.int64(seeds[m]),
+                    )
+            bar.update(len(chunk))
+    return (
+        np.stack([results[key] for key in keys]) if keys else np.zeros((0, len(query_inputs), 0), np.float32)
+    )
+
+
 def retrain_margins(
     train: Dataset,
     query: Dataset,
@@ -316,53 +413,19 @@ def retrain_margins(
     config: RetrainConfig = RetrainConfig(),
     cache_dir: Path | None = None,
     chunk_size: int = 32,
-    progress: bool = False,
+    progress: str | None = None,
 ) -> np.ndarray:
-    """Retrain one model per (mask, seed) and return their margins on the queries, with a disk cache.
-
-    Models are trained ``chunk_size`` at a time; each finished chunk is written to
-    ``cache_dir/<key>.npz`` (key: :func:`chunk_key`) and read back instead of retrained on a rerun.
+    """Margins (DESIGN.md 1.1) of retrained models on labelled queries: :func:`retrain_logits` then margins.
 
     Args:
-        train: training set, inputs `(n_train, in_features)`, targets `(n_train,)` int64.
-        query: query set, inputs `(n_query, in_features)`, targets `(n_query,)` int64 labels.
-        masks: `(n_models, n_train)` bool; seeds: `(n_models,)` integers.
-        config: hyperparameters; cache_dir: where chunks are cached (None: no cache).
-        chunk_size: models trained at once; progress: print one line per chunk.
+        query: inputs `(n_query, in_features)` and labels `(n_query,)` int64; the rest as in
+            :func:`retrain_logits`.
 
     Returns:
         `(n_models, n_query)` float32 margins.
     """
-    masks, seeds = _check_masks_seeds(masks, seeds, len(train))
-    out = np.empty((masks.shape[0], len(query)), dtype=np.float32)
-    digest = data_hash(train.inputs, train.targets, query.inputs, query.targets) if cache_dir else ""
-    if cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    for start in range(0, masks.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        path = None
-        if cache_dir is not None:
-            path = cache_dir / f"{chunk_key(masks[sl], seeds[sl], config, digest)}.npz"
-            if path.is_file():
-                with np.load(path, allow_pickle=False) as cached:
-                    hit = np.array_equal(cached["masks"], masks[sl]) and np.array_equal(
-                        cached["seeds"], seeds[sl]
-                    )
-                    if hit:  # the stored masks and seeds guard against a stale or foreign file
-                        out[sl] = cached["margins"]
-                if hit:
-                    continue
-        t0 = time.perf_counter()
-        out[sl] = _train_chunk(train, query, masks[sl], seeds[sl], config)
-        if progress:
-            print(
-                f"retrained models {start}..{min(start + chunk_size, len(masks))}"
-                f" in {time.perf_counter() - t0:.1f} s"
-            )
-        if path is not None:
-            _save_npz(path, margins=out[sl], masks=masks[sl], seeds=seeds[sl])
-    return out
+    logits = retrain_logits(train, query.inputs, masks, seeds, config, cache_dir, chunk_size, progress)
+    return margins(torch.from_numpy(logits), query.targets).numpy()
 
 
 def main() -> None:

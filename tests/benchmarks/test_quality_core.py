@@ -146,14 +146,19 @@ def test_seed_changes_the_model_and_repeats_exactly(tiny: tuple[Dataset, Dataset
     assert not np.allclose(out[0], out[2])
 
 
-def test_cache_reuses_finished_chunks(tiny: tuple[Dataset, Dataset], tmp_path, monkeypatch) -> None:
+def test_cache_reuses_finished_retrains(tiny: tuple[Dataset, Dataset], tmp_path, monkeypatch) -> None:
     train, query = tiny
     masks = random_subsets(N_TRAIN, 3, 0.5, seed=1)
     seeds = np.arange(3)
     first = retrain_margins(train, query, masks, seeds, CONFIG, cache_dir=tmp_path, chunk_size=2)
-    assert len(list(tmp_path.glob("*.npz"))) == 2
+    assert len(list(tmp_path.glob("*.npz"))) == 3  # one file per retrained model
     with np.load(next(tmp_path.glob("*.npz")), allow_pickle=False) as cached:
-        assert cached["margins"].dtype == np.float32
+        assert cached["logits"].dtype == np.float32 and cached["logits"].shape == (N_QUERY, 10)
+    # a subset of the same (mask, seed) pairs, in another order and with a duplicate, is all cache hits
+    monkeypatch.setattr(retrain, "_train_chunk", lambda *a, **k: (_ for _ in ()).throw(AssertionError("x")))
+    again = retrain_margins(train, query, masks[[2, 0, 2]], seeds[[2, 0, 2]], CONFIG, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again, first[[2, 0, 2]])
+    monkeypatch.undo()
 
     def fail(*args, **kwargs):
         raise AssertionError("retrained although the result was cached")
@@ -166,9 +171,26 @@ def test_cache_reuses_finished_chunks(tiny: tuple[Dataset, Dataset], tmp_path, m
         retrain_margins(train, query, masks, seeds + 1, CONFIG, cache_dir=tmp_path, chunk_size=2)
     with pytest.raises(AssertionError, match="retrained"):
         retrain_margins(train, query, masks, seeds, RetrainConfig(epochs=3), cache_dir=tmp_path, chunk_size=2)
-    other_query = Dataset(query.inputs, (query.targets + 1) % 10)
+    other_query = Dataset(query.inputs + 0.5, query.targets)  # the cache holds logits at these inputs
     with pytest.raises(AssertionError, match="retrained"):
         retrain_margins(train, other_query, masks, seeds, CONFIG, cache_dir=tmp_path, chunk_size=2)
+
+
+def test_duplicate_rows_are_trained_once_and_a_corrupt_cache_file_is_retrained(
+    tiny: tuple[Dataset, Dataset], tmp_path, monkeypatch
+) -> None:
+    train, query = tiny
+    masks = np.repeat(random_subsets(N_TRAIN, 1, 0.5, seed=4), 2, axis=0)
+    calls = []
+    real = retrain._train_chunk
+    monkeypatch.setattr(retrain, "_train_chunk", lambda *a: calls.append(len(a[2])) or real(*a))
+    out = retrain_margins(train, query, masks, np.array([3, 3]), CONFIG, cache_dir=tmp_path)
+    assert calls == [1] and np.array_equal(out[0], out[1])
+    (cached,) = tmp_path.glob("*.npz")
+    cached.write_bytes(b"not an npz")
+    again = retrain_margins(train, query, masks[:1], np.array([3]), CONFIG, cache_dir=tmp_path)
+    assert calls == [1, 1]
+    np.testing.assert_array_equal(again[0], out[0])
 
 
 def test_bad_masks_are_rejected(tiny: tuple[Dataset, Dataset]) -> None:

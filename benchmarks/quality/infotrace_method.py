@@ -38,6 +38,7 @@ _TAU_DEPENDENT = (Score.INFORMATION_LOSS, Score.INFORMATION_GAIN, Score.INFLUENC
 @dataclass
 class _Train:
     phi: np.ndarray  # (n_train, k) float32
+    phi64: np.ndarray  # (n_train, k) float64: the same values, converted once rather than per query
     beta: np.ndarray  # (n_train,) float64
     grad_term: np.ndarray  # (n_train,) float64
 
@@ -74,6 +75,7 @@ class InfotraceFeatures:
         feats = tangent_features(model, self.output_fn, train_inputs, train_targets, self._projection)
         self._train = _Train(
             phi=feats.phi,
+            phi64=feats.phi.astype(np.float64),
             beta=self.output_fn.likelihood_weight(feats.outputs, feats.targets),
             grad_term=self.output_fn.grad_term(feats.outputs, feats.targets),
         )
@@ -130,7 +132,7 @@ class InfotraceFeatures:
         sur = self.surrogate(tau)
         t = self.train
         return [
-            example_scores(sur.query_terms(phi), t.phi, sur.whitened, sur.beta, sur.grad_term, sur.s, tau)
+            example_scores(sur.query_terms(phi), t.phi64, sur.whitened, sur.beta, sur.grad_term, sur.s, tau)
             for phi in phi_q
         ]
 
@@ -148,7 +150,7 @@ class InfotraceFeatures:
             out.append(
                 example_scores(
                     sur.query_terms(t.phi[i]),
-                    t.phi[row],
+                    t.phi64[row],
                     sur.whitened[row],
                     sur.beta[row],
                     sur.grad_term[row],

@@ -105,7 +105,10 @@ def _methods(config: QualityConfig) -> list[Any]:
         raise SystemExit(
             f"peer packages missing: {', '.join(missing)}; install them with pip install -e '.[bench]'"
         )
-    return [*infotrace_methods(config.k, config.seed), *peer_methods(config.k, config.seed)]
+    peers = peer_methods(
+        config.k, config.seed, cg_max_iter=config.cg_max_iter, cg_hessian_examples=config.cg_hessian_examples
+    )
+    return [*infotrace_methods(config.k, config.seed), *peers]
 
 
 def _top_k_masks(scores: np.ndarray, k: int, n_train: int) -> np.ndarray:

@@ -64,6 +64,9 @@ class QualityConfig:
         mislabel_fraction: share of training labels flipped; found_fraction: top share of self-scores
             searched for mislabels.
         damping_grid: damping / regularisation values every method with one is tuned over.
+        cg_max_iter, cg_hessian_examples: dattri IF-CG's conjugate-gradient iterations and the number
+            of training examples its Hessian is estimated on (None: all); lowered from dattri's default
+            (10, all) so that its damping sweep and 4,000 self-scores fit the full mode's time budget.
         seed: master seed (data split, queries, subsets, planted causes, projections).
     """
 
@@ -89,6 +92,8 @@ class QualityConfig:
     mislabel_fraction: float = 0.05
     found_fraction: float = 0.10
     damping_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+    cg_max_iter: int = 5
+    cg_hessian_examples: int | None = 1000
     seed: int = 0
 
     def retrain_config(self, model: str, epochs: int | None = None) -> RetrainConfig:

@@ -37,6 +37,8 @@ def _names(res: dict[str, Any]) -> dict[str, str]:
             "greedy_information_loss": "infotrace greedy joint information loss",
             "greedy_information_gain": "infotrace greedy joint information gain",
             "k_center_greedy": "k-center greedy (tangent features)",
+            "top_unsigned_information_loss": "infotrace top-m by single information loss (unsigned)",
+            "top_unsigned_information_gain": "infotrace top-m by single information gain (unsigned)",
         }
     )
     return names
@@ -188,7 +190,8 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
             "",
             f"{cfg['n_counterfactual']} queries, {cfg['n_seeds']} retrain seeds; margin drop = margin of the"
             " full-data model minus margin after removal (same seed); flipped = the predicted class changed;"
-            " entropy change in nats.",
+            " dH = predictive entropy of the retrained model minus that of the full-data model (same seed),"
+            " in nats, averaged over seeds and queries.",
             "",
         ]
         sizes = sorted(res["counterfactual"], key=int)
@@ -228,36 +231,46 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
         lines += [
             "### 4. Cost",
             "",
-            "Wall time and peak resident memory above the start of the step; featurize = the training set,"
-            f" score = the {result['sizes']['n_eval']} evaluation queries against it. The five infotrace"
-            " scores share one featurization.",
+            "Each method on a fresh adapter at its chosen damping: featurize = the package's training-set"
+            f" step, score = the {result['sizes']['n_eval']} evaluation queries against it; wall time and"
+            " peak resident memory above the start of the step. Packages split the work differently"
+            " (dattri Grad-Dot, IF-CG and Captum compute training gradients when scoring; dattri TRAK"
+            " applies its damping while caching and traker while finalizing), so the total is the"
+            " comparable figure. Each infotrace score is measured on its own.",
             "",
         ]
         rows = []
-        for k in keys:
+        for k in sorted(keys, key=lambda k: res["cost"][k].get("total_s") or math.inf):
             c = res["cost"][k]
             rows.append(
                 [
                     names[k],
+                    _f(c.get("total_s"), 2),
                     _f(c["featurize"]["wall_s"], 2),
                     _f(c["featurize"]["peak_rss_bytes"] / _MB, 0),
                     _f(c["score"]["wall_s"], 2),
                     _f(c["score"]["peak_rss_bytes"] / _MB, 0),
                 ]
             )
-        lines += _table(["method", "featurize s", "featurize peak MiB", "score s", "score peak MiB"], rows)
+        lines += _table(
+            ["method", "total s", "featurize s", "featurize peak MiB", "score s", "score peak MiB"], rows
+        )
 
         lines += [
             "### 5. Group counterfactual (issue #4)",
             "",
             "Remove the greedy joint set of size m (candidate pool: the top"
             f" {cfg['group_pool']} by the objective's single score) or each method's top-m proponents;"
-            " |dm| = mean absolute margin change; near-dup = share of pairs in the set with cosine > 0.95"
-            " between their tangent features.",
+            " abs dm = mean over queries of |seed-averaged margin change|; IL, IG = the set's joint"
+            " information loss and gain (DESIGN.md 1.4, nats, mean over queries); near-dup = share of pairs"
+            " in the set with cosine > 0.95 between their tangent features.",
             "",
         ]
         msizes = sorted(res["group"], key=int)
-        header = ["set"] + [f"{h} m={m}" for m in msizes for h in ("drop", "abs dm", "dH", "near-dup")]
+        joint = res.get("group_joint_scores", {})
+        header = ["set"] + [
+            f"{h} m={m}" for m in msizes for h in ("drop", "abs dm", "dH", "IL", "IG", "near-dup")
+        ]
         rows = []
         for name in res["group"][msizes[0]]:
             row = [names.get(name, name)]
@@ -267,6 +280,8 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
                     _f(g["margin_drop"]),
                     _f(g["abs_margin_change"]),
                     _f(g["entropy_change"]),
+                    _f(joint.get(m, {}).get(name, {}).get("joint_information_loss")),
+                    _f(joint.get(m, {}).get(name, {}).get("joint_information_gain")),
                     _f(res["near_duplicate_rate"][m].get(name), 2),
                 ]
             rows.append(row)
@@ -304,7 +319,8 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, dict[str, str]]:
         names = _names(res)
         keys = [m["key"] for m in res["methods"]]
         files[model_name] = {}
-        values = [res["lds"]["methods"][k]["mean"] or 0.0 for k in keys]
+        keys = [k for k in keys if res["lds"]["methods"][k]["mean"] is not None]  # undefined: no bar
+        values = [res["lds"]["methods"][k]["mean"] for k in keys]
         errors = [res["lds"]["methods"][k]["sem"] or 0.0 for k in keys]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         colors = ["tab:blue" if k.startswith("infotrace_") else "tab:gray" for k in keys]
@@ -323,8 +339,10 @@ def _plots(result: dict[str, Any], out: Path) -> dict[str, dict[str, str]]:
         files[model_name]["lds"] = name
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for k in keys:
+        for k in [m["key"] for m in res["methods"]]:
             curve = res["retrieval"][k]["recall_curve"]
+            if any(v is None for v in curve.values()):
+                continue
             ks = [int(x) for x in curve]
             style = "-" if k.startswith("infotrace_") else "--"
             ax.plot(ks, [curve[str(x)] for x in ks], style, marker="o", label=names[k])

@@ -69,9 +69,9 @@ from benchmarks.quality.setting import (
 from indexer.coreset import coreset_information_gain
 from indexer.data import Dataset
 from indexer.enums import Objective, Score
-from indexer.subset import greedy_subset
+from indexer.subset import greedy_subset, joint_information_gain, joint_information_loss
 
-__all__ = ["HarnessError", "run", "check_result", "main"]
+__all__ = ["HarnessError", "run", "update", "check_result", "main"]
 
 RANDOM = "random"
 RECALL_CURVE_KS = (1, 2, 5, 10, 20, 50)
@@ -208,6 +208,237 @@ def _tune(
     return chosen
 
 
+def _random_scores(config: QualityConfig, n_train: int) -> np.ndarray:
+    """`(n_counterfactual, n_train)` seeded noise whose top-k is the random floor's removal set."""
+    return np.random.default_rng(config.seed + 20).standard_normal((config.n_counterfactual, n_train))
+
+
+def _removal_summaries(
+    jobs: _Retrains,
+    sets: dict[str, dict[int, np.ndarray]],
+    seeds: Sequence[int],
+    rows: np.ndarray,
+    labels: np.ndarray,
+    desc: str,
+) -> tuple[dict[str, dict[int, dict[str, float]]], np.ndarray]:
+    """Retrain without each set (per query, per seed) and summarise against the full retrain.
+
+    Args:
+        jobs: an empty job list; sets: name -> size -> `(n_q, n_train)` keep-masks (False = removed);
+        seeds: retrain seeds; rows: `(n_q,)` test rows of the queries; labels: `(n_test,)` labels.
+
+    Returns:
+        ``(summaries, base_full)``: name -> size -> summary dict, and `(S, n_test, C)` full-data logits.
+    """
+    n_train = len(jobs.train)
+    base_rows = [jobs.add(np.ones((1, n_train), dtype=bool), s) for s in seeds]
+    slots = {
+        (name, size, s): jobs.add(masks, s)
+        for name, by in sets.items()
+        for size, masks in by.items()
+        for s in seeds
+    }
+    logits = jobs.run(desc)
+    base_full = np.stack([logits[base_rows[s]][0] for s in range(len(seeds))])
+    base = base_full[:, rows]  # (S, n_q, C)
+    q_labels = labels[rows]
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for (name, size, _), _slot in slots.items():
+        if name in out and size in out[name]:
+            continue
+        removed = np.stack([logits[slots[(name, size, s)]][np.arange(len(rows)), rows] for s in seeds])
+        res = counterfactual_summary(base, removed, q_labels)
+        drop = np_margins(base, q_labels) - np_margins(removed, q_labels)  # (S, n_q)
+        out.setdefault(name, {})[size] = {
+            **res.__dict__,
+            # |seed-averaged margin change| per query, averaged: how far the set moves the query either way
+            "abs_margin_change": float(np.abs(drop.mean(0)).mean()),
+        }
+    return out, base_full
+
+
+def _counterfactual_stage(
+    model_name: str,
+    config: QualityConfig,
+    train: Dataset,
+    queries: Queries,
+    signed_cf: dict[str, np.ndarray],
+    cache: Path,
+    chunk: int,
+) -> tuple[dict[str, dict[str, dict[str, float]]], np.ndarray]:
+    """Metric 2: remove each method's top-k proponents for each counterfactual query and retrain.
+
+    Args:
+        signed_cf: method key -> `(n_counterfactual, n_train)` signed scores of the counterfactual queries.
+
+    Returns:
+        ``(table, base_full)``: str(k) -> method (and ``random``) -> summary; `(S, n_test, C)` logits.
+    """
+    n_train = len(train)
+    sets = {
+        key: {k: _top_k_masks(s, k, n_train) for k in config.removal_sizes}
+        for key, s in [*signed_cf.items(), (RANDOM, _random_scores(config, n_train))]
+    }
+    jobs = _Retrains(train, queries.test.inputs, config.retrain_config(model_name), cache, chunk)
+    _log(f"{model_name}: counterfactual retrains")
+    summaries, base_full = _removal_summaries(
+        jobs,
+        sets,
+        range(config.n_seeds),
+        queries.eval_rows[: config.n_counterfactual],
+        queries.test.targets.numpy(),
+        f"{model_name} counterfactual retrains",
+    )
+    table = {str(k): {name: summaries[name][k] for name in sets} for k in config.removal_sizes}
+    return table, base_full
+
+
+def _group_stage(
+    model_name: str,
+    config: QualityConfig,
+    train: Dataset,
+    queries: Queries,
+    methods: list[Any],
+    damping: dict[str, float | None],
+    signed_cf: dict[str, np.ndarray],
+    cache: Path,
+    chunk: int,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Issue #4's group counterfactual, near-duplicate rate and joint scores of every removed set.
+
+    Sets per counterfactual query and size m: the greedy joint information-loss and information-gain
+    sets (DESIGN.md 1.4; pool: the top ``group_pool`` by the objective's single score), the top-m by
+    each unsigned information score (what the subset endpoint compares against), each method's top-m
+    proponents (signed) and m random examples.
+
+    Returns:
+        ``(group, near_duplicate_rate, joint_scores)``, each keyed by str(m) then set name; joint scores
+        are the mean over queries of the set's joint information loss and gain in nats.
+    """
+    n_train = len(train)
+    n_cf = config.n_counterfactual
+    cf_rows = queries.eval_rows[:n_cf]
+    cf_q = queries.subset(cf_rows)
+    by_key = {m.key: m for m in methods}
+    info = next(m for m in methods if isinstance(m, InfotraceMethod)).features
+    phi_q = info.query_phi(cf_q.inputs, cf_q.targets)
+    members: dict[str, dict[int, list[np.ndarray]]] = {}
+    for objective, score in (
+        (Objective.INFORMATION_LOSS, Score.INFORMATION_LOSS),
+        (Objective.INFORMATION_GAIN, Score.INFORMATION_GAIN),
+    ):
+        tau = damping[f"infotrace_{score.value}"]
+        sur = info.surrogate(float(tau) if tau is not None else info.default_tau or 1.0)
+        raw = _raw(by_key[f"infotrace_{score.value}"], cf_q, tau)
+        greedy: dict[int, list[np.ndarray]] = {m: [] for m in config.group_sizes}
+        for j in range(n_cf):
+            pool = np.argsort(-raw[j], kind="stable")[: config.group_pool]
+            result = greedy_subset(
+                objective,
+                sur.query_terms(phi_q[j]),
+                info.train.phi[pool],
+                sur.whitened[pool],
+                sur.beta[pool],
+                sur.prior_precision,
+                max(config.group_sizes),
+            )
+            for m in config.group_sizes:
+                greedy[m].append(pool[result.indices[:m]])
+        members[f"greedy_{objective.value}"] = greedy
+        members[f"top_unsigned_{score.value}"] = {
+            m: list(np.argsort(-raw, axis=1, kind="stable")[:, :m]) for m in config.group_sizes
+        }
+    for key, s in [*signed_cf.items(), (RANDOM, _random_scores(config, n_train))]:
+        members[key] = {m: list(np.argsort(-s, axis=1, kind="stable")[:, :m]) for m in config.group_sizes}
+    sets = {
+        name: {m: _removal_masks(sets_m, n_train) for m, sets_m in by.items()} for name, by in members.items()
+    }
+    jobs = _Retrains(train, queries.test.inputs, config.retrain_config(model_name), cache, chunk)
+    _log(f"{model_name}: group-counterfactual retrains")
+    summaries, _ = _removal_summaries(
+        jobs,
+        sets,
+        range(config.n_seeds),
+        cf_rows,
+        queries.test.targets.numpy(),
+        f"{model_name} group retrains",
+    )
+    group = {str(m): {name: summaries[name][m] for name in sets} for m in config.group_sizes}
+    near_dup = {
+        str(m): {name: mean_near_duplicate_rate(info.train.phi, members[name][m], 0.95) for name in members}
+        for m in config.group_sizes
+    }
+    sur_il = info.surrogate(
+        float(damping[f"infotrace_{Score.INFORMATION_LOSS.value}"] or info.default_tau or 1.0)
+    )
+    sur_ig = info.surrogate(
+        float(damping[f"infotrace_{Score.INFORMATION_GAIN.value}"] or info.default_tau or 1.0)
+    )
+    joint: dict[str, dict[str, dict[str, float]]] = {}
+    for m in config.group_sizes:
+        joint[str(m)] = {}
+        for name in members:
+            il, ig = [], []
+            for j, idx in enumerate(members[name][m]):
+                il.append(
+                    joint_information_loss(
+                        sur_il.query_terms(phi_q[j]), sur_il.whitened[idx], sur_il.beta[idx]
+                    )
+                )
+                ig.append(
+                    joint_information_gain(
+                        sur_ig.query_terms(phi_q[j]),
+                        info.train.phi64[idx],
+                        sur_ig.beta[idx],
+                        sur_ig.prior_precision,
+                    )
+                )
+            joint[str(m)][name] = {
+                "joint_information_loss": float(np.mean(il)),
+                "joint_information_gain": float(np.mean(ig)),
+            }
+    return group, near_dup, joint
+
+
+def _cost_stage(
+    model_name: str,
+    config: QualityConfig,
+    train: Dataset,
+    evaluation: Dataset,
+    reference: torch.nn.Module,
+    damping: dict[str, float | None],
+) -> dict[str, dict[str, Any]]:
+    """Metric 4 on fresh adapters: featurize the training set, then score the evaluation queries.
+
+    Each method (each infotrace score too) gets its own fresh adapter, so nothing is shared or cached
+    between rows; a package that applies its damping while caching (dattri TRAK) or re-finalizes for it
+    (traker) pays for that in ``score``, and methods that cache nothing pay everything there, so
+    ``total_s`` is the comparable figure.
+
+    Returns:
+        method key -> {"featurize": cost, "score": cost, "total_s": seconds}.
+    """
+    from benchmarks.quality.infotrace_method import InfotraceFeatures
+
+    cost: dict[str, dict[str, Any]] = {}
+    for method in _methods(config):
+        if isinstance(method, InfotraceMethod):
+            method = InfotraceMethod(method.score, InfotraceFeatures(config.k, config.seed))
+        _log(f"{model_name}: cost of {method.key}")
+        with measure_cost() as fit_cost:
+            method.fit(reference, train.inputs, train.targets)
+        with measure_cost() as score_cost:
+            _signed(method, evaluation, damping[method.key])
+        cost[method.key] = {
+            "featurize": _cost(fit_cost),
+            "score": dict(_cost(score_cost), n_queries=len(evaluation)),
+            "total_s": round(fit_cost.wall_s + score_cost.wall_s, 3),
+        }
+        if hasattr(method, "close"):
+            method.close()
+    return cost
+
+
 def _run_model(
     model_name: str,
     config: QualityConfig,
@@ -239,15 +470,9 @@ def _run_model(
         {"key": m.key, "name": m.name, "package": m.package, "damping_param": m.damping_param}
         for m in methods
     ]
-    cost: dict[str, dict[str, Any]] = {}
     for method in methods:
         _log(f"{model_name}: featurize the training set with {method.key}")
-        with measure_cost() as c:
-            method.fit(reference, train.inputs, train.targets)
-        cost[method.key] = {"featurize": _cost(c)}
-    shared = [m.key for m in methods if isinstance(m, InfotraceMethod)]
-    for key in shared[1:]:  # the five infotrace scores share one featurization
-        cost[key]["featurize"] = dict(cost[shared[0]]["featurize"], shared_with=shared[0])
+        method.fit(reference, train.inputs, train.targets)
 
     # ---- LDS with its noise ceiling; damping tuned on the validation queries ----
     masks = random_subsets(n_train, config.lds_subsets, config.lds_alpha, seed=config.seed + 10)
@@ -273,15 +498,12 @@ def _run_model(
 
     signed: dict[str, np.ndarray] = {}
     for method in methods:
-        with measure_cost() as c:
-            signed[method.key] = _signed(method, evaluation, damping[method.key])
-        cost[method.key]["score"] = dict(_cost(c), n_queries=len(evaluation))
+        signed[method.key] = _signed(method, evaluation, damping[method.key])
         if (
             signed[method.key].shape != (len(evaluation), n_train)
             or not np.isfinite(signed[method.key]).all()
         ):
             raise HarnessError(f"{method.key}: scores are not finite ({len(evaluation)}, {n_train})")
-    out["cost"] = cost
     ceiling = per_query_spearman(
         ceiling_margins[:, queries.eval_rows], lds_margins[: config.ceiling_subsets][:, queries.eval_rows]
     )
@@ -295,93 +517,29 @@ def _run_model(
     }
     for key, s in signed.items():
         res = lds(s, masks, eval_out)
-        sem = float(np.nanstd(res.per_query) / math.sqrt(max(1, np.isfinite(res.per_query).sum())))
+        finite = res.per_query[np.isfinite(res.per_query)]
+        sem = float(finite.std(ddof=1) / math.sqrt(len(finite))) if len(finite) > 1 else float("nan")
         out["lds"]["methods"][key] = {"mean": res.mean, "sem": sem, "n_excluded": res.n_excluded}
 
-    # ---- counterfactual removal (top-k proponents), group sets (#4), with shared retrains ----
+    # ---- counterfactual removal of the top-k proponents (and k random examples, the floor) ----
     n_cf = config.n_counterfactual
     cf_rows = queries.eval_rows[:n_cf]
-    cf_labels = labels_all[cf_rows]
-    jobs = _Retrains(train, test_inputs, rcfg, cache, chunk)
-    seeds = list(range(config.n_seeds))
-    base_rows = [jobs.add(np.ones((1, n_train), dtype=bool), s) for s in seeds]
-    rng = np.random.default_rng(config.seed + 20)
-    removal_sets: dict[str, dict[int, np.ndarray]] = {}  # set name -> k -> (n_cf, n_train) masks
-    for key, s in [*signed.items(), (RANDOM, rng.standard_normal((n_cf, n_train)))]:
-        removal_sets[key] = {k: _top_k_masks(s[:n_cf], k, n_train) for k in config.removal_sizes}
-        for m_size in config.group_sizes:
-            if m_size not in removal_sets[key]:
-                removal_sets[key][m_size] = _top_k_masks(s[:n_cf], m_size, n_train)
-    info = next(m for m in methods if isinstance(m, InfotraceMethod)).features
-    greedy_sets: dict[str, dict[int, list[np.ndarray]]] = {}
-    for objective, score in (
-        (Objective.INFORMATION_LOSS, Score.INFORMATION_LOSS),
-        (Objective.INFORMATION_GAIN, Score.INFORMATION_GAIN),
-    ):
-        tau = damping[f"infotrace_{score.value}"]
-        sur = info.surrogate(tau)
-        phi_q = info.query_phi(evaluation.inputs[:n_cf], evaluation.targets[:n_cf])
-        raw = _raw(
-            next(m for m in methods if m.key == f"infotrace_{score.value}"), queries.subset(cf_rows), tau
-        )
-        sets: dict[int, list[np.ndarray]] = {m: [] for m in config.group_sizes}
-        for j in range(n_cf):
-            pool = np.argsort(-raw[j], kind="stable")[: config.group_pool]
-            result = greedy_subset(
-                objective,
-                sur.query_terms(phi_q[j]),
-                info.train.phi[pool],
-                sur.whitened[pool],
-                sur.beta[pool],
-                tau,
-                max(config.group_sizes),
-            )
-            for m_size in config.group_sizes:
-                sets[m_size].append(pool[result.indices[:m_size]])
-        greedy_sets[f"greedy_{objective.value}"] = sets
-        for m_size in config.group_sizes:
-            removal_sets.setdefault(f"greedy_{objective.value}", {})[m_size] = _removal_masks(
-                sets[m_size], n_train
-            )
-    slots: dict[tuple[str, int, int], slice] = {}
-    for name, by_k in removal_sets.items():
-        for k, kmasks in by_k.items():
-            for s in seeds:
-                slots[(name, k, s)] = jobs.add(kmasks, s)
-    _log(f"{model_name}: {len(jobs.masks)} counterfactual retrains (before cache and deduplication)")
-    cf_logits = jobs.run(f"{model_name} counterfactual retrains")
-    base = np.stack([cf_logits[base_rows[s]][0][cf_rows] for s in seeds])  # (S, n_cf, C)
-    base_full = np.stack([cf_logits[base_rows[s]][0] for s in seeds])  # (S, n_test, C)
+    signed_cf = {key: s[:n_cf] for key, s in signed.items()}
+    out["counterfactual"], base_full = _counterfactual_stage(
+        model_name, config, train, queries, signed_cf, cache, chunk
+    )
     out["base_accuracy"] = [
         float(a) for a in _accuracy(base_full[:, queries.heldout_rows], labels_all[queries.heldout_rows])
     ]
-    if not np.allclose(base[0], ref_logits[cf_rows], atol=1e-4):
+    if not np.allclose(base_full[0][cf_rows], ref_logits[cf_rows], atol=1e-4):
         raise HarnessError("the seed-0 full retrain differs from the reference model")
-
-    def summary(name: str, k: int) -> dict[str, float]:
-        removed = np.stack([cf_logits[slots[(name, k, s)]][np.arange(n_cf), cf_rows] for s in seeds])
-        res = counterfactual_summary(base, removed, cf_labels)
-        drop = np_margins(base, cf_labels) - np_margins(removed, cf_labels)
-        return {**res.__dict__, "abs_margin_change": float(np.abs(drop).mean())}
-
-    out["counterfactual"] = {
-        str(k): {name: summary(name, k) for name in [*signed, RANDOM]} for k in config.removal_sizes
-    }
-    out["group"] = {
-        str(m): {name: summary(name, m) for name in [*greedy_sets, *signed, RANDOM]}
-        for m in config.group_sizes
-    }
+    info = next(m for m in methods if isinstance(m, InfotraceMethod)).features
     phi_train = info.train.phi
-    out["near_duplicate_rate"] = {}
-    for m_size in config.group_sizes:
-        rates = {}
-        for name in [*greedy_sets, *signed, RANDOM]:
-            if name in greedy_sets:
-                sets_m = greedy_sets[name][m_size]
-            else:
-                sets_m = [np.flatnonzero(~row) for row in removal_sets[name][m_size]]
-            rates[name] = mean_near_duplicate_rate(phi_train, sets_m, 0.95)
-        out["near_duplicate_rate"][str(m_size)] = rates
+
+    # ---- group counterfactual (#4): greedy joint sets against top-m single-example sets ----
+    out["group"], out["near_duplicate_rate"], out["group_joint_scores"] = _group_stage(
+        model_name, config, train, queries, methods, damping, signed_cf, cache, chunk
+    )
 
     # ---- coreset (#4): train from scratch on m chosen examples, same number of optimiser steps ----
     ig_key = f"infotrace_{Score.INFORMATION_GAIN.value}"
@@ -403,6 +561,7 @@ def _run_model(
         rankings[method.key] = np.argsort(-summed, kind="stable")
     kcenter = k_center_greedy(phi_train.astype(np.float64), max(sizes), seed=config.seed)
     steps_full = config.epochs * math.ceil(n_train / config.batch_size)
+    seeds = list(range(config.n_seeds))
     out["coreset"] = {}
     for fraction, size in zip(config.coreset_fractions, sizes, strict=True):
         epochs = math.ceil(steps_full / math.ceil(size / config.batch_size))
@@ -441,7 +600,18 @@ def _run_model(
     out["retrieval"] = {}
     for method in methods:
         method.fit(dup_model, dup.train.inputs, dup.train.targets)
-        ranks = retrieval_ranks(_raw(method, dup_queries, damping[method.key]), dup.positions)
+        try:
+            ranks = retrieval_ranks(_raw(method, dup_queries, damping[method.key]), dup.positions)
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:  # e.g. IF-CG's NaN guard
+            _log(f"{model_name}: retrieval with {method.key} failed: {exc}")
+            out["retrieval"][method.key] = {
+                "recall@1": None,
+                "recall@10": None,
+                "mrr": None,
+                "error": str(exc),
+            }
+            out["retrieval"][method.key]["recall_curve"] = {str(k): None for k in RECALL_CURVE_KS}
+            continue
         out["retrieval"][method.key] = {
             "recall@1": recall_at(ranks, 1),
             "recall@10": recall_at(ranks, 10),
@@ -459,13 +629,20 @@ def _run_model(
     out["mislabel"] = {}
     for method in methods:
         method.fit(mis_model, mis.train.inputs, mis.train.targets)
-        self_scores = np.asarray(method.self_scores(damping[method.key]), dtype=np.float64)
+        try:
+            self_scores = np.asarray(method.self_scores(damping[method.key]), dtype=np.float64)
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as exc:
+            _log(f"{model_name}: self-scores of {method.key} failed: {exc}")
+            out["mislabel"][method.key] = {"roc_auc": None, "found_in_top": None, "error": str(exc)}
+            continue
         if self_scores.shape != (n_train,) or not np.isfinite(self_scores).all():
             raise HarnessError(f"{method.key}: self-scores are not finite ({n_train},)")
         out["mislabel"][method.key] = {
             "roc_auc": roc_auc(self_scores, flipped),
             "found_in_top": found_in_top(self_scores, flipped, config.found_fraction),
         }
+    # ---- cost, on fresh adapters at the chosen damping ----
+    out["cost"] = _cost_stage(model_name, config, train, evaluation, reference, damping)
     out["wall_s"] = round(time.perf_counter() - t_model, 1)
     return out
 
@@ -476,7 +653,7 @@ def _check_planted_duplicates(dup: Any, queries: Queries) -> None:
     if not torch.equal(dup.train.targets[torch.from_numpy(dup.positions)], src.targets):
         raise HarnessError("planted near-duplicates do not carry their query's label")
     distance = (copies - src.inputs).norm(dim=1)
-    others = torch.cdist(copies, dup.train.inputs[: dup.positions[0]]).min(dim=1).values
+    others = torch.cdist(src.inputs, dup.train.inputs[: dup.positions[0]]).min(dim=1).values
     if not bool((distance < others).all()):
         raise HarnessError("a planted near-duplicate is not the nearest training example to its query")
 
@@ -561,8 +738,18 @@ def check_result(result: dict[str, Any], config: QualityConfig) -> None:
                 for f in config.coreset_fractions
             },
         }
+        set_keys = [*keys, RANDOM, "greedy_information_loss", "greedy_information_gain"]
+        for m in config.group_sizes:
+            tables[f"group m={m} (sets)"] = dict.fromkeys(res["group"].get(str(m), {}))
+            tables[f"near-duplicate rate m={m}"] = res.get("near_duplicate_rate", {}).get(str(m), {})
+        for f in config.coreset_fractions:
+            rows = res["coreset"].get(f"{f:g}", {}).get("methods", {})
+            for extra in (RANDOM, "greedy_information_gain", "k_center_greedy"):
+                if extra not in rows:
+                    problems.append(f"{model_name} coreset {f:g}: missing {extra}")
         for table, rows in tables.items():
-            missing = [k for k in keys if k not in rows]
+            expected = set_keys if "(sets)" in table or "near-duplicate" in table else keys
+            missing = [k for k in expected if k not in rows]
             if missing:
                 problems.append(f"{model_name} {table}: missing {missing}")
         for k in config.removal_sizes:
@@ -572,6 +759,54 @@ def check_result(result: dict[str, Any], config: QualityConfig) -> None:
             problems.append(f"{model_name}: noise ceiling undefined")
     if problems:
         raise HarnessError("; ".join(problems))
+
+
+def update(
+    result: dict[str, Any], config: QualityConfig, cache_dir: Path, stages: Sequence[str], chunk: int = 32
+) -> dict[str, Any]:
+    """Recompute some stages of an existing result with the dampings it chose (no re-tuning).
+
+    Args:
+        result: a result of :func:`run` made with ``config``; stages: any of ``group``, ``cost``.
+
+    Returns:
+        The result with those sections replaced and an ``updated`` record (stages, date, seconds).
+
+    Raises:
+        ValueError: an unknown stage, or ``config`` differs from the one the result was made with.
+    """
+    unknown = sorted(set(stages) - {"group", "cost"})
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; expected group and/or cost")
+    if result["config"] != config.to_json():
+        raise ValueError("the result was made with another configuration; rerun the harness instead")
+    t0 = time.perf_counter()
+    train, queries = split_queries(config)
+    evaluation = queries.subset(queries.eval_rows)
+    for model_name, res in result["models"].items():
+        reference = train_reference(train, config, model_name, seed=0)
+        damping = {m["key"]: m["damping"] for m in res["methods"]}
+        if "group" in stages:
+            methods = _methods(config)
+            for method in methods:
+                method.fit(reference, train.inputs, train.targets)
+            # all evaluation queries then the first n_counterfactual, exactly as run() scores them
+            signed_cf = {
+                m.key: _signed(m, evaluation, damping[m.key])[: config.n_counterfactual] for m in methods
+            }
+            res["group"], res["near_duplicate_rate"], res["group_joint_scores"] = _group_stage(
+                model_name, config, train, queries, methods, damping, signed_cf, cache_dir / model_name, chunk
+            )
+        if "cost" in stages:
+            res["cost"] = _cost_stage(model_name, config, train, evaluation, reference, damping)
+    result["updated"] = {
+        "stages": list(stages),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    result = _nan_to_none(result)
+    check_result(result, config)
+    return result
 
 
 def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None = None) -> int:
@@ -584,6 +819,11 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
     parser.add_argument("--cache-dir", type=Path, default=Path("var/bench-cache"), help="retrain cache")
     parser.add_argument("--models", default=None, help="comma-separated subset of: mlp,logreg")
     parser.add_argument("--chunk", type=int, default=32, help="models retrained at once")
+    parser.add_argument(
+        "--update",
+        default=None,
+        help="recompute only these stages (group,cost) of <out>/quality.json with its tuned dampings",
+    )
     args = parser.parse_args(argv)
     config = quick_config() if args.quick else full_config()
     if args.models:
@@ -594,13 +834,19 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
         config = dataclasses.replace(config, models=names)
     out = args.out or (Path("var/bench-quick") if args.quick else Path("benchmarks/results"))
     mode = "quick" if args.quick else "full"
-    result = run(config, args.cache_dir / mode, chunk=args.chunk, mode=mode)
+    if args.update:
+        previous = json.loads((out / "quality.json").read_text())
+        stages = [st.strip() for st in args.update.split(",") if st.strip()]
+        result = update(previous, config, args.cache_dir / mode, stages, chunk=args.chunk)
+    else:
+        result = run(config, args.cache_dir / mode, chunk=args.chunk, mode=mode)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     from benchmarks.quality.report import write_report
 
     (reporter or write_report)(result, out)
-    _log(f"wrote {out / 'quality.json'} and {out / 'QUALITY.md'} in {result['wall_s']:.0f} s")
+    seconds = result["updated"]["wall_s"] if args.update else result["wall_s"]
+    _log(f"wrote {out / 'quality.json'} and {out / 'QUALITY.md'} in {seconds:.0f} s")
     return 0
 
 

@@ -127,6 +127,8 @@ def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -
 def test_check_result_names_a_missing_method() -> None:
     keys = [f"m{i}" for i in range(10)]
     per = {k: {"mean": 0.1} for k in keys}
+    sets = {**per, "random": {}, "greedy_information_loss": {}, "greedy_information_gain": {}}
+    sets_coreset = {**per, "random": {}, "greedy_information_gain": {}, "k_center_greedy": {}}
     res = {
         "methods": [{"key": k} for k in keys],
         "lds": {"methods": per, "noise_ceiling": {"mean": 0.5}},
@@ -134,11 +136,16 @@ def test_check_result_names_a_missing_method() -> None:
         "mislabel": dict(per),
         "cost": per,
         "counterfactual": {str(k): {**per, "random": {}} for k in CONFIG.removal_sizes},
-        "group": {str(m): per for m in CONFIG.group_sizes},
-        "coreset": {f"{f:g}": {"methods": per} for f in CONFIG.coreset_fractions},
+        "group": {str(m): sets for m in CONFIG.group_sizes},
+        "near_duplicate_rate": {str(m): sets for m in CONFIG.group_sizes},
+        "coreset": {f"{f:g}": {"methods": sets_coreset} for f in CONFIG.coreset_fractions},
     }
     result = {"models": dict.fromkeys(CONFIG.models, res)}
     check_result(result, CONFIG)
     del res["mislabel"]["m3"]
     with pytest.raises(HarnessError, match=r"mislabel: missing \['m3'\]"):
+        check_result(result, CONFIG)
+    res["mislabel"]["m3"] = {"roc_auc": None, "error": "CG failed"}  # an explicit None is a result
+    del sets["greedy_information_loss"]
+    with pytest.raises(HarnessError, match=r"group m=\d+ \(sets\): missing \['greedy_information_loss'\]"):
         check_result(result, CONFIG)

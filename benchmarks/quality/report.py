@@ -110,6 +110,15 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
         f" torch threads {machine['torch_threads']}, Python {machine['python']}. Packages: "
         + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
         + ".",
+        *(
+            [
+                f"Stages {', '.join(result['updated']['stages'])} were recomputed"
+                f" on {result['updated']['date']} with `--update`"
+                f" ({result['updated']['wall_s'] / 60:.1f} min), keeping the tuned dampings.",
+            ]
+            if "updated" in result
+            else []
+        ),
         "",
         "## Setting",
         "",

@@ -835,8 +835,15 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
     out = args.out or (Path("var/bench-quick") if args.quick else Path("benchmarks/results"))
     mode = "quick" if args.quick else "full"
     if args.update:
-        previous = json.loads((out / "quality.json").read_text())
         stages = [st.strip() for st in args.update.split(",") if st.strip()]
+        unknown = sorted(set(stages) - {"group", "cost"})
+        if unknown or not stages:
+            parser.error(f"--update takes group and/or cost; got {args.update!r}")
+        if not (out / "quality.json").is_file():
+            parser.error(
+                f"--update needs an existing {out / 'quality.json'}; run the harness without --update first"
+            )
+        previous = json.loads((out / "quality.json").read_text())
         result = update(previous, config, args.cache_dir / mode, stages, chunk=args.chunk)
     else:
         result = run(config, args.cache_dir / mode, chunk=args.chunk, mode=mode)

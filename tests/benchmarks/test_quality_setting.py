@@ -149,3 +149,14 @@ def test_check_result_names_a_missing_method() -> None:
     del sets["greedy_information_loss"]
     with pytest.raises(HarnessError, match=r"group m=\d+ \(sets\): missing \['greedy_information_loss'\]"):
         check_result(result, CONFIG)
+
+
+def test_update_cli_refuses_unknown_stages_and_a_missing_result(tmp_path, capsys) -> None:
+    from benchmarks.quality.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path), "--update", "bogus"])
+    assert exc.value.code == 2 and "group and/or cost" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path), "--update", "group"])
+    assert exc.value.code == 2 and "run the harness without --update first" in capsys.readouterr().err

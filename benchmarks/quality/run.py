@@ -243,9 +243,7 @@ def _removal_summaries(
     base = base_full[:, rows]  # (S, n_q, C)
     q_labels = labels[rows]
     out: dict[str, dict[int, dict[str, float]]] = {}
-    for (name, size, _), _slot in slots.items():
-        if name in out and size in out[name]:
-            continue
+    for name, size in ((name, size) for name, by in sets.items() for size in by):
         removed = np.stack([logits[slots[(name, size, s)]][np.arange(len(rows)), rows] for s in seeds])
         res = counterfactual_summary(base, removed, q_labels)
         drop = np_margins(base, q_labels) - np_margins(removed, q_labels)  # (S, n_q)
@@ -328,7 +326,7 @@ def _group_stage(
         (Objective.INFORMATION_GAIN, Score.INFORMATION_GAIN),
     ):
         tau = damping[f"infotrace_{score.value}"]
-        sur = info.surrogate(float(tau) if tau is not None else info.default_tau or 1.0)
+        sur = info.surrogate(float(tau))  # the information scores always have a tuned tau
         raw = _raw(by_key[f"infotrace_{score.value}"], cf_q, tau)
         greedy: dict[int, list[np.ndarray]] = {m: [] for m in config.group_sizes}
         for j in range(n_cf):
@@ -368,12 +366,8 @@ def _group_stage(
         str(m): {name: mean_near_duplicate_rate(info.train.phi, members[name][m], 0.95) for name in members}
         for m in config.group_sizes
     }
-    sur_il = info.surrogate(
-        float(damping[f"infotrace_{Score.INFORMATION_LOSS.value}"] or info.default_tau or 1.0)
-    )
-    sur_ig = info.surrogate(
-        float(damping[f"infotrace_{Score.INFORMATION_GAIN.value}"] or info.default_tau or 1.0)
-    )
+    sur_il = info.surrogate(float(damping[f"infotrace_{Score.INFORMATION_LOSS.value}"]))
+    sur_ig = info.surrogate(float(damping[f"infotrace_{Score.INFORMATION_GAIN.value}"]))
     joint: dict[str, dict[str, dict[str, float]]] = {}
     for m in config.group_sizes:
         joint[str(m)] = {}

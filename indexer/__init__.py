@@ -1,46 +1,58 @@
-"""infotrace indexer: model + training data -> attribution index (DESIGN.md 1, 2.1)."""
+"""infotrace indexer: model + training data -> attribution index (DESIGN.md 1, 2.1).
+
+The stages: :mod:`indexer.features` (output functions, models, projection, tangent features),
+:mod:`indexer.gp` (the surrogate and every score), :mod:`indexer.store` (the index directory),
+:mod:`indexer.demo` (the digits demo); :func:`build_index` runs them in order.
+"""
 
 from __future__ import annotations
 
-from indexer.build import IndexConfig, build_index, make_faiss_index
-from indexer.coreset import CoresetResult, coreset_information_gain, summed_information_gain
-from indexer.data import Dataset, load_arrays, load_mnist_sample
+from indexer.build import build_index
+from indexer.config import IndexConfig
+from indexer.data import Dataset, load_arrays
+from indexer.demo.mnist import build_demo_index, load_mnist_sample
+from indexer.demo.train import train_classifier
 from indexer.enums import Direction, Objective, OutputKind, ProjectionKind, Score, parse_enum
 from indexer.exceptions import (
     IndexCorruptError,
     IndexFormatError,
     IndexNotFoundError,
+    IndexNotReadyError,
     InfotraceError,
     InvalidQueryError,
     ModelMismatchError,
     UnknownExampleError,
 )
-from indexer.featurize import Features, count_parameters, per_example_gradients, tangent_features
-from indexer.index_format import IndexData, load_index, read_manifest
-from indexer.models import ModelSpec, build_model, load_checkpoint, register_model, save_checkpoint
-from indexer.projection import RandomProjection
-from indexer.scores import example_scores, query_vector, score_from_inner, score_vectors, signed_score
-from indexer.subset import (
-    GreedyResult,
-    greedy_subset,
-    joint_information_gain,
-    joint_information_loss,
-    joint_score,
-)
-from indexer.surrogate import QueryTerms, Surrogate, default_prior_precision, fit_surrogate
-from indexer.tasks import (
+from indexer.features import (
     ClassificationMargin,
+    Features,
+    ModelSpec,
     OutputFunction,
+    RandomProjection,
     RegressionOutput,
+    build_model,
+    count_parameters,
+    load_checkpoint,
     output_function_from_spec,
+    per_example_gradients,
+    register_model,
     register_output_function,
+    save_checkpoint,
+    tangent_features,
 )
+from indexer.gp import (
+    CoresetResult,
+    GreedyResult,
+    QueryTerms,
+    Surrogate,
+    default_prior_precision,
+    fit_surrogate,
+)
+from indexer.store import IndexData, Manifest, load_index, make_faiss_index, read_manifest
 
 __all__ = [
     "ClassificationMargin",
     "CoresetResult",
-    "coreset_information_gain",
-    "summed_information_gain",
     "Dataset",
     "Direction",
     "Features",
@@ -50,8 +62,10 @@ __all__ = [
     "IndexData",
     "IndexFormatError",
     "IndexNotFoundError",
+    "IndexNotReadyError",
     "InfotraceError",
     "InvalidQueryError",
+    "Manifest",
     "ModelMismatchError",
     "ModelSpec",
     "Objective",
@@ -64,16 +78,12 @@ __all__ = [
     "Score",
     "Surrogate",
     "UnknownExampleError",
+    "build_demo_index",
     "build_index",
     "build_model",
     "count_parameters",
     "default_prior_precision",
-    "example_scores",
     "fit_surrogate",
-    "greedy_subset",
-    "joint_information_gain",
-    "joint_information_loss",
-    "joint_score",
     "load_arrays",
     "load_checkpoint",
     "load_index",
@@ -82,13 +92,10 @@ __all__ = [
     "output_function_from_spec",
     "parse_enum",
     "per_example_gradients",
-    "query_vector",
     "read_manifest",
     "register_model",
     "register_output_function",
     "save_checkpoint",
-    "score_from_inner",
-    "score_vectors",
-    "signed_score",
     "tangent_features",
+    "train_classifier",
 ]

@@ -1,30 +1,37 @@
 """The indexer's entry point: model + checkpoint + data -> index directory (DESIGN.md 2, 2.1).
 
-featurize (torch.func) -> project (seeded, blockwise) -> fit surrogate (float64) -> score vectors ->
-FAISS indexes -> write atomically.
+Orchestration only: featurize (:mod:`indexer.features`) -> fit the surrogate (:mod:`indexer.gp`) -> score
+vectors and FAISS indexes -> manifest -> write atomically (:mod:`indexer.store`).
 
 Builds are resumable: finished featurization buffers are kept as checksummed shards in a work folder
-beside the output (:mod:`indexer.shards`), so a build killed at any point and started again with the same
-arguments continues where it stopped and writes the same files as an uninterrupted build.
+beside the output (:mod:`indexer.store.shards`), so a build killed at any point and started again with the
+same arguments continues where it stopped and writes the same files as an uninterrupted build.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
 
-from indexer.constants import (
+from indexer.config import IndexConfig
+from indexer.data import Dataset
+from indexer.enums import Score
+from indexer.features.featurize import Features, buffer_rows, count_parameters, tangent_features
+from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
+from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
+from indexer.features.tasks import OutputFunction
+from indexer.gp.surrogate import Surrogate, fit_surrogate
+from indexer.store.faiss_index import make_faiss_index
+from indexer.store.hashing import sha256_file, tensor_digest
+from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
     EXAMPLE_STATS_FILE,
@@ -40,105 +47,22 @@ from indexer.constants import (
     KEY_PROBABILITIES,
     KEY_S,
     PHI_FILE,
-    PROJECTION_BLOCK_ROWS,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
     QUERY_STATS_FILE,
-    S_FLOOR,
     SPLIT_QUERY,
     SPLIT_TRAIN,
     TRAIN_INPUTS_FILE,
     WHITENED_FILE,
+    scratch_prefix,
 )
-from indexer.data import Dataset
-from indexer.enums import ProjectionKind, Score, parse_enum
-from indexer.featurize import Features, buffer_rows, count_parameters, tangent_features
-from indexer.index_format import write_index_dir
-from indexer.models import ModelSpec, load_checkpoint, save_checkpoint, sha256_file
-from indexer.projection import RandomProjection
-from indexer.scores import score_vectors
-from indexer.shards import (
-    SHARD_FORMAT_VERSION,
-    ShardStore,
-    build_lock,
-    remove_stale_siblings,
-    tensor_digest,
-    work_key,
-)
-from indexer.surrogate import Surrogate, fit_surrogate
-from indexer.tasks import OutputFunction
+from indexer.store.manifest import Counts, FaissInfo, Manifest, ModelInfo, ProjectionInfo, SurrogateInfo
+from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
+from indexer.store.writer import MetadataRow, write_index_dir
 
-__all__ = ["IndexConfig", "build_index", "make_faiss_index"]
+__all__ = ["build_index"]
 
 log = logging.getLogger("infotrace.indexer")
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """Settings of an index build.
-
-    Attributes:
-        k: projected dimension of the tangent features.
-        seed: projection seed (same seed and model => same features).
-        projection: ``"gaussian"`` or ``"rademacher"`` entries of R.
-        prior_precision: tau; None for the mean eigenvalue of the data term (DESIGN.md 1.1).
-        s_floor: floor on one minus the leverage (DESIGN.md 1.5).
-        batch_size: examples per vmap call when featurizing.
-        faiss_factory: FAISS ``index_factory`` string; ``"Flat"`` is exact inner-product search.
-        buffer_bytes: gradients gathered per pass over the projection's blocks, in bytes.
-
-    Raises:
-        ValueError: a non-positive size, an unknown projection kind, a bad tau or floor.
-    """
-
-    k: int = field(default=512, metadata={"help": "projected dimension"})
-    seed: int = field(default=0, metadata={"help": "projection seed"})
-    projection: ProjectionKind = field(default=ProjectionKind.GAUSSIAN, metadata={"help": "entries of R"})
-    prior_precision: float | None = field(default=None, metadata={"help": "tau; None = mean eigenvalue"})
-    s_floor: float = field(default=S_FLOOR, metadata={"help": "floor on 1 - leverage"})
-    batch_size: int = field(default=128, metadata={"help": "examples per vmap call"})
-    faiss_factory: str = field(default="Flat", metadata={"help": "FAISS index_factory string"})
-    buffer_bytes: int = field(default=256 * 2**20, metadata={"help": "gradient buffer per projection pass"})
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "projection", parse_enum(ProjectionKind, self.projection))
-        if self.k <= 0 or self.batch_size <= 0 or self.buffer_bytes <= 0:
-            raise ValueError(
-                f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
-                f"{self.batch_size}, {self.buffer_bytes}"
-            )
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative; got {self.seed}")
-        if self.prior_precision is not None and not (
-            math.isfinite(self.prior_precision) and self.prior_precision > 0
-        ):
-            raise ValueError(f"prior_precision must be positive and finite; got {self.prior_precision}")
-        if not 0 < self.s_floor < 1:
-            raise ValueError(f"s_floor must lie in (0, 1); got {self.s_floor}")
-
-
-def make_faiss_index(vectors: np.ndarray, factory: str) -> faiss.Index:
-    """A FAISS inner-product index over ``vectors``.
-
-    Args:
-        vectors: `(n, k)` vectors (stored as float32).
-        factory: ``faiss.index_factory`` string, e.g. ``"Flat"`` (exact) or ``"IVF64,Flat"``.
-
-    Returns:
-        The trained, filled index (metric: inner product).
-
-    Raises:
-        ValueError: FAISS rejects the factory string.
-    """
-    z = np.ascontiguousarray(vectors, dtype=np.float32)
-    try:
-        index = faiss.index_factory(z.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS rejects the factory string {factory!r}: {exc}") from exc
-    if not index.is_trained:
-        index.train(z)
-    index.add(z)
-    return index
 
 
 def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
@@ -153,6 +77,82 @@ def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarra
     if probabilities is not None:
         stats[KEY_PROBABILITIES] = probabilities
     return stats
+
+
+def _example_stats(
+    features: Features, output_fn: OutputFunction, surrogate: Surrogate
+) -> dict[str, np.ndarray]:
+    """``examples.npz``: what the model says of each training example and the surrogate's caches."""
+    return {
+        **_stats(features, output_fn),
+        KEY_BETA: surrogate.beta,
+        KEY_GRAD_TERM: surrogate.grad_term,
+        KEY_H: surrogate.h,
+        KEY_S: surrogate.s,
+    }
+
+
+def _query_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+    """``queries.npz``: what the model says of each stored query (empty arrays when there are none)."""
+    if len(features.phi):
+        return _stats(features, output_fn)
+    empty = np.zeros(0)
+    return {KEY_OUTPUT: empty, KEY_LABEL: empty, KEY_PREDICTION: empty, KEY_PHI_NORM: empty}
+
+
+def _metadata_rows(train: Dataset, queries: Dataset) -> list[MetadataRow]:
+    return [
+        (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
+        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, queries))
+        for row in range(len(data))
+    ]
+
+
+def _manifest(
+    name: str,
+    model_spec: ModelSpec | None,
+    checkpoint_sha256: str,
+    source_checkpoint_sha256: str | None,
+    n_params: int,
+    output_fn: OutputFunction,
+    train: Dataset,
+    tangent: Features,
+    surrogate: Surrogate,
+    config: IndexConfig,
+    n_query: int,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> Manifest:
+    return Manifest(
+        name=name,
+        created_unix=time.time(),
+        model=ModelInfo(
+            spec=model_spec,
+            checkpoint_sha256=checkpoint_sha256,
+            source_checkpoint_sha256=source_checkpoint_sha256,
+            n_params=n_params,
+            output_function=output_fn.name,
+            output_params=output_fn.params(),
+            input_shape=tuple(int(d) for d in train.inputs.shape[1:]),
+            input_dtype=str(train.inputs.dtype).removeprefix("torch."),
+            n_outputs=int(tangent.model_outputs.shape[1]),
+            image_shape=train.image_shape,
+        ),
+        projection=ProjectionInfo(kind=config.projection.value, k=config.k, seed=config.seed),
+        surrogate=SurrogateInfo(
+            prior_precision=surrogate.prior_precision,
+            prior_precision_source="given" if config.prior_precision is not None else "mean_eigenvalue",
+            likelihood=output_fn.name,
+            s_floor=surrogate.s_floor,
+            n_clamped=surrogate.n_clamped,
+            n_train=len(train),
+        ),
+        faiss=FaissInfo(factory=config.faiss_factory),
+        counts=Counts(n_train=len(train), n_query=n_query, k=config.k),
+        config=config.to_json(),
+        timings_seconds=timings,
+        extra=extra,
+    )
 
 
 def build_index(
@@ -172,14 +172,14 @@ def build_index(
     """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 2.1).
 
     Resumable: each finished featurization buffer is kept as a checksummed shard in
-    ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.shards`). A build that is interrupted (an exception,
+    ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.store.shards`). A build that is interrupted (an exception,
     Ctrl-C, SIGKILL) and started again with the same arguments reuses the verified shards and computes
     the rest; its files are byte-identical to those of an uninterrupted build. The work folder is removed
     once the index is in place; other arguments give another key and never reuse these shards.
 
     Args:
         model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are.
-        output_fn: the output function m (e.g. :class:`~indexer.tasks.ClassificationMargin`).
+        output_fn: the output function m (e.g. :class:`~indexer.features.tasks.ClassificationMargin`).
         train: training examples, inputs `(n_train, *input_shape)`, targets `(n_train,)`.
         out_dir: the index folder to create (replaced atomically if it exists).
         checkpoint: a ``.safetensors`` file or a weights-only ``torch.save`` state dict.
@@ -200,6 +200,87 @@ def build_index(
     """
     config = config or IndexConfig()
     out_dir = Path(out_dir)
+    started = time.perf_counter()
+    _prepare(model, output_fn, train, queries, out_dir, checkpoint)
+    n_params = count_parameters(model)
+    projection = RandomProjection(n_params, config.k, config.seed, config.projection)
+    query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
+    with (
+        build_lock(out_dir),
+        # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
+        # removed by the next build that finishes
+        tempfile.TemporaryDirectory(prefix=scratch_prefix(out_dir), dir=out_dir.parent) as scratch,
+    ):
+        stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
+        save_checkpoint(model, stored_checkpoint)
+        checkpoint_sha256 = sha256_file(stored_checkpoint)
+        material = _work_key_material(model, output_fn, train, query_set, checkpoint_sha256, config)
+        store = ShardStore(out_dir, work_key(material), material)
+        for other in store.others():
+            log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
+        features = {
+            split: _featurize(model, output_fn, data, projection, config, store, split, progress)
+            for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
+        }
+        tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]
+        featurize_seconds = time.perf_counter() - started
+
+        beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
+        grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
+        surrogate = fit_surrogate(tangent.phi, beta, grad_term, config.prior_precision, config.s_floor)
+        faiss_indexes = {
+            score: make_faiss_index(surrogate.score_vectors(score), config.faiss_factory) for score in Score
+        }
+        manifest = _manifest(
+            name or out_dir.name,
+            model_spec,
+            checkpoint_sha256,
+            sha256_file(Path(checkpoint)) if checkpoint is not None else None,
+            n_params,
+            output_fn,
+            train,
+            tangent,
+            surrogate,
+            config,
+            n_query=len(query_set),
+            timings={"featurize": featurize_seconds, "total": time.perf_counter() - started},
+            extra=extra_manifest or {},
+        )
+        path = write_index_dir(
+            out_dir,
+            manifest,
+            arrays={
+                PHI_FILE: tangent.phi,
+                WHITENED_FILE: surrogate.whitened,
+                CHOLESKY_FILE: surrogate.cholesky,
+                QUERY_PHI_FILE: query_tangent.phi,
+                TRAIN_INPUTS_FILE: train.inputs.cpu().numpy(),
+                QUERY_INPUTS_FILE: query_set.inputs.cpu().numpy(),
+            },
+            npz={
+                EXAMPLE_STATS_FILE: _example_stats(tangent, output_fn, surrogate),
+                QUERY_STATS_FILE: _query_stats(query_tangent, output_fn),
+            },
+            faiss_indexes=faiss_indexes,
+            metadata_rows=_metadata_rows(train, query_set),
+            extra_files={CHECKPOINT_FILE: stored_checkpoint},
+        )
+        # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
+        store.remove()
+        for stale in remove_stale_siblings(out_dir, keep=Path(scratch)):
+            log.info("removed %s, left by an interrupted write of %s", stale, out_dir)
+        return path
+
+
+def _prepare(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    train: Dataset,
+    queries: Dataset | None,
+    out_dir: Path,
+    checkpoint: Path | None,
+) -> None:
+    """Refuse a bad folder name, empty data or unexplainable targets before any work; load the weights."""
     if not re.fullmatch(INDEX_NAME_PATTERN, out_dir.name):
         raise ValueError(
             f"index folder name {out_dir.name!r} must match {INDEX_NAME_PATTERN} (letters, digits, '_', '.', "
@@ -207,7 +288,6 @@ def build_index(
         )
     if len(train) == 0:
         raise ValueError("the training set is empty")
-    started = time.perf_counter()
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
     model.eval()
@@ -220,147 +300,40 @@ def build_index(
                 f"have {list(train.inputs.shape[1:])}"
             )
         output_fn.check_targets(queries.targets, n_outputs)
-    n_params = count_parameters(model)
-    projection = RandomProjection(n_params, config.k, config.seed, config.projection)
-    query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
-    with (
-        build_lock(out_dir),
-        # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
-        # removed by the next build that finishes
-        tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent) as scratch,
-    ):
-        stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
-        save_checkpoint(model, stored_checkpoint)
-        checkpoint_sha256 = sha256_file(stored_checkpoint)
-        material = _work_key_material(model, output_fn, train, query_set, checkpoint_sha256, config)
-        store = ShardStore(out_dir, work_key(material), material)
-        for other in store.others():
-            log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
-        features = {}
-        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set)):
-            shards = store.split(split)
-            features[split] = tangent_features(
-                model,
-                output_fn,
-                data.inputs,
-                data.targets,
-                projection,
-                batch_size=config.batch_size,
-                buffer_bytes=config.buffer_bytes,
-                progress=f"featurize {split}" if progress else None,
-                cache=shards,
-            )
-            log.info(
-                "featurize %s: %d shard(s) reused, %d computed (%d corrupt recomputed) in %s",
-                split,
-                shards.reused,
-                shards.computed,
-                shards.corrupt,
-                store.folder,
-            )
-        tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]
-        featurize_seconds = time.perf_counter() - started
 
-        beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
-        grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
-        surrogate: Surrogate = fit_surrogate(
-            tangent.phi, beta, grad_term, config.prior_precision, config.s_floor
-        )
-        vectors = {
-            score: score_vectors(
-                score,
-                tangent.phi,
-                surrogate.whitened,
-                beta,
-                grad_term,
-                surrogate.s,
-                surrogate.prior_precision,
-            )
-            for score in Score
-        }
-        faiss_indexes = {score: make_faiss_index(z, config.faiss_factory) for score, z in vectors.items()}
 
-        example_stats = {
-            **_stats(tangent, output_fn),
-            KEY_BETA: beta,
-            KEY_GRAD_TERM: grad_term,
-            KEY_H: surrogate.h,
-            KEY_S: surrogate.s,
-        }
-        query_stats = (
-            _stats(query_tangent, output_fn)
-            if len(query_set)
-            else {
-                KEY_OUTPUT: np.zeros(0),
-                KEY_LABEL: np.zeros(0),
-                KEY_PREDICTION: np.zeros(0),
-                KEY_PHI_NORM: np.zeros(0),
-            }
-        )
-        metadata_rows = [
-            (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
-            for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
-            for row in range(len(data))
-        ]
-        manifest = {
-            "name": name or out_dir.name,
-            "created_unix": time.time(),
-            "model": {
-                "spec": model_spec.to_json() if model_spec is not None else None,
-                "checkpoint_sha256": checkpoint_sha256,
-                "source_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
-                "n_params": n_params,
-                "output_function": {"name": output_fn.name, "params": output_fn.params()},
-                "input_shape": list(train.inputs.shape[1:]),
-                "input_dtype": str(train.inputs.dtype).removeprefix("torch."),
-                "n_outputs": int(tangent.model_outputs.shape[1]),
-                "image_shape": list(train.image_shape) if train.image_shape else None,
-            },
-            "projection": {"kind": config.projection.value, "k": config.k, "seed": config.seed},
-            "surrogate": {
-                "prior_precision": surrogate.prior_precision,
-                "prior_precision_source": "given"
-                if config.prior_precision is not None
-                else "mean_eigenvalue",
-                "likelihood": output_fn.name,
-                "s_floor": surrogate.s_floor,
-                "n_clamped": surrogate.n_clamped,
-                "n_train": len(train),
-            },
-            "faiss": {
-                "factory": config.faiss_factory,
-                "metric": "inner_product",
-                "exact": config.faiss_factory == "Flat",
-            },
-            "counts": {"n_train": len(train), "n_query": len(query_set), "k": config.k},
-            "config": {
-                key: (value.value if hasattr(value, "value") else value)
-                for key, value in asdict(config).items()
-            },
-            "timings_seconds": {"featurize": featurize_seconds, "total": time.perf_counter() - started},
-            **(extra_manifest or {}),
-        }
-        path = write_index_dir(
-            out_dir,
-            manifest,
-            arrays={
-                PHI_FILE: tangent.phi,
-                WHITENED_FILE: surrogate.whitened,
-                CHOLESKY_FILE: surrogate.cholesky,
-                QUERY_PHI_FILE: query_tangent.phi,
-                TRAIN_INPUTS_FILE: train.inputs.cpu().numpy(),
-                QUERY_INPUTS_FILE: query_set.inputs.cpu().numpy(),
-            },
-            npz={EXAMPLE_STATS_FILE: example_stats, QUERY_STATS_FILE: query_stats},
-            faiss_indexes=faiss_indexes,
-            metadata_rows=metadata_rows,
-            extra_files={CHECKPOINT_FILE: stored_checkpoint},
-        )
-        # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
-        store.remove()
-        for stale in remove_stale_siblings(out_dir, keep=Path(scratch)):
-            log.info("removed %s, left by an interrupted write of %s", stale, out_dir)
-        return path
+def _featurize(
+    model: nn.Module,
+    output_fn: OutputFunction,
+    data: Dataset,
+    projection: RandomProjection,
+    config: IndexConfig,
+    store: ShardStore,
+    split: str,
+    progress: bool,
+) -> Features:
+    """Projected tangent features of one split, reusing and filling its shards."""
+    shards = store.split(split)
+    features = tangent_features(
+        model,
+        output_fn,
+        data.inputs,
+        data.targets,
+        projection,
+        batch_size=config.batch_size,
+        buffer_bytes=config.buffer_bytes,
+        progress=f"featurize {split}" if progress else None,
+        cache=shards,
+    )
+    log.info(
+        "featurize %s: %d shard(s) reused, %d computed (%d corrupt recomputed) in %s",
+        split,
+        shards.reused,
+        shards.computed,
+        shards.corrupt,
+        store.folder,
+    )
+    return features
 
 
 def _work_key_material(
@@ -371,7 +344,7 @@ def _work_key_material(
     checkpoint_sha256: str,
     config: IndexConfig,
 ) -> dict[str, Any]:
-    """Everything that determines the featurization shards (see :mod:`indexer.shards`)."""
+    """Everything that determines the featurization shards (see :mod:`indexer.store.shards`)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return {
         "shard_format_version": SHARD_FORMAT_VERSION,

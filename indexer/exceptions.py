@@ -7,6 +7,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexCorruptError",
     "IndexFormatError",
+    "IndexNotReadyError",
     "InvalidQueryError",
     "UnknownExampleError",
     "ModelMismatchError",
@@ -27,6 +28,10 @@ class IndexCorruptError(InfotraceError, ValueError):
 
 class IndexFormatError(InfotraceError, ValueError):
     """The manifest is unreadable, misses a field, or has a format version this code does not read."""
+
+
+class IndexNotReadyError(InfotraceError, RuntimeError):
+    """An index is present but cannot be served (it failed to load or verify); says why."""
 
 
 class InvalidQueryError(InfotraceError, ValueError):

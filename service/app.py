@@ -1,49 +1,27 @@
-"""The FastAPI application: indexes loaded in the lifespan, project exceptions mapped to status codes."""
+"""The FastAPI application: indexes loaded in the lifespan, the routers, middleware and error mapping."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import faiss
 import threadpoolctl
 import torch
-from fastapi import FastAPI, Request, status
-from fastapi.encoders import jsonable_encoder
+from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
 
-from indexer.exceptions import (
-    IndexCorruptError,
-    IndexFormatError,
-    IndexNotFoundError,
-    InvalidQueryError,
-    ModelMismatchError,
-    UnknownExampleError,
-)
-from service.dashboard import mount_dashboard
-from service.examples import router as examples_router
-from service.observability import BodySizeLimit, Metrics, install_request_middleware
-from service.registry import IndexRegistry
-from service.routes import router
-from service.settings import Settings
+from service.api.errors import install_error_handlers
+from service.api.routes import attributions, dashboard, examples, indexes
+from service.core.observability import BodySizeLimit, Metrics, install_request_middleware
+from service.core.settings import Settings
+from service.engine.registry import IndexRegistry
 
 __all__ = ["create_app"]
-
-STATUS_OF: dict[type[Exception], int] = {
-    InvalidQueryError: 422,
-    ValidationError: 422,  # a request model built inside a route (the GET forms) from bad parameters
-    UnknownExampleError: status.HTTP_404_NOT_FOUND,
-    IndexNotFoundError: status.HTTP_404_NOT_FOUND,
-    ModelMismatchError: status.HTTP_409_CONFLICT,
-    IndexCorruptError: status.HTTP_503_SERVICE_UNAVAILABLE,
-    IndexFormatError: status.HTTP_503_SERVICE_UNAVAILABLE,
-}
 
 
 def limit_threads(n: int) -> None:
@@ -115,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.registry = None
     app.state.metrics = metrics
-    app.include_router(router)
+    app.include_router(indexes.router)
+    app.include_router(attributions.router)
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
@@ -125,17 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the body limit sits inside the per-request middleware, so a 413 is still logged and counted
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_request_middleware(app, metrics, settings.keys(), settings.request_timeout_s)
-    app.include_router(examples_router)
-    mount_dashboard(app)
-
-    for exc_type, code in STATUS_OF.items():
-
-        async def handler(request: Request, exc: Exception, code: int = code) -> JSONResponse:
-            if isinstance(exc, ValidationError):  # the same shape as FastAPI's own 422 for a request body
-                detail: Any = jsonable_encoder(exc.errors(include_url=False))
-            else:
-                detail = str(exc)
-            return JSONResponse(status_code=code, content={"detail": detail})
-
-        app.add_exception_handler(exc_type, handler)
+    app.include_router(examples.router)
+    dashboard.mount_dashboard(app)
+    install_error_handlers(app)
     return app

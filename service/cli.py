@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.app import create_app
-from service.observability import configure_logging
-from service.settings import Settings
+from service.core.observability import configure_logging
+from service.core.settings import Settings
 
 app = typer.Typer(
     help="Serve infotrace attribution indexes over HTTP (FastAPI + uvicorn).",

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from indexer.build import IndexConfig, build_index
-from indexer.data import Dataset, load_mnist_sample
-from indexer.models import ModelSpec, build_model
-from indexer.tasks import ClassificationMargin
-from indexer.train import train_classifier
+from indexer.build import build_index
+from indexer.config import IndexConfig
+from indexer.data import Dataset
+from indexer.demo.mnist import load_mnist_sample
+from indexer.demo.train import train_classifier
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import ClassificationMargin
 
 SMALL_SPEC = ModelSpec("mlp", {"in_features": 784, "hidden": [16], "out_features": 10})
 SMALL_K = 64

@@ -9,6 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from indexer.scores import example_scores
+from indexer.surrogate import fit_surrogate
 
 from benchmarks.quality.infotrace_method import infotrace_methods
 from benchmarks.quality.retrain import retrain_logits
@@ -21,8 +23,6 @@ from benchmarks.quality.setting import (
     train_reference,
 )
 from indexer.enums import Score
-from indexer.scores import example_scores
-from indexer.surrogate import fit_surrogate
 
 CONFIG = dataclasses.replace(quick_config(), n_train=200, k=32, epochs=1)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from indexer.surrogate import Surrogate, fit_surrogate
+from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 RTOL = 1e-8
 """Relative tolerance of every closed form against its brute-force refit (DESIGN.md 1.6)."""

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.coreset import coreset_information_gain, summed_information_gain
-from indexer.index_format import load_index
-from indexer.subset import joint_information_gain
-from indexer.surrogate import fit_surrogate
+from indexer.gp.coreset import coreset_information_gain, summed_information_gain
+from indexer.gp.subset import joint_information_gain
+from indexer.gp.surrogate import fit_surrogate
+from indexer.store.reader import load_index
 
 
 def problem(seed: int) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:

@@ -13,10 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from indexer.featurize import count_parameters, example_gradient, per_example_gradients, tangent_features
-from indexer.models import mlp
-from indexer.projection import RandomProjection
-from indexer.tasks import ClassificationMargin, OutputFunction, RegressionOutput
+from indexer.features.featurize import (
+    count_parameters,
+    example_gradient,
+    per_example_gradients,
+    tangent_features,
+)
+from indexer.features.models import mlp
+from indexer.features.projection import RandomProjection
+from indexer.features.tasks import ClassificationMargin, OutputFunction, RegressionOutput
 
 N_EXAMPLES = 11
 N_CLASSES = 3

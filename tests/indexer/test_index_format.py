@@ -14,16 +14,18 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.numpy import save_file
 
-import indexer.index_format as index_format
-from indexer.build import IndexConfig, build_index
-from indexer.constants import FORMAT_VERSION, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, PHI_FILE
+import indexer.store.reader as index_format
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.exceptions import IndexCorruptError, IndexFormatError, IndexNotFoundError
-from indexer.index_format import load_index, manifest_checksum
-from indexer.models import ModelSpec, build_model, save_checkpoint
-from indexer.tasks import ClassificationMargin, RegressionOutput
+from indexer.features.models import ModelSpec, build_model, save_checkpoint
+from indexer.features.tasks import ClassificationMargin, RegressionOutput
+from indexer.store.layout import FORMAT_VERSION, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, PHI_FILE
+from indexer.store.manifest import manifest_checksum
+from indexer.store.reader import load_index
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 @pytest.fixture()
@@ -40,9 +42,9 @@ def test_load_round_trip(index_root: Path, test_digits: Dataset) -> None:
     assert data.phi.shape == (600, 64) and data.phi.dtype == np.float32
     assert data.surrogate.whitened.shape == (600, 64) and data.surrogate.whitened.dtype == np.float64
     assert data.query_phi.shape == (80, 64)
-    assert data.manifest["format_version"] == FORMAT_VERSION
-    assert data.manifest["projection"] == {"kind": "gaussian", "k": 64, "seed": 0}
-    tau = data.manifest["surrogate"]["prior_precision"]
+    assert data.manifest.format_version == FORMAT_VERSION
+    assert data.manifest.projection.to_json() == {"kind": "gaussian", "k": 64, "seed": 0}
+    tau = data.manifest.surrogate.prior_precision
     beta = data.surrogate.beta
     assert np.isclose(tau, float((beta * (data.phi.astype(np.float64) ** 2).sum(1)).sum() / 64), rtol=1e-12)
     assert data.metadata.get_one("train", 5)["label"] == int(data.examples["label"][5])
@@ -178,7 +180,7 @@ def test_regression_index_and_prior_override(tmp_path: Path) -> None:
         progress=False,
     )
     loaded = load_index(out)
-    assert loaded.manifest["surrogate"]["prior_precision"] == 2.5
+    assert loaded.manifest.surrogate.prior_precision == 2.5
     assert np.allclose(loaded.surrogate.beta, 4.0)
     residual = data.targets.numpy() - loaded.examples["output"]
     assert np.allclose(loaded.surrogate.grad_term, residual / 0.25)

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.constants import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, PHI_FILE
 from indexer.data import load_arrays
 from indexer.exceptions import IndexCorruptError
-from indexer.index_format import load_index, manifest_checksum
-from indexer.models import ModelSpec, build_model, load_checkpoint, sha256_file
+from indexer.features.models import ModelSpec, build_model, load_checkpoint
+from indexer.store.hashing import sha256_file
+from indexer.store.layout import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE, PHI_FILE
+from indexer.store.manifest import manifest_checksum
+from indexer.store.reader import load_index
 
 
 class Bomb:

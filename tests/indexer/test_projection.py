@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from indexer.constants import PROJECTION_BLOCK_ROWS
 from indexer.enums import ProjectionKind
-from indexer.projection import RandomProjection
+from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
 
 KINDS = (ProjectionKind.GAUSSIAN, ProjectionKind.RADEMACHER)
 N_PARAMS = 10_000  # not a multiple of the block size: 2 full blocks of 4096 and a partial one

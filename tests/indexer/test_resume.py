@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-import indexer.shards as shards
-from indexer.build import IndexConfig, build_index
-from indexer.constants import MANIFEST_FILE
+import indexer.store.shards as shards
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.featurize import BufferFeatures
-from indexer.index_format import load_index
-from indexer.models import ModelSpec, build_model
-from indexer.shards import build_lock
-from indexer.tasks import ClassificationMargin
+from indexer.features.featurize import BufferFeatures
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import ClassificationMargin
+from indexer.store.layout import MANIFEST_FILE
+from indexer.store.reader import load_index
+from indexer.store.shards import build_lock
 
 CHILD_TIMEOUT_S = 120.0
 """Bound on every wait for a child build (each takes a few seconds)."""
@@ -46,11 +47,12 @@ import time
 
 import torch
 
-import indexer.shards as shards
-from indexer.build import IndexConfig, build_index
+import indexer.store.shards as shards
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.models import ModelSpec, build_model
-from indexer.tasks import ClassificationMargin
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import ClassificationMargin
 
 SPEC = ModelSpec("mlp", {"in_features": 64, "hidden": [32], "out_features": 10})
 N_PARAMS = 64 * 32 + 32 + 32 * 10 + 10

@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.constants import S_FLOOR
 from indexer.enums import Score
 from indexer.exceptions import InvalidQueryError
-from indexer.scores import example_scores, query_vector, score_from_inner, score_vectors, signed_score
-from indexer.surrogate import Surrogate, default_prior_precision, fit_surrogate
+from indexer.gp.scores import query_vector, score_from_inner, signed_score
+from indexer.gp.surrogate import S_FLOOR, Surrogate, default_prior_precision, fit_surrogate
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -31,7 +30,7 @@ def without(a: np.ndarray, phi_i: np.ndarray, beta_i: float) -> np.ndarray:
 
 def scores_of(sur: Surrogate, phi: np.ndarray, phi_q: np.ndarray) -> dict[Score, np.ndarray]:
     terms = sur.query_terms(phi_q)
-    return example_scores(terms, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision)
+    return sur.scores(terms)
 
 
 def brute_information_loss(phi: np.ndarray, beta: np.ndarray, tau: float, phi_q: np.ndarray) -> np.ndarray:
@@ -264,7 +263,7 @@ def test_clamping_respects_a_custom_floor():
 @pytest.mark.parametrize("score", list(Score), ids=lambda s: s.value)
 def test_score_from_inner_of_score_vectors_equals_example_scores(problem, score, rtol):
     sur = problem.surrogate
-    z = score_vectors(score, problem.phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision)
+    z = sur.score_vectors(score)
     assert z.shape == (problem.n, problem.k)
     assert z.dtype == np.float64
     for phi_q in problem.queries:
@@ -279,7 +278,7 @@ def test_ranking_by_inner_product_equals_ranking_by_score(problem, score):
     """Exact top-k is maximum-inner-product search: unsigned scores rank as |<a_q, z_i>|, signed ones as
     <a_q, z_i>."""
     sur = problem.surrogate
-    z = score_vectors(score, problem.phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision)
+    z = sur.score_vectors(score)
     for phi_q in problem.queries:
         terms = sur.query_terms(phi_q)
         inner = z @ query_vector(score, terms)
@@ -320,14 +319,10 @@ def test_saturated_and_zero_examples_give_finite_scores(rtol):
         assert sur.n_clamped == 0
         for phi_q in (rng.standard_normal(k), np.zeros(k)):
             terms = sur.query_terms(phi_q)
-            scores = example_scores(
-                terms, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision
-            )
+            scores = sur.scores(terms)
             for score, values in scores.items():
                 assert np.all(np.isfinite(values)), score
-                z = score_vectors(
-                    score, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision
-                )
+                z = sur.score_vectors(score)
                 a_q = query_vector(score, terms)
                 assert np.all(np.isfinite(z)) and np.all(np.isfinite(a_q)), score
                 np.testing.assert_allclose(score_from_inner(score, z @ a_q, terms), values, rtol=rtol, atol=0)
@@ -356,12 +351,12 @@ def test_zero_vectors_of_saturated_examples(rtol):
     beta = np.array([0.2, 0.0, 0.1, 1e-300, 0.2, 0.1])
     sur = fit_surrogate(phi, beta, rng.normal(size=6), prior_precision=2.0)
     for score in Score:
-        z = score_vectors(score, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision)
+        z = sur.score_vectors(score)
         np.testing.assert_array_equal(z[2], np.zeros(5), err_msg=score.value)
         if score in (Score.INFORMATION_LOSS, Score.INFORMATION_GAIN):
             np.testing.assert_array_equal(z[1], np.zeros(5), err_msg=score.value)
             assert np.abs(z[3]).max() < 1e-140
-    ig = score_vectors(Score.INFORMATION_GAIN, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, 2.0)
+    ig = sur.score_vectors(Score.INFORMATION_GAIN)
     # |z_i|^2 = beta |phi|^2 / (beta |phi|^2 + tau) < 1: the variance correction of DESIGN.md 1.3
     norm2 = beta * (phi**2).sum(axis=1)
     np.testing.assert_allclose((ig**2).sum(axis=1), norm2 / (norm2 + 2.0), rtol=rtol, atol=0)

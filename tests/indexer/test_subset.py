@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from indexer.enums import Objective, Score
-from indexer.scores import example_scores
-from indexer.subset import greedy_subset, joint_information_gain, joint_information_loss, joint_score
-from indexer.surrogate import Surrogate, fit_surrogate
+from indexer.gp.subset import joint_information_gain, joint_information_loss
+from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 OBJECTIVES = (Objective.INFORMATION_LOSS, Objective.INFORMATION_GAIN)
 
@@ -104,13 +103,9 @@ def test_joint_score_dispatches_to_the_named_objective(problem, objective, rtol)
     idx = np.array([0, 3, 5, 8])
     want = library_joint(objective, sur, problem.phi, problem.queries[0], idx)
     for name in (objective, objective.value):
-        got = joint_score(
-            name, terms, problem.phi[idx], sur.whitened[idx], sur.beta[idx], sur.prior_precision
-        )
+        got = sur.joint_score(name, terms, idx)
         assert got == pytest.approx(want, rel=rtol)
-    empty = joint_score(
-        objective, terms, problem.phi[:0], sur.whitened[:0], sur.beta[:0], sur.prior_precision
-    )
+    empty = sur.joint_score(objective, terms, np.arange(0))
     assert empty == 0.0
 
 
@@ -118,16 +113,14 @@ def test_joint_score_rejects_an_unknown_objective(problem):
     sur = problem.surrogate
     terms = sur.query_terms(problem.queries[0])
     with pytest.raises(ValueError, match="information_loss"):
-        joint_score("entropy", terms, problem.phi[:2], sur.whitened[:2], sur.beta[:2], sur.prior_precision)
+        sur.joint_score("entropy", terms, np.arange(2))
 
 
 def test_size_one_joint_equals_single_example_score(problem, rtol):
     sur = problem.surrogate
     for phi_q in problem.queries:
         terms = sur.query_terms(phi_q)
-        single = example_scores(
-            terms, problem.phi, sur.whitened, sur.beta, sur.grad_term, sur.s, sur.prior_precision
-        )
+        single = sur.scores(terms)
         for i in range(problem.n):
             il = joint_information_loss(terms, sur.whitened[i : i + 1], sur.beta[i : i + 1])
             ig = joint_information_gain(
@@ -142,11 +135,9 @@ def test_zero_query_has_zero_joint_scores(problem, objective):
     sur = problem.surrogate
     terms = sur.query_terms(np.zeros(problem.k))
     idx = np.arange(5)
-    got = joint_score(
-        objective, terms, problem.phi[idx], sur.whitened[idx], sur.beta[idx], sur.prior_precision
-    )
+    got = sur.joint_score(objective, terms, idx)
     assert got == 0.0
-    result = greedy_subset(objective, terms, problem.phi, sur.whitened, sur.beta, sur.prior_precision, 3)
+    result = sur.greedy_subset(objective, terms, np.arange(len(sur.beta)), 3)
     np.testing.assert_array_equal(result.joint, np.zeros(3))
     assert np.all(np.isfinite(result.marginal_gains))
 
@@ -160,9 +151,7 @@ def test_greedy_matches_naive_brute_force_greedy(problem, objective, rtol, atol_
     size = 6
     for phi_q in problem.queries[:2]:
         terms = sur.query_terms(phi_q)
-        result = greedy_subset(
-            objective, terms, problem.phi, sur.whitened, sur.beta, sur.prior_precision, size
-        )
+        result = sur.greedy_subset(objective, terms, np.arange(len(sur.beta)), size)
         picks, gains, joints = naive_greedy(objective, problem.phi, problem.beta, problem.tau, phi_q, size)
         assert result.indices.dtype == np.int64
         assert result.indices.shape == result.marginal_gains.shape == result.joint.shape == (size,)
@@ -183,15 +172,7 @@ def test_greedy_on_a_candidate_pool(problem, objective, rtol, atol_log_ratio):
     sur = problem.surrogate
     phi_q = problem.queries[2]
     terms = sur.query_terms(phi_q)
-    result = greedy_subset(
-        objective,
-        terms,
-        problem.phi[pool],
-        sur.whitened[pool],
-        sur.beta[pool],
-        sur.prior_precision,
-        len(pool),
-    )
+    result = sur.greedy_subset(objective, terms, pool, len(pool))
     picks, gains, _ = naive_greedy(objective, problem.phi, problem.beta, problem.tau, phi_q, len(pool), pool)
     np.testing.assert_array_equal(result.indices, picks)
     np.testing.assert_allclose(result.marginal_gains, gains, rtol=rtol, atol=atol_log_ratio)
@@ -204,24 +185,16 @@ def test_greedy_on_a_candidate_pool(problem, objective, rtol, atol_log_ratio):
 def test_greedy_size_out_of_range_raises(problem, size):
     sur = problem.surrogate
     terms = sur.query_terms(problem.queries[0])
-    pool = slice(0, 12)
+    pool = np.arange(12)
     with pytest.raises(ValueError, match="size"):
-        greedy_subset(
-            Objective.INFORMATION_GAIN,
-            terms,
-            problem.phi[pool],
-            sur.whitened[pool],
-            sur.beta[pool],
-            sur.prior_precision,
-            size,
-        )
+        sur.greedy_subset(Objective.INFORMATION_GAIN, terms, pool, size)
 
 
 def test_greedy_rejects_an_unknown_objective(problem):
     sur = problem.surrogate
     terms = sur.query_terms(problem.queries[0])
     with pytest.raises(ValueError, match="Objective"):
-        greedy_subset("influence", terms, problem.phi, sur.whitened, sur.beta, sur.prior_precision, 2)
+        sur.greedy_subset("influence", terms, np.arange(len(sur.beta)), 2)
 
 
 # ------------------------------------------------------------------------------ diversity (DESIGN 1.4)
@@ -260,14 +233,14 @@ def test_greedy_information_gain_prefers_a_distinct_example_to_a_second_copy(n_c
     distinct = n_copies
     sur = fit_surrogate(phi, beta, np.ones(len(beta)), prior_precision=tau)
     terms = sur.query_terms(phi_q)
-    single = example_scores(terms, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, tau)[
+    single = sur.scores(terms)[
         Score.INFORMATION_GAIN
     ]
     np.testing.assert_array_equal(single[:n_copies], np.full(n_copies, single[0]))
     assert single[distinct] < single[1]  # meaningful: by single score, the second copy beats the distinct one
     assert np.argsort(-single, kind="stable")[:2].tolist() == [0, 1]
 
-    result = greedy_subset(Objective.INFORMATION_GAIN, terms, phi, sur.whitened, sur.beta, tau, n_copies + 1)
+    result = sur.greedy_subset(Objective.INFORMATION_GAIN, terms, np.arange(len(sur.beta)), n_copies + 1)
     order = result.indices.tolist()
     assert order[0] == 0
     assert order[1] == distinct
@@ -296,7 +269,7 @@ def test_greedy_information_loss_finds_a_group_of_copies(n_copies, rtol, atol_lo
     phi_q[0] = 1.0
     sur = fit_surrogate(phi, beta, np.ones(len(beta)), prior_precision=tau)
     terms = sur.query_terms(phi_q)
-    single = example_scores(terms, phi, sur.whitened, sur.beta, sur.grad_term, sur.s, tau)[
+    single = sur.scores(terms)[
         Score.INFORMATION_LOSS
     ]
     group = list(range(n_copies))
@@ -306,7 +279,7 @@ def test_greedy_information_loss_finds_a_group_of_copies(n_copies, rtol, atol_lo
     assert group_joint > 2.5
     assert group_joint > 3 * single[:n_copies].sum()
 
-    result = greedy_subset(Objective.INFORMATION_LOSS, terms, phi, sur.whitened, sur.beta, tau, n_copies)
+    result = sur.greedy_subset(Objective.INFORMATION_LOSS, terms, np.arange(len(sur.beta)), n_copies)
     assert sorted(result.indices.tolist()) == group
     assert result.joint[-1] == pytest.approx(group_joint, rel=rtol, abs=atol_log_ratio)
     assert np.all(np.diff(result.marginal_gains) > 0)  # the copies cover for each other

@@ -13,18 +13,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from indexer.build import IndexConfig, build_index
-from indexer.constants import MANIFEST_CHECKSUM_FIELD
-from indexer.coreset import coreset_information_gain
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
-from indexer.index_format import load_index, manifest_checksum
-from indexer.models import ModelSpec, build_model
-from indexer.scores import example_scores, signed_score
-from indexer.tasks import RegressionOutput
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import RegressionOutput
+from indexer.gp.coreset import coreset_information_gain
+from indexer.gp.scores import signed_score
+from indexer.store.layout import MANIFEST_CHECKSUM_FIELD
+from indexer.store.manifest import manifest_checksum
+from indexer.store.reader import load_index
 from service.app import create_app
+from service.core.settings import Settings
 from service.engine import AttributionEngine
-from service.settings import Settings
 
 URL = "/v1/indexes/digits/attributions"
 
@@ -43,7 +45,7 @@ def brute_force_top_k(
     data = load_index(index_root / "digits")
     s = data.surrogate
     terms = s.query_terms(phi_q)
-    scores = example_scores(terms, data.phi, s.whitened, s.beta, s.grad_term, s.s, s.prior_precision)
+    scores = s.scores(terms)
     signed = signed_score(score, scores)
     ids = np.arange(data.n_train)
     if direction is Direction.PROPONENTS:
@@ -109,9 +111,7 @@ def test_response_carries_every_score_and_query_info(client: TestClient, index_r
     assert [r["rank"] for r in body["results"]] == [1, 2, 3, 4, 5]
     ids = np.array([r["id"] for r in body["results"]])
     s = data.surrogate
-    expected = example_scores(
-        terms, data.phi[ids], s.whitened[ids], s.beta[ids], s.grad_term[ids], s.s[ids], s.prior_precision
-    )
+    expected = s.scores(terms, ids)
     for r, row in enumerate(body["results"]):
         for score in Score:
             assert math.isclose(row["scores"][score.value], expected[score][r], rel_tol=1e-9, abs_tol=1e-15)
@@ -297,8 +297,8 @@ def test_regression_stored_query_has_its_gaussian_predictive_entropy(tmp_path: P
         progress=False,
     )
     engine = AttributionEngine(load_index(out))
-    query = engine.stored_query(2)
+    query = engine.queries.stored(2)
     v = query.terms.posterior_variance
-    assert engine.predictive_entropy(query) == pytest.approx(
+    assert engine.describe(query).predictive_entropy == pytest.approx(
         0.5 * math.log(2 * math.pi * math.e * (0.25 + v))
     )

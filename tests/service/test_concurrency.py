@@ -18,11 +18,12 @@ import httpx
 import pytest
 import torch
 
-from indexer.build import IndexConfig, build_index
+from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.enums import Direction, Objective, Score
-from indexer.models import ModelSpec, build_model
-from indexer.tasks import ClassificationMargin
+from indexer.features.models import ModelSpec, build_model
+from indexer.features.tasks import ClassificationMargin
 from service.process import running_service
 
 pytestmark = pytest.mark.slow

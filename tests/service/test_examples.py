@@ -14,14 +14,16 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from indexer.constants import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
 from indexer.data import Dataset
 from indexer.enums import Direction, Objective, Score
-from indexer.index_format import load_index, manifest_checksum
+from indexer.store.layout import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
+from indexer.store.manifest import manifest_checksum
+from indexer.store.reader import load_index
+from service.api.routes.dashboard import STATIC_DIR
+from service.api.routes.examples import SCALING_HEADER
 from service.app import create_app
-from service.dashboard import STATIC_DIR
-from service.examples import DEFAULT_SCALE, SCALING_HEADER, render_png, to_gray8
-from service.settings import Settings
+from service.core.settings import Settings
+from service.render import DEFAULT_SCALE, render_png, to_gray8
 
 BASE = "/v1/indexes/digits"
 

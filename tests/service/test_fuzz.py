@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
 from service.app import create_app
-from service.registry import IndexRegistry
-from service.settings import Settings
+from service.core.settings import Settings
+from service.engine.registry import IndexRegistry
 
 EXAMPLES_PER_OPERATION = 120
 MIN_REQUESTS = 1000

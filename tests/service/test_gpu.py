@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from indexer.enums import Direction, Score
-from indexer.index_format import load_index
-from service.engine import AttributionEngine, gpu_count
+from indexer.store.faiss_index import gpu_count
+from indexer.store.reader import load_index
+from service.engine import AttributionEngine
 
 
 def test_cpu_build_searches_on_the_cpu(index_root: Path) -> None:
     engine = AttributionEngine(load_index(index_root / "digits"))
-    assert engine.on_gpu is (gpu_count() > 0)
+    assert engine.retriever.on_gpu is (gpu_count() > 0)
     if gpu_count() == 0:
-        assert engine.faiss_indexes[Score.INFLUENCE] is engine.data.faiss_indexes[Score.INFLUENCE]
+        assert engine.retriever.faiss_indexes[Score.INFLUENCE] is engine.data.faiss_indexes[Score.INFLUENCE]
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ import pytest
 
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
-from indexer.index_format import load_index
+from indexer.store.reader import load_index
 from service.engine import AttributionEngine
 from service.process import running_service
 
@@ -38,8 +38,8 @@ def test_live_server_answers_like_the_library(live_url: str, index_root: Path, t
             response = client.post("/v1/indexes/digits/attributions", json=body)
             assert response.status_code == 200, response.text
             got = response.json()
-            query = engine.input_query(test_digits.inputs[i].tolist())
-            ranked = engine.rank(query.terms, Score.INFORMATION_LOSS, Direction.BOTH, 10, 100)
+            query = engine.queries.input(test_digits.inputs[i].tolist())
+            ranked = engine.rank(query, Score.INFORMATION_LOSS, Direction.BOTH, 10, 100)
             assert [r["id"] for r in got["results"]] == ranked.ids.tolist()
             assert np.isclose(got["query"]["posterior_variance"], query.terms.posterior_variance, rtol=1e-9)
         bad = client.post("/v1/indexes/digits/attributions", json={"query": {"input": [1.0, 2.0]}})

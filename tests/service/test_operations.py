@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.data import Dataset
-from indexer.index_format import read_manifest
-from indexer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from indexer.features.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from indexer.store.manifest import read_manifest
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 
 URL = "/v1/indexes/digits/attributions"
 

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from indexer.data import Dataset
-from indexer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from indexer.features.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 
 __all__ = ["train_classifier", "trained_model"]
 

@@ -1,7 +1,7 @@
 """Resumable index builds: finished featurization buffers kept as checksummed shards (DESIGN.md 2.1).
 
 Featurizing dominates a build, so :func:`~indexer.build.build_index` keeps every finished buffer of
-:func:`~indexer.featurize.tangent_features` as one shard file in a work folder beside the output,
+:func:`~indexer.features.featurize.tangent_features` as one shard file in a work folder beside the output,
 ``<parent>/.<name>.work-<key>/``. The key is a sha256 of everything that determines the features (the
 stored weights, the architecture, the output function, the projection, the buffer layout, the bytes of the
 train and query inputs and targets, the torch/numpy versions and the device), so a build with other
@@ -20,7 +20,6 @@ that holds it to remove what killed builds left behind (``.<name>.tmp-*``, ``.<n
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -33,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from indexer.featurize import BufferFeatures
-from indexer.models import sha256_file
+from indexer.features.featurize import BufferFeatures
+from indexer.store.hashing import sha256_file, sha256_json, tensor_digest
+from indexer.store.layout import lock_path, replaced_prefix, scratch_prefix, work_prefix
 
 __all__ = [
     "SHARD_FORMAT_VERSION",
@@ -59,35 +58,20 @@ _KEY_CHARS = 16  # hex characters of the key in the folder name: 64 bits, ample 
 _SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<buffer>\d{6})-(?P<sha256>[0-9a-f]{64})\.safetensors$")
 
 
-def tensor_digest(tensor: torch.Tensor) -> dict[str, Any]:
-    """A JSON-able fingerprint of a tensor: dtype, shape and the sha256 of its bytes.
-
-    Args:
-        tensor: any tensor, on any device (copied to the CPU to be hashed).
-
-    Returns:
-        ``{"dtype": str, "shape": list[int], "sha256": hex str}``.
-    """
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest = hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest() if flat.numel() else ""
-    return {"dtype": str(tensor.dtype), "shape": list(tensor.shape), "sha256": digest}
-
-
 def work_key(material: dict[str, Any]) -> str:
     """The hex sha256 of ``material`` as canonical JSON (sorted keys, no whitespace).
 
     Args:
-        material: everything that determines the features (see :mod:`indexer.shards`); JSON-able.
+        material: everything that determines the features (see :mod:`indexer.store.shards`); JSON-able.
 
     Returns:
         64 hex characters.
     """
-    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return sha256_json(material)
 
 
 class SplitShards:
-    """The shards of one split (``"train"`` or ``"query"``): a :class:`~indexer.featurize.BufferCache`.
+    """The shards of one split (``"train"`` or ``"query"``), a :class:`~indexer.features.BufferCache`.
 
     Counts what it did, for the build's log.
 
@@ -118,7 +102,7 @@ class SplitShards:
             rows: its number of examples.
 
         Returns:
-            :class:`~indexer.featurize.BufferFeatures` with `(rows, k)` ``phi``, `(rows,)` ``outputs``,
+            :class:`~indexer.features.BufferFeatures` with `(rows, k)` ``phi``, `(rows,)` ``outputs``,
             `(rows, n_outputs)` ``model_outputs``; None when there is no valid shard (an invalid one is
             deleted).
         """
@@ -138,7 +122,7 @@ class SplitShards:
 
         Args:
             buffer: the buffer number.
-            features: its features (arrays of :class:`~indexer.featurize.BufferFeatures`).
+            features: its features (arrays of :class:`~indexer.features.featurize.BufferFeatures`).
         """
         tmp = self.folder / f".{self.split}-{buffer:06d}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -181,7 +165,7 @@ class ShardStore:
 
     def __init__(self, out_dir: Path, key: str, material: dict[str, Any]) -> None:
         out_dir = Path(out_dir)
-        self.folder = out_dir.parent / f".{out_dir.name}.work-{key[:_KEY_CHARS]}"
+        self.folder = out_dir.parent / f"{work_prefix(out_dir)}{key[:_KEY_CHARS]}"
         self.folder.mkdir(parents=True, exist_ok=True)
         record = self.folder / "key.json"
         if not record.is_file():
@@ -225,7 +209,7 @@ def build_lock(out_dir: Path) -> Iterator[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = out_dir.parent / f".{out_dir.name}.lock"
+    path = lock_path(out_dir)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -253,7 +237,7 @@ def remove_stale_siblings(out_dir: Path, keep: Path | None = None) -> list[Path]
     """Delete the temporary and replaced-index folders that killed builds of ``out_dir`` left behind.
 
     Only call this while holding :func:`build_lock`: then no live build but the caller's owns a
-    ``.<name>.tmp-*`` or ``.<name>.old-*`` folder (see :func:`~indexer.index_format.write_index_dir`).
+    ``.<name>.tmp-*`` or ``.<name>.old-*`` folder (see :func:`~indexer.store.writer.write_index_dir`).
 
     Args:
         out_dir: the index folder.
@@ -263,7 +247,7 @@ def remove_stale_siblings(out_dir: Path, keep: Path | None = None) -> list[Path]
         The folders removed.
     """
     out_dir = Path(out_dir)
-    stale = _siblings(out_dir.parent, (f".{out_dir.name}.tmp-", f".{out_dir.name}.old-"), exclude=keep)
+    stale = _siblings(out_dir.parent, (scratch_prefix(out_dir), replaced_prefix(out_dir)), exclude=keep)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale

@@ -3,8 +3,10 @@
 
 The objective is sum_q IG(S | q), IG(S | q) = -0.5 log(1 - Q_q(S) / k_qq) with
 Q_q(S) = b_qS^T (I + W_S W_S^T)^-1 b_qS, W = D Phi / sqrt(tau), b_q = W phi_q / sqrt(tau) and
-k_qq = |phi_q|^2 / tau (the finite form of :mod:`indexer.subset`). The kernel I + W W^T does not depend on
-the query, so one growing Cholesky factor serves every query; each step costs O(n_query * N + N * (|S| + k)).
+k_qq = |phi_q|^2 / tau (the finite form of :mod:`indexer.gp.subset`). The kernel I + W W^T does not depend
+on the query, so one growing Cholesky factor (:class:`~indexer.gp.greedy.GreedyCholesky`) serves every
+query; each step costs O(n_query * N + N * (|S| + k)). The entry point is
+:meth:`~indexer.gp.surrogate.Surrogate.coreset`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from indexer.gp.greedy import GreedyCholesky
+from indexer.gp.scores import information_gain_of_ratio
 
 __all__ = ["CoresetResult", "coreset_information_gain", "summed_information_gain"]
 
@@ -34,7 +39,7 @@ class CoresetResult:
 
 def _information_gain(q: np.ndarray, k_qq: np.ndarray) -> np.ndarray:
     ratio = np.divide(q, k_qq, out=np.zeros_like(q), where=k_qq > 0)
-    return -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+    return information_gain_of_ratio(ratio)
 
 
 def summed_information_gain(
@@ -96,30 +101,19 @@ def coreset_information_gain(
     if not 1 <= size <= n:
         raise ValueError(f"size must be between 1 and the number of training examples {n}; got {size}")
     w = phi64 * (np.sqrt(beta) / np.sqrt(prior_precision))[:, None]  # (N, k)
-    residual = queries @ w.T / np.sqrt(prior_precision)  # (n_query, N): b_qj - l_j^T alpha_q
     k_qq = np.einsum("qk,qk->q", queries, queries) / prior_precision
-    diag = 1.0 + np.einsum("nk,nk->n", w, w)  # G_jj - |l_j|^2
-    rows = np.zeros((n, size))
-    chosen = np.zeros(n, dtype=bool)
+    state = GreedyCholesky(w, 1.0, queries @ w.T / np.sqrt(prior_precision), capacity=size)
     q_total = np.zeros(len(queries))
     current = float(_information_gain(q_total, k_qq).sum())
     indices, gains, objective = [], [], []
-    for step in tqdm(range(size), desc="coreset", disable=not progress, leave=False):
-        # summed gain of each candidate: sum_q IG(Q_q + r_qj^2 / d_j) - IG(Q_q)
-        with np.errstate(divide="ignore", invalid="ignore"):  # chosen rows have diag 0; masked below
-            q_new = q_total[:, None] + residual**2 / diag[None, :]
-            totals = _information_gain(q_new, np.broadcast_to(k_qq[:, None], q_new.shape)).sum(axis=0)
-        totals[chosen] = -np.inf
+    for _ in tqdm(range(size), desc="coreset", disable=not progress, leave=False):
+        # summed gain of each candidate: sum_q IG(Q_q + r_qj^2 / d_j) - IG(Q_q); members give -inf
+        q_new = q_total[:, None] + state.gains()
+        totals = _information_gain(q_new, np.broadcast_to(k_qq[:, None], q_new.shape)).sum(axis=0)
+        totals[state.chosen] = -np.inf
         pick = int(np.argmax(totals))
-        d_pick = np.sqrt(diag[pick])
-        column = (w @ w[pick] - rows[:, :step] @ rows[pick, :step]) / d_pick
-        column[pick] = d_pick
-        alpha = residual[:, pick] / d_pick  # (n_query,)
+        alpha = np.asarray(state.add(pick))  # (n_query,)
         q_total = q_total + alpha**2
-        rows[:, step] = column
-        diag = diag - column**2
-        residual = residual - alpha[:, None] * column[None, :]
-        chosen[pick] = True
         value = float(totals[pick])
         indices.append(pick)
         gains.append(value - current)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from indexer.constants import MANIFEST_FILE
-from indexer.exceptions import IndexNotFoundError
-from indexer.index_format import load_index
-from service.engine import AttributionEngine
+from indexer.exceptions import IndexNotFoundError, IndexNotReadyError
+from indexer.store.layout import MANIFEST_FILE
+from indexer.store.reader import load_index
+from service.engine.engine import AttributionEngine
 
 __all__ = ["IndexRegistry"]
 
@@ -21,6 +21,7 @@ class IndexRegistry:
     Args:
         engines: name -> engine of each healthy index.
         failures: name -> why that index is not served.
+        root: the index root they were loaded from.
     """
 
     def __init__(self, engines: dict[str, AttributionEngine], failures: dict[str, str], root: Path) -> None:
@@ -32,7 +33,7 @@ class IndexRegistry:
     def load(
         cls,
         root: Path,
-        projection_cache_bytes: int = 1 << 30,
+        projection_cache_bytes: int = 0,
         checkpoints: dict[str, Path] | None = None,
         trusted_factories: frozenset[str] = frozenset(),
         use_gpu: bool | None = None,
@@ -41,7 +42,8 @@ class IndexRegistry:
 
         Args:
             root: the index root.
-            projection_cache_bytes: see :class:`~service.engine.AttributionEngine`.
+            projection_cache_bytes: see :class:`~service.engine.query.QueryFeaturizer` (the service passes
+                ``INFOTRACE_PROJECTION_CACHE_BYTES``; 0 regenerates R's blocks per query).
             checkpoints: index name -> checkpoint to featurize raw queries with instead of the index's copy.
             trusted_factories: import-path model factories (``pkg.module:fn``) that manifests may name.
             use_gpu: search FAISS on the GPUs; None: when FAISS sees one.
@@ -69,7 +71,7 @@ class IndexRegistry:
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
                 continue
-            if engine.model_error is not None and engine.model is None and folder.name in (checkpoints or {}):
+            if not engine.raw_inputs and folder.name in (checkpoints or {}):
                 log.warning("index %s: raw-input queries refused: %s", folder.name, engine.model_error)
             engines[folder.name] = engine
         for name in sorted(set(checkpoints or {}) - set(engines) - set(failures)):
@@ -81,8 +83,11 @@ class IndexRegistry:
         """The engine of a healthy index.
 
         Raises:
-            IndexNotFoundError: no index of that name (message lists the served ones).
+            IndexNotReadyError: the index is present but failed to load or verify (says why).
+            IndexNotFoundError: no index of that name (the message lists the served ones).
         """
+        if name in self.failures:
+            raise IndexNotReadyError(f"index {name!r} is not ready: {self.failures[name]}")
         engine = self.engines.get(name)
         if engine is None:
             raise IndexNotFoundError(f"no index named {name!r}; served indexes: {sorted(self.engines)}")

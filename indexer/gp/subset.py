@@ -9,8 +9,10 @@ positive-definite kernel over the candidate pool, written in the finite form of 
 - information gain: G = I + W W^T with W = D Phi / sqrt(tau), b = D Phi phi_q / tau,
   IG(S) = -0.5 log(1 - Q / k_qq), k_qq = |phi_q|^2 / tau.
 
-Greedy selection grows the Cholesky factor of G_SS by one row per step (no refactorisation) and keeps,
-for every candidate, its row against the chosen set, so a step costs O(pool * (|S| + k)).
+Greedy selection grows the Cholesky factor of G_SS by one row per step (:class:`~indexer.gp.greedy.
+GreedyCholesky`, shared with the coreset), so a step costs O(pool * (|S| + k)). The entry point is
+:meth:`~indexer.gp.surrogate.Surrogate.greedy_subset` (and ``joint_score``), which feeds these functions
+the surrogate's arrays for a set of candidates.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
 from indexer.enums import Objective, parse_enum
-from indexer.surrogate import QueryTerms
+from indexer.gp.greedy import GreedyCholesky
+from indexer.gp.scores import QueryTerms, information_gain_of_ratio
 
 __all__ = [
     "GreedyResult",
@@ -71,7 +74,7 @@ def _objective_of(objective: Objective, q: np.ndarray | float, scale: float) -> 
         return np.zeros_like(q)
     if objective is Objective.INFORMATION_LOSS:
         return 0.5 * np.log1p(q / scale)
-    return -0.5 * np.log1p(-np.minimum(q / scale, 1.0 - 1e-16))
+    return information_gain_of_ratio(q / scale)
 
 
 def joint_score(
@@ -166,28 +169,15 @@ def greedy_subset(
     if not 1 <= size <= pool:
         raise ValueError(f"size must be between 1 and the pool size {pool}; got {size}")
     v, sign, b, scale = _kernel_terms(obj, query, phi, whitened, beta, prior_precision)
-    residual = b.copy()  # b_j - l_j^T alpha
-    diag = 1.0 + sign * np.einsum("nk,nk->n", v, v)  # G_jj - |l_j|^2
-    rows = np.zeros((pool, size))  # l_j, the rows of the growing Cholesky factor
-    chosen = np.zeros(pool, dtype=bool)
+    state = GreedyCholesky(v, sign, b, capacity=size)
     indices, gains, joint = [], [], []
     q_total = 0.0
     current = 0.0
-    for step in range(size):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            delta_q = np.where(diag > 0, residual**2 / diag, 0.0)
-        delta_q[chosen] = -np.inf
+    for _ in range(size):
+        delta_q = state.gains()
         pick = int(np.argmax(delta_q))
-        d_pick = np.sqrt(diag[pick])
-        # new column of the factor: (G_pick,j - l_pick . l_j) / d_pick for every j
-        column = (sign * (v @ v[pick]) - rows[:, :step] @ rows[pick, :step]) / d_pick
-        column[pick] = d_pick
-        alpha = residual[pick] / d_pick
         q_total += float(delta_q[pick])
-        rows[:, step] = column
-        diag = diag - column**2
-        residual = residual - column * alpha
-        chosen[pick] = True
+        state.add(pick)
         value = float(_objective_of(obj, q_total, scale))
         indices.append(pick)
         gains.append(value - current)

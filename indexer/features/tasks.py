@@ -24,7 +24,22 @@ __all__ = [
     "RegressionOutput",
     "register_output_function",
     "output_function_from_spec",
+    "gaussian_entropy",
 ]
+
+
+def gaussian_entropy(variance: np.ndarray | float) -> np.ndarray:
+    """Differential entropy of a Gaussian, 0.5 log(2 pi e variance), in nats.
+
+    Args:
+        variance: `(n,)` (or a scalar) variances in output units squared, >= 0.
+
+    Returns:
+        `(n,)` float64 nats; -inf where the variance is 0 (a point mass).
+    """
+    v = np.asarray(variance, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return 0.5 * np.log(2 * math.pi * math.e * v)
 
 
 class OutputFunction(ABC):
@@ -212,7 +227,7 @@ class RegressionOutput(OutputFunction):
 
     def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:
         """Differential entropy of y_q ~ N(m_q, sigma^2 + v_q), in nats."""
-        return 0.5 * np.log(2 * math.pi * math.e * (self.sigma**2 + posterior_variance))
+        return gaussian_entropy(self.sigma**2 + np.asarray(posterior_variance, dtype=np.float64))
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Seeded random projection of tangent features, generated block by block (DESIGN.md 1.1).
 
 ``phi = R^T g`` with R a `(n_params, k)` matrix of i.i.d. N(0, 1/k) (or +-1/sqrt(k)) entries. R is cut into
-row blocks of :data:`~indexer.constants.PROJECTION_BLOCK_ROWS` rows; block b is drawn from its own
+row blocks of :data:`PROJECTION_BLOCK_ROWS` rows; block b is drawn from its own
 ``numpy`` generator seeded with ``(seed, b)``. The features therefore depend only on (seed, kind, k,
 n_params), never on how many blocks are held at once, and the full matrix never has to exist in memory.
 """
@@ -14,10 +14,13 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from indexer.constants import PROJECTION_BLOCK_ROWS
 from indexer.enums import ProjectionKind, parse_enum
 
-__all__ = ["RandomProjection"]
+__all__ = ["PROJECTION_BLOCK_ROWS", "RandomProjection"]
+
+PROJECTION_BLOCK_ROWS = 4096
+"""Rows of the projection matrix generated per seeded block. Fixed so that features do not depend on
+how many blocks are processed at a time (DESIGN.md 1.1: same seed, same model => same features)."""
 
 
 class RandomProjection:

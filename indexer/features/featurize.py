@@ -3,7 +3,7 @@
 ``vmap`` over ``grad`` of the output function gives the gradients of a whole batch at once; they are
 flattened in ``model.named_parameters()`` order and projected before the next batch, so memory holds at
 most one buffer of `(buffer_rows, n_params)` float32 gradients. Each finished buffer can be handed to a
-:class:`BufferCache` (the indexer's shard store, :mod:`indexer.shards`), so that an interrupted build
+:class:`BufferCache` (the indexer's shard store, :mod:`indexer.store.shards`), so that an interrupted build
 resumes from the buffers it already finished.
 """
 
@@ -18,8 +18,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from indexer.projection import RandomProjection
-from indexer.tasks import OutputFunction
+from indexer.features.projection import RandomProjection
+from indexer.features.tasks import OutputFunction
 
 __all__ = [
     "BufferCache",
@@ -66,7 +66,7 @@ class BufferFeatures:
 
 
 class BufferCache(Protocol):
-    """Keeps finished buffers of :func:`tangent_features` (e.g. :class:`indexer.shards.SplitShards`).
+    """Keeps finished buffers of :func:`tangent_features` (e.g. :class:`indexer.store.shards.SplitShards`).
 
     Buffer ``b`` holds examples ``[b * buffer_rows, min((b + 1) * buffer_rows, n))``; the cache must only
     hand back buffers computed with the same model, output function, projection, data and buffer layout.

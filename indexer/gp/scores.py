@@ -1,27 +1,81 @@
 """Single-example attribution scores and their vector-database form (DESIGN.md 1.3, 1.5).
 
-Every formula is written so that saturated examples (beta_i -> 0) and zero features give 0, never NaN.
+The formulas, on explicit arrays; :class:`~indexer.gp.surrogate.Surrogate` feeds them its own arrays
+(``surrogate.scores(query, ids)``, ``surrogate.score_vectors(score)``). Every formula is written so that
+saturated examples (beta_i -> 0) and zero features give 0, never NaN.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from indexer.enums import Score
-from indexer.surrogate import QueryTerms
 
-__all__ = ["example_scores", "signed_score", "score_vectors", "query_vector", "score_from_inner"]
+__all__ = [
+    "QueryTerms",
+    "example_scores",
+    "signed_score",
+    "score_vectors",
+    "query_vector",
+    "score_from_inner",
+    "information_gain_of_ratio",
+    "safe_div",
+]
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
+@dataclass(frozen=True)
+class QueryTerms:
+    """What the scores need of one query (DESIGN.md 1.2), made by
+    :meth:`~indexer.gp.surrogate.Surrogate.query_terms`.
+
+    Attributes:
+        phi: `(k,)` float64 projected tangent feature phi_q.
+        whitened: `(k,)` float64 u_q = L^-1 phi_q.
+        posterior_variance: v_q = |u_q|^2, posterior variance of f_q (output units squared).
+        phi_norm: |phi_q|.
+    """
+
+    phi: np.ndarray
+    whitened: np.ndarray
+    posterior_variance: float
+    phi_norm: float
+
+
+def safe_div(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
+    """``num / den`` in float64, 0 where ``den <= 0`` (DESIGN.md 1.5: a zero vector scores 0, never NaN).
+
+    Args:
+        num: `(...)` numerators; den: denominators broadcastable to ``num``'s shape.
+
+    Returns:
+        `(...)` float64, the shape of ``num``.
+    """
     den_arr = np.broadcast_to(np.asarray(den, dtype=np.float64), np.shape(num))
     out = np.zeros(np.shape(num), dtype=np.float64)
     np.divide(num, den_arr, out=out, where=den_arr > 0)
     return out
 
 
+def information_gain_of_ratio(ratio: np.ndarray) -> np.ndarray:
+    """-0.5 log(1 - rho), the information gain of a squared correlation rho in [0, 1), in nats.
+
+    Every information gain of DESIGN.md 1.3 and 1.4 has this form (rho = k_qS (K_SS + B^-1)^-1 k_Sq / k_qq).
+    rho < 1 whenever tau > 0 (Cauchy-Schwarz); the clip at 1 - 1e-16 only guards the last float64 ulp.
+
+    Args:
+        ratio: `(...)` float64 rho.
+
+    Returns:
+        `(...)` float64 nats.
+    """
+    return -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+
+
 def example_scores(
     query: QueryTerms,
+    *,
     phi: np.ndarray,
     whitened: np.ndarray,
     beta: np.ndarray,
@@ -52,16 +106,15 @@ def example_scores(
     c = whitened @ query.whitened
     x = phi64 @ query.phi
     phi_norm = np.linalg.norm(phi64, axis=1)
-    information_loss = 0.5 * np.log1p(_safe_div(beta * c**2, query.posterior_variance * s))
-    ratio = _safe_div(beta * x**2, query.phi_norm**2 * (beta * phi_norm**2 + prior_precision))
-    # ratio < 1 by Cauchy-Schwarz since tau > 0; the clip only guards the last float64 ulp
-    information_gain = -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+    information_loss = 0.5 * np.log1p(safe_div(beta * c**2, query.posterior_variance * s))
+    ratio = safe_div(beta * x**2, query.phi_norm**2 * (beta * phi_norm**2 + prior_precision))
+    information_gain = information_gain_of_ratio(ratio)
     return {
         Score.INFORMATION_LOSS: information_loss,
         Score.INFORMATION_GAIN: information_gain,
         Score.INFLUENCE: c * grad_term / s,
         Score.INNER_PRODUCT: x,
-        Score.COSINE: _safe_div(x, query.phi_norm * phi_norm),
+        Score.COSINE: safe_div(x, query.phi_norm * phi_norm),
     }
 
 
@@ -82,6 +135,7 @@ def signed_score(score: Score, scores: dict[Score, np.ndarray]) -> np.ndarray:
 
 def score_vectors(
     score: Score,
+    *,
     phi: np.ndarray,
     whitened: np.ndarray,
     beta: np.ndarray,
@@ -114,7 +168,7 @@ def score_vectors(
     if score is Score.INNER_PRODUCT:
         return phi64
     norm = np.linalg.norm(phi64, axis=1)
-    return phi64 * _safe_div(np.ones_like(norm), norm)[:, None]
+    return phi64 * safe_div(np.ones_like(norm), norm)[:, None]
 
 
 def query_vector(score: Score, query: QueryTerms) -> np.ndarray:
@@ -144,8 +198,7 @@ def score_from_inner(score: Score, inner: np.ndarray, query: QueryTerms) -> np.n
     """
     x = np.asarray(inner, dtype=np.float64)
     if score is Score.INFORMATION_LOSS:
-        return 0.5 * np.log1p(_safe_div(x**2, np.full_like(x, query.posterior_variance)))
+        return 0.5 * np.log1p(safe_div(x**2, np.full_like(x, query.posterior_variance)))
     if score is Score.INFORMATION_GAIN:
-        ratio = _safe_div(x**2, np.full_like(x, query.phi_norm**2))
-        return -0.5 * np.log1p(-np.minimum(ratio, 1.0 - 1e-16))
+        return information_gain_of_ratio(safe_div(x**2, np.full_like(x, query.phi_norm**2)))
     return x

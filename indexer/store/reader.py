@@ -1,0 +1,287 @@
+"""Loading an index directory with every checksum, shape and dtype verified (DESIGN.md 2.1).
+
+Layout (names in :mod:`indexer.store.layout`): ``manifest.json``; ``phi.npy``, ``whitened.npy``,
+``cholesky.npy``; ``examples.npz`` (beta, grad_term, h, s, phi_norm, output, label, prediction);
+``query_phi.npy`` and ``queries.npz`` for the stored queries; ``inputs.npy`` and ``query_inputs.npy``
+(the raw inputs, for rendering examples); one FAISS index per score; ``metadata.sqlite``;
+``model.safetensors``. Arrays are read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.enums import Score
+from indexer.exceptions import IndexCorruptError, UnknownExampleError
+from indexer.gp.surrogate import Surrogate
+from indexer.store.faiss_index import read_faiss_index
+from indexer.store.hashing import sha256_file
+from indexer.store.layout import (
+    CHOLESKY_FILE,
+    EXAMPLE_STATS_FILE,
+    KEY_BETA,
+    KEY_GRAD_TERM,
+    KEY_H,
+    KEY_S,
+    METADATA_FILE,
+    PHI_FILE,
+    QUERY_INPUTS_FILE,
+    QUERY_PHI_FILE,
+    QUERY_STATS_FILE,
+    SPLIT_TRAIN,
+    SQLITE_TABLE,
+    TRAIN_INPUTS_FILE,
+    WHITENED_FILE,
+    faiss_file,
+)
+from indexer.store.manifest import Manifest, read_manifest
+
+__all__ = ["IndexData", "MetadataStore", "load_index"]
+
+
+class MetadataStore:
+    """Read-only access to ``metadata.sqlite``: labels and metadata of training examples and stored queries.
+
+    One read-only connection per thread: safe under concurrent requests without a lock, and without the
+    cost of opening the file on every call.
+
+    Args:
+        path: the SQLite file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._local.db = db
+        return db
+
+    def get(self, split: str, rows: list[int]) -> dict[int, dict[str, Any]]:
+        """Metadata of ``rows`` of ``split``.
+
+        Returns:
+            row -> ``{"label": ..., **metadata}``; rows that do not exist are absent.
+        """
+        if not rows:
+            return {}
+        marks = ",".join("?" * len(rows))
+        found = (
+            self._connect()
+            .execute(
+                f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
+                [split, *map(int, rows)],
+            )
+            .fetchall()
+        )
+        return {int(r): {"label": label, **json.loads(meta)} for r, label, meta in found}
+
+    def get_one(self, split: str, row: int) -> dict[str, Any]:
+        """Metadata of one row.
+
+        Raises:
+            UnknownExampleError: no such row in ``split``.
+        """
+        found = self.get(split, [row])
+        if row not in found:
+            raise UnknownExampleError(f"no {split} example with id {row}")
+        return found[row]
+
+
+@dataclass(frozen=True)
+class IndexData:
+    """A loaded, verified index.
+
+    Attributes:
+        path: the index folder.
+        manifest: the typed :class:`~indexer.store.manifest.Manifest`.
+        surrogate: the :class:`~indexer.gp.surrogate.Surrogate` rebuilt from the stored arrays (no refit);
+            its ``phi`` are the `(n_train, k)` float32 stored features.
+        examples: per-example vectors of ``examples.npz``, each `(n_train, ...)`.
+        query_phi: `(n_query, k)` float32 stored query features.
+        inputs: `(n_train, *input_shape)` training inputs (memory-mapped, read-only).
+        query_inputs: `(n_query, *input_shape)` stored queries' inputs (memory-mapped, read-only).
+        queries: per-query vectors of ``queries.npz``, each `(n_query, ...)`.
+        faiss_indexes: score -> FAISS index over the vectors z_i of DESIGN.md 1.3.
+        metadata: the :class:`MetadataStore`.
+    """
+
+    path: Path
+    manifest: Manifest
+    surrogate: Surrogate
+    examples: dict[str, np.ndarray]
+    query_phi: np.ndarray
+    inputs: np.ndarray
+    query_inputs: np.ndarray
+    queries: dict[str, np.ndarray]
+    faiss_indexes: dict[Score, faiss.Index]
+    metadata: MetadataStore
+
+    @property
+    def name(self) -> str:
+        """The index name: its folder's name, under which the service serves it (``manifest.name``
+        records what it was built as)."""
+        return self.path.name
+
+    @property
+    def phi(self) -> np.ndarray:
+        """`(n_train, k)` float32 stored training features (the surrogate's)."""
+        return self.surrogate.phi
+
+    @property
+    def n_train(self) -> int:
+        """Number of indexed training examples."""
+        return self.surrogate.n_train
+
+    @property
+    def n_query(self) -> int:
+        """Number of stored queries."""
+        return int(self.query_phi.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Projected dimension."""
+        return self.surrogate.k
+
+    def split_size(self, split: str) -> int:
+        """Rows of ``split`` (``"train"`` or ``"query"``)."""
+        return self.n_train if split == SPLIT_TRAIN else self.n_query
+
+    def check_ids(self, split: str, ids: list[int]) -> None:
+        """Refuse ids outside ``0 .. split_size - 1``.
+
+        Args:
+            split: ``"train"`` (training examples) or ``"query"`` (stored queries).
+            ids: the ids asked for.
+
+        Raises:
+            UnknownExampleError: an id out of range (the message names up to five and the valid range), or
+                a split with no rows at all.
+        """
+        n = self.split_size(split)
+        singular, plural = ("training example", "training examples")
+        if split != SPLIT_TRAIN:
+            singular, plural = ("stored query", "stored queries")
+        if n == 0:
+            hint = "; query by input or feature" if split != SPLIT_TRAIN else ""
+            raise UnknownExampleError(f"index {self.name!r} has no {plural}{hint}")
+        bad = [i for i in ids if not 0 <= i < n]
+        if len(bad) == 1:
+            raise UnknownExampleError(f"no {singular} with id {bad[0]}; valid ids are 0..{n - 1}")
+        if bad:
+            shown = ", ".join(str(i) for i in bad[:5])
+            raise UnknownExampleError(f"no {plural} with ids {shown}; valid ids are 0..{n - 1}")
+
+
+def _verify(index_dir: Path, manifest: Manifest) -> None:
+    for name, entry in manifest.files.items():
+        path = index_dir / name
+        if not path.is_file():
+            raise IndexCorruptError(f"{path} is listed in the manifest but missing")
+        if path.stat().st_size != entry.bytes:
+            raise IndexCorruptError(
+                f"{path} has {path.stat().st_size} bytes; the manifest expects {entry.bytes}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise IndexCorruptError(
+                f"{path} does not match its sha256 in the manifest (altered or corrupted)"
+            )
+
+
+def _load_npy(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise IndexCorruptError(f"{path} is not a plain .npy array: {exc}") from exc
+    if array.shape != shape or array.dtype != np.dtype(dtype):
+        raise IndexCorruptError(f"{path} holds {array.dtype}{array.shape}; expected {np.dtype(dtype)}{shape}")
+    return array
+
+
+def _load_inputs(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    # memory-mapped: inputs are only read to render single examples, never all at once
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        raise IndexCorruptError(f"{path} is not a plain .npy array: {exc}") from exc
+    if array.shape != shape:
+        raise IndexCorruptError(f"{path} has shape {array.shape}; expected {shape}")
+    return array
+
+
+def _load_npz(path: Path, n: int) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            out = {key: npz[key] for key in npz.files}
+    except ValueError as exc:
+        raise IndexCorruptError(f"{path} is not a plain .npz archive: {exc}") from exc
+    for key, array in out.items():
+        if array.shape[:1] != (n,):
+            raise IndexCorruptError(f"{path}: {key!r} has shape {array.shape}; expected first dimension {n}")
+    return out
+
+
+def load_index(index_dir: Path) -> IndexData:
+    """Load an index directory, verifying the format version, every checksum and every shape.
+
+    Args:
+        index_dir: the folder written by :func:`~indexer.store.writer.write_index_dir`.
+
+    Returns:
+        :class:`IndexData`.
+
+    Raises:
+        IndexNotFoundError: no such folder or manifest.
+        IndexFormatError: bad manifest or format version.
+        IndexCorruptError: a file missing, altered, truncated, or with a shape or dtype that disagrees with
+            the manifest; the message names the file.
+    """
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    _verify(index_dir, manifest)
+    n, n_query, k = manifest.counts.n_train, manifest.counts.n_query, manifest.counts.k
+    phi = _load_npy(index_dir / PHI_FILE, (n, k), np.float32)
+    whitened = _load_npy(index_dir / WHITENED_FILE, (n, k), np.float64)
+    cholesky = _load_npy(index_dir / CHOLESKY_FILE, (k, k), np.float64)
+    examples = _load_npz(index_dir / EXAMPLE_STATS_FILE, n)
+    query_phi = _load_npy(index_dir / QUERY_PHI_FILE, (n_query, k), np.float32)
+    input_shape = manifest.model.input_shape
+    inputs = _load_inputs(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape))
+    query_inputs = _load_inputs(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape))
+    queries = _load_npz(index_dir / QUERY_STATS_FILE, n_query)
+    faiss_indexes = {score: read_faiss_index(index_dir / faiss_file(score.value), n, k) for score in Score}
+    surrogate = Surrogate(
+        prior_precision=manifest.surrogate.prior_precision,
+        cholesky=cholesky,
+        phi=phi,
+        whitened=whitened,
+        beta=examples[KEY_BETA],
+        grad_term=examples[KEY_GRAD_TERM],
+        h=examples[KEY_H],
+        s=examples[KEY_S],
+        s_floor=manifest.surrogate.s_floor,
+        n_clamped=manifest.surrogate.n_clamped,
+    )
+    return IndexData(
+        path=index_dir,
+        manifest=manifest,
+        surrogate=surrogate,
+        examples=examples,
+        query_phi=query_phi,
+        inputs=inputs,
+        query_inputs=query_inputs,
+        queries=queries,
+        faiss_indexes=faiss_indexes,
+        metadata=MetadataStore(index_dir / METADATA_FILE),
+    )

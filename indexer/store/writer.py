@@ -1,0 +1,118 @@
+"""Writing an index directory atomically (DESIGN.md 2.1).
+
+Every file is written into a temporary sibling folder (``.<name>.tmp-*``), checksummed into the manifest,
+flushed to disk, and the folder is renamed into place; an existing index is moved aside first
+(``.<name>.old-*``) and deleted after. A crash at any point leaves at most those sibling folders, never a
+half index under the final name. Names come from :mod:`indexer.store.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from indexer.enums import Score
+from indexer.store.faiss_index import write_faiss_index
+from indexer.store.hashing import sha256_file
+from indexer.store.layout import (
+    MANIFEST_FILE,
+    METADATA_FILE,
+    SQLITE_TABLE,
+    faiss_file,
+    replaced_prefix,
+    scratch_prefix,
+)
+from indexer.store.manifest import FileEntry, Manifest
+
+__all__ = ["MetadataRow", "write_index_dir"]
+
+MetadataRow = tuple[str, int, int | float, dict[str, Any]]
+"""One row of ``metadata.sqlite``: ``(split, row, label, metadata)``."""
+
+
+def write_index_dir(
+    out_dir: Path,
+    manifest: Manifest,
+    arrays: dict[str, np.ndarray],
+    npz: dict[str, dict[str, np.ndarray]],
+    faiss_indexes: dict[Score, faiss.Index],
+    metadata_rows: list[MetadataRow],
+    extra_files: dict[str, Path],
+) -> Path:
+    """Write an index into a temporary sibling folder, checksum every file, then rename it into place.
+
+    Args:
+        out_dir: final index folder; an existing index there is replaced only once the new one is complete.
+        manifest: the manifest; its ``files`` are filled in here.
+        arrays: file name -> array, each saved with ``np.save`` (no pickle).
+        npz: file name -> {key: array}, each saved with ``np.savez`` (byte-deterministic).
+        faiss_indexes: score -> FAISS index, saved under :func:`~indexer.store.layout.faiss_file`.
+        metadata_rows: the rows of the SQLite table.
+        extra_files: file name -> source path, copied in (the checkpoint).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        OSError: the folder cannot be written (nothing is left under ``out_dir`` then).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f"{scratch_prefix(out_dir)}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name, array in arrays.items():
+            np.save(tmp / name, array, allow_pickle=False)
+        for name, members in npz.items():
+            # byte-deterministic: savez adds members via ZipFile.open(name, "w"), whose ZipInfo carries the
+            # fixed date 1980-01-01, not the clock; a resumed build's checksums rely on it
+            with open(tmp / name, "wb") as fh:
+                np.savez(fh, **members)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
+        for score, index in faiss_indexes.items():
+            write_faiss_index(index, tmp / faiss_file(score.value))
+        _write_metadata(tmp / METADATA_FILE, metadata_rows)
+        for name, source in extra_files.items():
+            shutil.copyfile(source, tmp / name)
+        files = {
+            p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        document = manifest.with_files(files).to_file_json()
+        (tmp / MANIFEST_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        for p in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f"{replaced_prefix(out_dir)}{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_metadata(path: Path, rows: list[MetadataRow]) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(
+            f"CREATE TABLE {SQLITE_TABLE} (split TEXT NOT NULL, row INTEGER NOT NULL, label, "
+            "metadata TEXT NOT NULL, PRIMARY KEY (split, row))"
+        )
+        db.executemany(
+            f"INSERT INTO {SQLITE_TABLE} VALUES (?, ?, ?, ?)",
+            [(split, row, label, json.dumps(meta, sort_keys=True)) for split, row, label, meta in rows],
+        )
+    # a closed connection in rollback-journal mode leaves one self-contained file
+    sqlite3.connect(path).close()

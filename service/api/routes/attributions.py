@@ -1,0 +1,213 @@
+"""Attribution routes (DESIGN.md 2.2): ranked examples, greedy subsets and coresets, each as a POST with a
+JSON body and (for stored queries) a read-only, linkable GET form that answers exactly what the POST does.
+
+Each route translates: request schema -> limits -> engine call -> response schema. Sync handlers: FastAPI
+runs them in its thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter
+from fastapi import Query as Param
+from pydantic import BaseModel
+
+from indexer.enums import Direction, Objective, Score
+from indexer.exceptions import InvalidQueryError
+from service.api.deps import IndexDep, SettingsDep
+from service.api.errors import ERROR_RESPONSES
+from service.api.schemas import (
+    AttributedExample,
+    AttributionRequest,
+    AttributionResponse,
+    CoresetMember,
+    CoresetRequest,
+    CoresetResponse,
+    FeatureQuery,
+    QueryInfo,
+    QuerySpec,
+    ScoreSet,
+    StoredQuery,
+    SubsetMember,
+    SubsetRequest,
+    SubsetResponse,
+    Timings,
+)
+from service.engine.engine import AttributionEngine, QueryDescription
+from service.engine.engine import Timings as EngineTimings
+from service.engine.query import Query
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["attributions"])
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def _clamp_defaults(request: RequestT, limits: dict[str, int]) -> RequestT:
+    """Lower the fields the caller left at their defaults to the limits (an explicit value is checked)."""
+    update = {
+        name: limit
+        for name, limit in limits.items()
+        if name not in request.model_fields_set and getattr(request, name) > limit
+    }
+    return request.model_copy(update=update) if update else request
+
+
+def _check_limit(name: str, value: int, limit: int, why: str) -> None:
+    if value > limit:
+        raise InvalidQueryError(f"{name} must be at most {limit} ({why}); got {value}")
+
+
+def _query(engine: AttributionEngine, spec: QuerySpec) -> Query:
+    if isinstance(spec, StoredQuery):
+        return engine.queries.stored(spec.id)
+    if isinstance(spec, FeatureQuery):
+        return engine.queries.feature(spec.feature)
+    return engine.queries.input(spec.input, spec.target)
+
+
+def _query_info(description: QueryDescription) -> QueryInfo:
+    return QueryInfo(**vars(description))
+
+
+def _score_set(scores: dict[Score, float]) -> ScoreSet:
+    return ScoreSet(**{score.value: value for score, value in scores.items()})
+
+
+def _timings(timings: EngineTimings, started: float) -> Timings:
+    return Timings(
+        featurize_ms=timings.featurize_ms,
+        retrieve_ms=timings.retrieve_ms,
+        rerank_ms=timings.rerank_ms,
+        total_ms=(time.perf_counter() - started) * 1e3,
+    )
+
+
+@router.post("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
+def attributions(request: AttributionRequest, engine: IndexDep, settings: SettingsDep) -> AttributionResponse:
+    """Training examples ranked by how much the query's prediction owes to them (DESIGN.md 1.3, 2.2)."""
+    started = time.perf_counter()
+    n = engine.data.n_train
+    request = _clamp_defaults(request, {"top_k": min(settings.max_top_k, n)})
+    _check_limit("top_k", request.top_k, min(settings.max_top_k, n), "the service limit and the index size")
+    candidates = request.candidates or settings.default_candidates
+    _check_limit("candidates", candidates, settings.max_candidates, "the service limit")
+    query = _query(engine, request.query)
+    found = engine.attribute(query, request.score, request.direction, request.top_k, candidates)
+    return AttributionResponse(
+        index=engine.name,
+        score=found.score,
+        direction=found.direction,
+        top_k=found.top_k,
+        candidates_searched=found.depth,
+        exact=found.exact,
+        query=_query_info(found.query),
+        results=[
+            AttributedExample(**{**vars(example), "scores": _score_set(example.scores)})
+            for example in found.examples
+        ],
+        timings=_timings(found.timings, started),
+    )
+
+
+@router.post(
+    "/v1/indexes/{name}/attributions/subset", response_model=SubsetResponse, responses=ERROR_RESPONSES
+)
+def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: SettingsDep) -> SubsetResponse:
+    """Greedy group attribution: the set of m examples with the largest joint score (DESIGN.md 1.4)."""
+    started = time.perf_counter()
+    n = engine.data.n_train
+    limits = {"size": min(settings.max_subset_size, n), "candidates": min(settings.max_subset_candidates, n)}
+    request = _clamp_defaults(request, limits)
+    for field in ("size", "candidates"):
+        _check_limit(field, getattr(request, field), limits[field], "the service limit and the index size")
+    if request.candidates < request.size:
+        raise InvalidQueryError(f"candidates ({request.candidates}) must be at least size ({request.size})")
+    query = _query(engine, request.query)
+    found = engine.subset(query, request.objective, request.size, request.candidates)
+    return SubsetResponse(
+        index=engine.name,
+        objective=found.objective,
+        size=found.size,
+        candidates=found.candidates,
+        query=_query_info(found.query),
+        members=[SubsetMember(**{**vars(m), "scores": _score_set(m.scores)}) for m in found.members],
+        joint=found.joint,
+        top_single_joint=found.top_single_joint,
+        timings=_timings(found.timings, started),
+    )
+
+
+@router.post("/v1/indexes/{name}/coreset", response_model=CoresetResponse, responses=ERROR_RESPONSES)
+def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) -> CoresetResponse:
+    """m training examples carrying the most information about a query set (summed information gain)."""
+    started = time.perf_counter()
+    limit = min(settings.max_coreset_size, engine.data.n_train)
+    _check_limit("size", request.size, limit, "the service limit and the index size")
+    found = engine.coreset(request.size, request.query_ids)
+    elapsed = (time.perf_counter() - started) * 1e3
+    return CoresetResponse(
+        index=engine.name,
+        size=found.size,
+        n_queries=found.n_queries,
+        members=[CoresetMember(**vars(m)) for m in found.members],
+        objective=found.objective,
+        timings=Timings(featurize_ms=0.0, retrieve_ms=0.0, rerank_ms=elapsed, total_ms=elapsed),
+    )
+
+
+# ---- read-only GET forms for stored queries (linked from the dashboard) -------------------------------
+
+QueryId = Annotated[int, Param(description="id of a stored query (see GET /v1/indexes/{name}/queries/{id})")]
+
+# the defaults of the POST bodies, so that a GET without options answers like a POST without them
+_ATTRIBUTION_DEFAULTS = AttributionRequest.model_validate({"query": {"id": 0}})
+_SUBSET_DEFAULTS = SubsetRequest.model_validate({"query": {"id": 0}})
+
+
+@router.get("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
+def attributions_by_id(
+    engine: IndexDep,
+    settings: SettingsDep,
+    query_id: QueryId,
+    top_k: Annotated[int, Param(ge=1, description="number of training examples to return")] = (
+        _ATTRIBUTION_DEFAULTS.top_k
+    ),
+    score: Annotated[Score, Param(description="ranking score (DESIGN.md 1.3)")] = _ATTRIBUTION_DEFAULTS.score,
+    direction: Annotated[Direction, Param(description="proponents, opponents or both (by magnitude)")] = (
+        _ATTRIBUTION_DEFAULTS.direction
+    ),
+    candidates: Annotated[int | None, Param(ge=1, description="retrieval depth before the rerank")] = None,
+) -> AttributionResponse:
+    """Read-only, linkable form of ``POST .../attributions`` for a stored query; the same response."""
+    body: dict[str, Any] = {
+        "query": {"id": query_id},
+        "top_k": top_k,
+        "score": score,
+        "direction": direction,
+        "candidates": candidates,
+    }
+    return attributions(AttributionRequest.model_validate(body), engine, settings)
+
+
+@router.get(
+    "/v1/indexes/{name}/attributions/subset", response_model=SubsetResponse, responses=ERROR_RESPONSES
+)
+def subset_by_id(
+    engine: IndexDep,
+    settings: SettingsDep,
+    query_id: QueryId,
+    size: Annotated[int, Param(ge=1, description="number of examples m in the greedy set")] = (
+        _SUBSET_DEFAULTS.size
+    ),
+    objective: Annotated[Objective, Param(description="joint score to maximise (DESIGN.md 1.4)")] = (
+        _SUBSET_DEFAULTS.objective
+    ),
+    candidates: Annotated[int, Param(ge=1, description="candidate pool size")] = _SUBSET_DEFAULTS.candidates,
+) -> SubsetResponse:
+    """Read-only, linkable form of ``POST .../attributions/subset`` for a stored query; the same response."""
+    body = {"query": {"id": query_id}, "size": size, "objective": objective, "candidates": candidates}
+    return subset_attribution(SubsetRequest.model_validate(body), engine, settings)

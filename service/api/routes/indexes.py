@@ -1,0 +1,67 @@
+"""Health, readiness and the indexes the service holds (DESIGN.md 2.2)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from service.api.deps import IndexDep, RegistryDep
+from service.api.errors import ERROR_RESPONSES
+from service.api.schemas import Health, IndexList, IndexSummary, Readiness
+from service.engine.engine import AttributionEngine
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz() -> Health:
+    """Liveness: the process answers."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
+async def readyz(registry: RegistryDep, response: Response) -> Readiness:
+    """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise."""
+    states = dict.fromkeys(registry.engines, "ready") | dict(registry.failures)
+    ready = bool(registry.engines) and not registry.failures
+    detail = None
+    if not states:
+        detail = f"no index folders (subfolders holding manifest.json) under {registry.root}"
+    if not ready:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return Readiness(ready=ready, indexes=states, detail=detail)
+
+
+def _summary(engine: AttributionEngine) -> IndexSummary:
+    manifest = engine.data.manifest
+    return IndexSummary(
+        name=engine.name,
+        ready=True,
+        n_train=engine.data.n_train,
+        n_query=engine.data.n_query,
+        k=engine.data.k,
+        model=manifest.model.to_json(),
+        projection=manifest.projection.to_json(),
+        surrogate=manifest.surrogate.to_json(),
+        faiss=manifest.faiss.to_json(),
+        raw_input_queries=engine.raw_inputs,
+        error=engine.model_error,
+    )
+
+
+@router.get("/v1/indexes", response_model=IndexList, tags=["indexes"])
+def list_indexes(registry: RegistryDep) -> IndexList:
+    """Every index under the root, ready or not."""
+    ready = [_summary(engine) for _, engine in sorted(registry.engines.items())]
+    broken = [
+        IndexSummary(name=name, ready=False, error=why, raw_input_queries=False)
+        for name, why in sorted(registry.failures.items())
+    ]
+    return IndexList(indexes=ready + broken)
+
+
+@router.get("/v1/indexes/{name}", response_model=IndexSummary, tags=["indexes"], responses=ERROR_RESPONSES)
+def get_index_summary(engine: IndexDep) -> IndexSummary:
+    """One index: sizes, model, projection, surrogate and FAISS settings from its manifest."""
+    return _summary(engine)

@@ -1,0 +1,414 @@
+"""The attribution engine of one index: queries in, typed results out (DESIGN.md 1.3, 1.4, 2.2).
+
+It composes the :class:`~service.engine.query.QueryFeaturizer` (a query from an id, a feature or a raw
+input), the :class:`~service.engine.retrieval.Retriever` (FAISS + exact rerank) and the index's
+:class:`~indexer.gp.surrogate.Surrogate` (subsets, coresets), and returns dataclasses that carry everything
+a response needs: scores, labels, predictions, metadata, the query's entropies and timings. The HTTP layer
+only translates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.enums import Direction, Objective, Score
+from indexer.features.tasks import gaussian_entropy
+from indexer.store.layout import (
+    KEY_H,
+    KEY_LABEL,
+    KEY_OUTPUT,
+    KEY_PREDICTION,
+    KEY_PROBABILITIES,
+    SPLIT_QUERY,
+    SPLIT_TRAIN,
+)
+from indexer.store.reader import IndexData
+from service.engine.query import Query, QueryFeaturizer, to_python
+from service.engine.retrieval import Ranked, Retriever
+
+__all__ = [
+    "AttributionEngine",
+    "QueryDescription",
+    "RankedExample",
+    "Attribution",
+    "SubsetMember",
+    "SubsetAttribution",
+    "CoresetMember",
+    "Coreset",
+    "ExampleRecord",
+    "Timings",
+]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Time per stage, in milliseconds (the route adds the total)."""
+
+    featurize_ms: float = 0.0
+    retrieve_ms: float = 0.0
+    rerank_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class QueryDescription:
+    """What the model and the surrogate say about a query.
+
+    Attributes:
+        kind, id, label, target, prediction, probabilities, output: as in :class:`~service.engine.Query`.
+        posterior_variance: v_q, posterior variance of f_q (output units squared).
+        output_entropy: differential entropy of f_q, 0.5 log(2 pi e v_q), nats (-inf when v_q = 0).
+        predictive_entropy: entropy of the label's predictive distribution by the output function, nats; None
+            for a bare feature.
+        metadata: a stored query's metadata (without its label), else None.
+    """
+
+    kind: str
+    id: int | None
+    label: int | float | None
+    target: int | float | None
+    prediction: int | float | None
+    probabilities: list[float] | None
+    output: float | None
+    posterior_variance: float
+    output_entropy: float
+    predictive_entropy: float | None
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class RankedExample:
+    """One ranked training example: rank (1 = best), id, label, the model's prediction on it, the sign and
+    value of the ranking score, every score of DESIGN.md 1.3, and its metadata (without the label)."""
+
+    rank: int
+    id: int
+    label: int | float | None
+    prediction: int | float | None
+    sign: int
+    signed_score: float
+    scores: dict[Score, float]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The answer to one attribution query: ranked examples, the query's description, the retrieval depth
+    used, whether the result is provably the exact top-k, and timings."""
+
+    score: Score
+    direction: Direction
+    top_k: int
+    depth: int
+    exact: bool
+    query: QueryDescription
+    examples: list[RankedExample]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class SubsetMember:
+    """One member of a greedy subset: its step (1-based), id, label, marginal gain and joint objective after
+    it (nats), every single-example score, and metadata."""
+
+    step: int
+    id: int
+    label: int | float | None
+    marginal_gain: float
+    joint: float
+    scores: dict[Score, float]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SubsetAttribution:
+    """A greedy subset (DESIGN.md 1.4): members in order, the joint objective of the whole set and of the
+    top-m single-example set (nats), the candidate pool size, and timings."""
+
+    objective: Objective
+    size: int
+    candidates: int
+    query: QueryDescription
+    members: list[SubsetMember]
+    joint: float
+    top_single_joint: float
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class CoresetMember:
+    """One coreset member: step (1-based), id, label, marginal gain and summed objective after it (nats)."""
+
+    step: int
+    id: int
+    label: int | float | None
+    marginal_gain: float
+    objective: float
+
+
+@dataclass(frozen=True)
+class Coreset:
+    """A greedy coreset over ``n_queries`` stored queries; ``objective`` is the whole set's, in nats."""
+
+    size: int
+    n_queries: int
+    members: list[CoresetMember]
+    objective: float
+
+
+@dataclass(frozen=True)
+class ExampleRecord:
+    """A training example or stored query as stored in the index.
+
+    Attributes:
+        split: ``"train"`` or ``"query"``; id: its row.
+        label, prediction, probabilities, output: the stored label and what the model said of it.
+        posterior_variance: h_i for a training example, else None.
+        metadata: everything else the indexer stored (without the label).
+        input_shape: shape of the model input; image_shape: ``(height, width)`` for image data, else None.
+    """
+
+    split: str
+    id: int
+    label: int | float | None
+    prediction: int | float | None
+    probabilities: list[float] | None
+    output: float | None
+    posterior_variance: float | None
+    metadata: dict[str, Any]
+    input_shape: tuple[int, ...]
+    image_shape: tuple[int, int] | None
+
+
+def _scores_at(scores: dict[Score, np.ndarray], i: int) -> dict[Score, float]:
+    return {score: float(values[i]) for score, values in scores.items()}
+
+
+def _without_label(meta: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in meta.items() if key != "label"}
+
+
+class AttributionEngine:
+    """Answers attribution queries against one loaded index.
+
+    Thread-safe: FAISS search and numpy are re-entrant, the model is only read, and the projection cache is
+    filled at construction, before any request.
+
+    Args:
+        data: the loaded index.
+        projection_cache_bytes: see :class:`~service.engine.query.QueryFeaturizer`.
+        checkpoint: weights for raw queries instead of the index's copy (same sha256 required).
+        trusted_factories: import-path model factories a manifest may name.
+        use_gpu: search FAISS on the GPUs; None: when FAISS sees one.
+
+    Raises:
+        ValueError: the model spec cannot be built, or ``use_gpu`` without a GPU.
+        ModelMismatchError: the stored checkpoint's parameter count differs from the manifest's.
+    """
+
+    def __init__(
+        self,
+        data: IndexData,
+        projection_cache_bytes: int = 0,
+        checkpoint: Path | None = None,
+        trusted_factories: frozenset[str] = frozenset(),
+        use_gpu: bool | None = None,
+    ) -> None:
+        self.data = data
+        self.queries = QueryFeaturizer(data, projection_cache_bytes, checkpoint, trusted_factories)
+        self.retriever = Retriever(data.surrogate, data.faiss_indexes, data.manifest.faiss.exact, use_gpu)
+
+    @property
+    def name(self) -> str:
+        """The index's name (its folder's)."""
+        return self.data.name
+
+    @property
+    def exact(self) -> bool:
+        """Whether results are provably the brute-force top-k (flat FAISS index)."""
+        return self.retriever.exact
+
+    @property
+    def raw_inputs(self) -> bool:
+        """Whether raw-input queries can be featurized; :attr:`model_error` says why not."""
+        return self.queries.model is not None
+
+    @property
+    def model_error(self) -> str | None:
+        """Why raw inputs are refused, or None."""
+        return self.queries.model_error
+
+    def describe(self, query: Query) -> QueryDescription:
+        """The query's prediction, posterior variance and entropies (nats), and a stored query's metadata."""
+        v = query.terms.posterior_variance
+        predictive = None
+        if query.model_output is not None:
+            predictive = float(
+                self.queries.output_fn.predictive_entropy(query.model_output[None], np.array([v]))[0]
+            )
+        metadata = None
+        if query.id is not None:
+            metadata = _without_label(self.data.metadata.get_one(SPLIT_QUERY, query.id))
+        return QueryDescription(
+            kind=query.kind,
+            id=query.id,
+            label=query.label,
+            target=query.target,
+            prediction=query.prediction,
+            probabilities=query.probabilities,
+            output=query.output,
+            posterior_variance=v,
+            output_entropy=float(gaussian_entropy(v)),
+            predictive_entropy=predictive,
+            metadata=metadata,
+        )
+
+    def rank(self, query: Query, score: Score, direction: Direction, top_k: int, candidates: int) -> Ranked:
+        """Top-k training example ids with every score (see :class:`~service.engine.retrieval.Retriever`)."""
+        return self.retriever.rank(query.terms, score, direction, top_k, candidates)
+
+    def attribute(
+        self, query: Query, score: Score, direction: Direction, top_k: int, candidates: int
+    ) -> Attribution:
+        """Training examples ranked by ``score`` for ``query``, with labels, predictions and metadata.
+
+        Args:
+            query: a featurized query.
+            score: the ranking score; direction: proponents, opponents or both (by magnitude).
+            top_k: results wanted; candidates: initial FAISS depth (deepened when the index is exact).
+
+        Returns:
+            :class:`Attribution`.
+        """
+        ranked = self.rank(query, score, direction, top_k, candidates)
+        ids = [int(i) for i in ranked.ids]
+        meta = self.data.metadata.get(SPLIT_TRAIN, ids)
+        predictions = self.data.examples[KEY_PREDICTION][ranked.ids]
+        examples = [
+            RankedExample(
+                rank=r + 1,
+                id=i,
+                label=meta.get(i, {}).get("label"),
+                prediction=predictions[r].item(),
+                sign=int(np.sign(ranked.signed[r])),
+                signed_score=float(ranked.signed[r]),
+                scores=_scores_at(ranked.scores, r),
+                metadata=_without_label(meta.get(i, {})),
+            )
+            for r, i in enumerate(ids)
+        ]
+        return Attribution(
+            score=score,
+            direction=direction,
+            top_k=top_k,
+            depth=ranked.depth,
+            exact=self.exact,
+            query=self.describe(query),
+            examples=examples,
+            timings=Timings(query.featurize_ms, ranked.retrieve_ms, ranked.rerank_ms),
+        )
+
+    def subset(self, query: Query, objective: Objective, size: int, candidates: int) -> SubsetAttribution:
+        """Greedy subset over the top ``candidates`` examples by the objective's single-example score.
+
+        Args:
+            query: a featurized query.
+            objective: the joint score to maximise (DESIGN.md 1.4).
+            size: m; candidates: the pool (at least ``size``).
+
+        Returns:
+            :class:`SubsetAttribution`, with the joint score of the top-m single-example set for comparison.
+        """
+        pool_size = max(candidates, size)
+        pool = self.rank(query, Score(objective.value), Direction.BOTH, pool_size, pool_size)
+        surrogate = self.data.surrogate
+        greedy = surrogate.greedy_subset(objective, query.terms, pool.ids, size)
+        top_single_joint = surrogate.joint_score(objective, query.terms, pool.ids[:size])
+        ids = [int(i) for i in pool.ids[greedy.indices]]
+        meta = self.data.metadata.get(SPLIT_TRAIN, ids)
+        members = [
+            SubsetMember(
+                step=step + 1,
+                id=i,
+                label=meta.get(i, {}).get("label"),
+                marginal_gain=float(greedy.marginal_gains[step]),
+                joint=float(greedy.joint[step]),
+                scores=_scores_at(pool.scores, int(greedy.indices[step])),
+                metadata=_without_label(meta.get(i, {})),
+            )
+            for step, i in enumerate(ids)
+        ]
+        return SubsetAttribution(
+            objective=objective,
+            size=size,
+            candidates=len(pool.ids),
+            query=self.describe(query),
+            members=members,
+            joint=float(greedy.joint[-1]),
+            top_single_joint=float(top_single_joint),
+            timings=Timings(query.featurize_ms, pool.retrieve_ms, pool.rerank_ms),
+        )
+
+    def coreset(self, size: int, query_ids: list[int] | None) -> Coreset:
+        """Greedy coreset maximising the summed information gain over stored queries (DESIGN.md 1.4).
+
+        Args:
+            size: m.
+            query_ids: stored queries forming the query set; None for all.
+
+        Raises:
+            UnknownExampleError: an unknown query id, or an index without stored queries.
+        """
+        ids = list(range(self.data.n_query)) if query_ids is None else query_ids
+        self.data.check_ids(SPLIT_QUERY, ids)
+        result = self.data.surrogate.coreset(self.data.query_phi[ids], size)
+        rows = [int(i) for i in result.indices]
+        meta = self.data.metadata.get(SPLIT_TRAIN, rows)
+        members = [
+            CoresetMember(
+                step=step + 1,
+                id=i,
+                label=meta.get(i, {}).get("label"),
+                marginal_gain=float(result.marginal_gains[step]),
+                objective=float(result.objective[step]),
+            )
+            for step, i in enumerate(rows)
+        ]
+        return Coreset(size=size, n_queries=len(ids), members=members, objective=float(result.objective[-1]))
+
+    def example(self, split: str, example_id: int) -> ExampleRecord:
+        """A training example (``split="train"``) or stored query (``"query"``) as the index holds it.
+
+        Raises:
+            UnknownExampleError: no such id in ``split``.
+        """
+        self.data.check_ids(split, [example_id])
+        stats = self.data.examples if split == SPLIT_TRAIN else self.data.queries
+        meta = self.data.metadata.get_one(split, example_id)
+        probabilities = stats.get(KEY_PROBABILITIES)
+        h = stats.get(KEY_H) if split == SPLIT_TRAIN else None
+        info = self.data.manifest.model
+        return ExampleRecord(
+            split=split,
+            id=example_id,
+            label=to_python(stats[KEY_LABEL][example_id]),
+            prediction=to_python(stats[KEY_PREDICTION][example_id]),
+            probabilities=None if probabilities is None else probabilities[example_id].tolist(),
+            output=float(stats[KEY_OUTPUT][example_id]),
+            posterior_variance=None if h is None else float(h[example_id]),
+            metadata=_without_label(meta),
+            input_shape=info.input_shape,
+            image_shape=info.image_shape,
+        )
+
+    def example_input(self, split: str, example_id: int) -> np.ndarray:
+        """`(*input_shape)` the stored input of a training example or stored query (memory-mapped).
+
+        Raises:
+            UnknownExampleError: no such id in ``split``.
+        """
+        self.data.check_ids(split, [example_id])
+        return np.asarray((self.data.inputs if split == SPLIT_TRAIN else self.data.query_inputs)[example_id])

@@ -1,0 +1,255 @@
+"""Queries: the three ways to give one (a stored id, a precomputed feature, a raw input) made into a
+featurized :class:`Query` with the index's own model, projection and output function (DESIGN.md 2.2).
+
+:class:`QueryFeaturizer` rebuilds the model an index was made from, under the service's trust policy: an
+index names its architecture (a registered factory, or an import path that only an operator may allow)
+and its weights (the index's own copy, or a configured checkpoint that must have the same sha256). When
+the model cannot be rebuilt, stored-id and feature queries still work and raw inputs are refused with the
+reason (:class:`~indexer.exceptions.ModelMismatchError`, HTTP 409).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.exceptions import InvalidQueryError, ModelMismatchError
+from indexer.features.featurize import count_parameters, example_gradient
+from indexer.features.models import build_model, load_checkpoint
+from indexer.features.projection import RandomProjection
+from indexer.features.tasks import OutputFunction, output_function_from_spec
+from indexer.gp.scores import QueryTerms
+from indexer.store.hashing import sha256_file
+from indexer.store.layout import (
+    CHECKPOINT_FILE,
+    KEY_LABEL,
+    KEY_MODEL_OUTPUT,
+    KEY_OUTPUT,
+    KEY_PREDICTION,
+    KEY_PROBABILITIES,
+    SPLIT_QUERY,
+)
+from indexer.store.reader import IndexData
+
+__all__ = ["Query", "QueryFeaturizer", "to_python"]
+
+
+def to_python(value: Any) -> Any:
+    """A numpy scalar as the Python scalar JSON needs; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@dataclass(frozen=True)
+class Query:
+    """A featurized query.
+
+    Attributes:
+        kind: ``"stored"``, ``"input"`` or ``"feature"``.
+        terms: whitened :class:`~indexer.gp.scores.QueryTerms`.
+        id: stored query id, else None.
+        target: the target explained (label or predicted class), None for a bare feature.
+        label: the stored query's true label, else None.
+        prediction: predicted class or value, None for a bare feature.
+        probabilities: `(n_classes,)` softmax, classification only.
+        output: output-function value m_q, None for a bare feature.
+        model_output: `(n_outputs,)` raw outputs, None for a bare feature.
+        featurize_ms: time spent featurizing, in milliseconds.
+    """
+
+    kind: str
+    terms: QueryTerms
+    id: int | None = None
+    target: float | int | None = None
+    label: float | int | None = None
+    prediction: float | int | None = None
+    probabilities: list[float] | None = None
+    output: float | None = None
+    model_output: np.ndarray | None = None
+    featurize_ms: float = 0.0
+
+
+class QueryFeaturizer:
+    """Makes :class:`Query` objects for one index.
+
+    Args:
+        data: the loaded index.
+        projection_cache_bytes: keep R in memory (for millisecond query featurization) when its size
+            ``n_params * k * 4`` bytes is at most this; otherwise R's blocks are regenerated per query.
+        checkpoint: featurize raw queries with these weights instead of the index's own copy; refused for
+            raw inputs unless its sha256 equals the index's stored checkpoint or the file it was built from.
+        trusted_factories: import-path model factories a manifest may name; any other import path is not
+            imported (an index folder must not make the service run arbitrary code).
+
+    Attributes:
+        output_fn: the index's output function.
+        model: the rebuilt network in eval mode, or None when raw inputs cannot be featurized.
+        projection: the index's projection, or None with ``model``.
+        model_error: why raw inputs are refused, or None.
+
+    Raises:
+        ValueError: the output function is unknown, or the stored model spec cannot be built or its
+            checkpoint does not fit it.
+        ModelMismatchError: the rebuilt model's parameter count differs from the manifest's.
+    """
+
+    def __init__(
+        self,
+        data: IndexData,
+        projection_cache_bytes: int,
+        checkpoint: Path | None = None,
+        trusted_factories: frozenset[str] = frozenset(),
+    ) -> None:
+        self.data = data
+        info = data.manifest.model
+        self.output_fn: OutputFunction = output_function_from_spec(info.output_function, info.output_params)
+        self.input_shape = info.input_shape
+        self.model: torch.nn.Module | None = None
+        self.projection: RandomProjection | None = None
+        self.model_error = self._refusal(checkpoint, trusted_factories)
+        if info.spec is not None and self.model_error is None:
+            model = build_model(info.spec)
+            load_checkpoint(model, data.path / CHECKPOINT_FILE if checkpoint is None else Path(checkpoint))
+            n_params = count_parameters(model)
+            if n_params != info.n_params:
+                raise ModelMismatchError(
+                    f"{data.path / CHECKPOINT_FILE}: model has {n_params} parameters, "
+                    f"the manifest expects {info.n_params}"
+                )
+            self.model = model.eval()
+            proj = data.manifest.projection
+            self.projection = RandomProjection(
+                n_params, proj.k, proj.seed, proj.kind, cache_bytes=projection_cache_bytes
+            )
+            for _ in self.projection.blocks():  # fill the cache now, not on the first request
+                pass
+
+    def _refusal(self, checkpoint: Path | None, trusted_factories: frozenset[str]) -> str | None:
+        """Why raw inputs cannot be featurized (no spec, untrusted factory, another checkpoint), or None."""
+        info, name = self.data.manifest.model, self.data.name
+        if info.spec is None:
+            return f"index {name!r} was built without a model spec; query it by stored id or by feature"
+        if ":" in info.spec.factory and info.spec.factory not in trusted_factories:
+            return (
+                f"index {name!r} names the model factory {info.spec.factory!r}, an import path that the "
+                "service does not import unless INFOTRACE_TRUSTED_MODEL_FACTORIES lists it"
+            )
+        if checkpoint is not None:
+            weights = Path(checkpoint)
+            digest = sha256_file(weights) if weights.is_file() else "missing"
+            if digest not in {info.checkpoint_sha256, info.source_checkpoint_sha256}:
+                return (
+                    f"checkpoint {weights} (sha256 {digest[:12]}...) is not the one index {name!r} "
+                    f"was built from (sha256 {info.checkpoint_sha256[:12]}...); raw inputs "
+                    "would mix two models, so only stored-id and feature queries are served"
+                )
+        return None
+
+    def stored(self, query_id: int) -> Query:
+        """A stored query (held-out example featurized at index time).
+
+        Raises:
+            UnknownExampleError: no stored query with this id.
+        """
+        self.data.check_ids(SPLIT_QUERY, [query_id])
+        q = self.data.queries
+        probabilities = q.get(KEY_PROBABILITIES)
+        model_output = q.get(KEY_MODEL_OUTPUT)
+        return Query(
+            kind="stored",
+            terms=self.data.surrogate.query_terms(self.data.query_phi[query_id]),
+            id=query_id,
+            target=to_python(q[KEY_LABEL][query_id]),
+            label=to_python(q[KEY_LABEL][query_id]),
+            prediction=to_python(q[KEY_PREDICTION][query_id]),
+            probabilities=None if probabilities is None else probabilities[query_id].tolist(),
+            output=float(q[KEY_OUTPUT][query_id]),
+            model_output=None if model_output is None else model_output[query_id],
+        )
+
+    def feature(self, feature: list[float]) -> Query:
+        """A precomputed projected feature phi_q.
+
+        Raises:
+            InvalidQueryError: not a finite `(k,)` vector of float32-representable numbers.
+        """
+        phi = np.asarray(feature, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            fits = bool(np.all(np.isfinite(phi.astype(np.float32))))
+        if not fits:
+            raise InvalidQueryError("feature values must be finite float32 numbers (|x| < 3.4e38)")
+        return Query(kind="feature", terms=self.data.surrogate.query_terms(phi))
+
+    def input(self, raw: Any, target: float | int | None = None) -> Query:
+        """Featurize a raw input with the index's model, projection and output function.
+
+        Args:
+            raw: nested lists of shape ``input_shape`` (the manifest's).
+            target: the label to explain; None explains the predicted class.
+
+        Raises:
+            InvalidQueryError: wrong shape, non-numeric or non-finite values, a bad target.
+            ModelMismatchError: the model cannot be rebuilt (see :attr:`model_error`).
+        """
+        if self.model is None or self.projection is None:
+            raise ModelMismatchError(self.model_error or "this index cannot featurize raw inputs")
+        started = time.perf_counter()
+        inputs = self._input_tensor(raw)
+        with torch.no_grad():
+            raw_out = self.model(inputs).reshape(1, -1).numpy()
+        prediction, probabilities = self.output_fn.predict(raw_out)
+        target_value = self._target(target, raw_out, probabilities is not None)
+        dtype = torch.int64 if probabilities is not None else torch.float32
+        gradient, out, _ = example_gradient(
+            self.model, self.output_fn, inputs[0], torch.tensor(target_value, dtype=dtype)
+        )
+        phi = self.projection.project(gradient.numpy()[None])[0]
+        return Query(
+            kind="input",
+            terms=self.data.surrogate.query_terms(phi),
+            target=target_value,
+            prediction=to_python(prediction[0]),
+            probabilities=None if probabilities is None else probabilities[0].tolist(),
+            output=float(out),
+            model_output=raw_out[0],
+            featurize_ms=(time.perf_counter() - started) * 1e3,
+        )
+
+    def _input_tensor(self, raw: Any) -> torch.Tensor:
+        """`(1, *input_shape)` float32 tensor of a raw input, or a clear error."""
+        expected = f"a rectangular array of numbers with shape {list(self.input_shape)}"
+        try:
+            given = np.asarray(raw)
+        except ValueError as exc:  # ragged nesting
+            raise InvalidQueryError(f"input must be {expected}; its nested lists differ in length") from exc
+        if given.dtype.kind not in "iuf":
+            raise InvalidQueryError(f"input must be {expected}; it holds null, text or true/false values")
+        if given.shape != self.input_shape:
+            raise InvalidQueryError(
+                f"input must have shape {list(self.input_shape)}; got {list(given.shape)}"
+            )
+        with np.errstate(over="ignore"):
+            x = given.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise InvalidQueryError(
+                "input must be finite float32 numbers; it holds NaN, infinity or |x| > 3.4e38"
+            )
+        return torch.from_numpy(x)[None]
+
+    def _target(self, target: float | int | None, raw_out: np.ndarray, classification: bool) -> float | int:
+        """The target to explain: the given one, checked, or the default (the predicted class)."""
+        if target is None:
+            return to_python(self.output_fn.default_target(raw_out)[0])
+        if classification:
+            n_outputs = raw_out.shape[1]
+            if not (float(target).is_integer() and 0 <= int(target) < n_outputs):
+                raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
+            return int(target)
+        if not math.isfinite(float(target)):
+            raise InvalidQueryError("target must be finite")
+        return target

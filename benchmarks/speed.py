@@ -26,11 +26,7 @@ markdown report. The target compared against is p50 <= 10 ms per raw-input query
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -45,12 +41,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import indexer.demo
+from benchmarks.common import benchmark_parser, latency_stats, load_average, machine_info, write_report_files
+from benchmarks.live_server import running_service
 from indexer.data import load_mnist_sample
 from indexer.enums import Direction, Score
 from indexer.index_format import load_index, read_manifest
 from service.app import limit_threads
 from service.engine import AttributionEngine, Query, Ranked
-from service.process import running_service
 
 TOP_K = 10
 CANDIDATES = 100
@@ -61,68 +58,11 @@ READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
 INDEX_NAME = indexer.demo.DEMO_NAME
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 def log(message: str) -> None:
     """A status line on stderr that does not break the progress bars."""
     tqdm.write(f"[speed] {message}", file=sys.stderr)
-
-
-def latency_stats(values_ms: Sequence[float]) -> dict[str, float | int]:
-    """p50, p90, p99, mean, min and max of a list of latencies in milliseconds."""
-    a = np.asarray(values_ms, dtype=np.float64)
-    if a.size == 0:
-        raise ValueError("no latencies to summarise")
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {
-        "n": int(a.size),
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(a.mean()),
-        "min_ms": float(a.min()),
-        "max_ms": float(a.max()),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPUs, library versions and the date."""
-    import faiss
-    import fastapi
-    import pydantic
-    import torch
-    import uvicorn
-
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "thread_env": {key: os.environ.get(key) for key in THREAD_ENV_VARS},
-        "python": platform.python_version(),
-        "versions": {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "faiss": faiss.__version__,
-            "fastapi": fastapi.__version__,
-            "uvicorn": uvicorn.__version__,
-            "pydantic": pydantic.__version__,
-            "httpx": httpx.__version__,
-        },
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ---- 1. indexing ---------------------------------------------------------------------------------------
@@ -448,9 +388,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = benchmark_parser("python -m benchmarks.speed", __doc__)
     parser.add_argument(
         "--index-root",
         type=Path,
@@ -500,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p50 = http["raw_input"]["client"]["p50_ms"]
     report = {
         "benchmark": "infotrace speed",
-        "machine": machine | {"loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine | {"loadavg_at_end": load_average()},
         "settings": {
             "index": INDEX_NAME,
             "k": int(manifest["projection"]["k"]),
@@ -527,11 +465,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "http": http,
         "benchmark_wall_seconds": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out.parent / "SPEED.md").write_text(text)
-    log(f"wrote {args.out} and {args.out.parent / 'SPEED.md'} in {report['benchmark_wall_seconds']:.0f} s")
+    markdown_path = write_report_files(args.out, report, text, "SPEED.md")
+    log(f"wrote {args.out} and {markdown_path} in {report['benchmark_wall_seconds']:.0f} s")
     print(text)
     return report
 

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import torch
 
+from benchmarks.live_server import running_service
 from indexer.build import IndexConfig, build_index
 from indexer.data import Dataset
 from indexer.enums import Direction, Objective, Score
 from indexer.models import ModelSpec, build_model
 from indexer.tasks import ClassificationMargin
-from service.process import running_service
 
 pytestmark = pytest.mark.slow
 

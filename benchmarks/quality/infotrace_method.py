@@ -85,6 +85,10 @@ class InfotraceFeatures:
             self._train.phi, self._train.beta, self._train.grad_term
         ).prior_precision
 
+    def fitted_for(self, model: nn.Module) -> bool:
+        """Whether :meth:`fit` last ran on this very ``model`` object (so its features can be reused)."""
+        return self._model is model and self._train is not None
+
     @property
     def train(self) -> _Train:
         """The fitted training features.
@@ -179,7 +183,7 @@ class InfotraceMethod:
 
     def fit(self, model: nn.Module, train_inputs: torch.Tensor, train_targets: torch.Tensor) -> None:
         """Featurize the training set (shared by the five scores: only the first call does work)."""
-        if self.features._model is not model or self.features._train is None:
+        if not self.features.fitted_for(model):
             self.features.fit(model, train_inputs, train_targets)
 
     def _tau(self, damping: float | None) -> float:

@@ -49,9 +49,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.speed import machine_info
+from benchmarks.common import benchmark_parser, latency_stats, load_average, machine_info, write_report_files
+from benchmarks.live_server import running_service
 from indexer.enums import Direction, Objective, Score
-from service.process import running_service
 
 __all__ = [
     "DEFAULT_MIX",
@@ -305,23 +305,6 @@ async def _worker(
             samples.append(await _send(client, maker.draw(rng), worker))
 
 
-def latency_summary(values_ms: Sequence[float]) -> dict[str, float | int | None]:
-    """n, p50, p90, p99, mean, min and max in milliseconds (None values when there are none)."""
-    a = np.asarray(values_ms, dtype=np.float64)
-    if a.size == 0:
-        return dict.fromkeys(("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms"), None) | {"n": 0}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {
-        "n": int(a.size),
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(a.mean()),
-        "min_ms": float(a.min()),
-        "max_ms": float(a.max()),
-    }
-
-
 async def run_load_async(
     base_url: str,
     *,
@@ -400,10 +383,12 @@ async def run_load_async(
     failed = [s for s in samples if s.error is not None]
     ok = [s for s in samples if s.error is None]
     latency = {
-        "ok": {"overall": latency_summary([s.latency_ms for s in ok])}
-        | {kind: latency_summary([s.latency_ms for s in ok if s.kind == kind]) for kind in maker.kinds},
-        "all": {"overall": latency_summary([s.latency_ms for s in samples])}
-        | {kind: latency_summary([s.latency_ms for s in samples if s.kind == kind]) for kind in maker.kinds},
+        name: {"overall": latency_stats([s.latency_ms for s in rows], allow_empty=True)}
+        | {
+            kind: latency_stats([s.latency_ms for s in rows if s.kind == kind], allow_empty=True)
+            for kind in maker.kinds
+        }
+        for name, rows in (("ok", ok), ("all", samples))
     }
     return {
         "settings": {
@@ -566,9 +551,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = benchmark_parser("python -m benchmarks.load", __doc__)
     parser.add_argument(
         "--index-root",
         type=Path,
@@ -604,7 +587,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _test_inputs(n: int) -> list[list[float]]:
-    from indexer.data import load_mnist_sample
+    from indexer.demo.mnist import load_mnist_sample
 
     _, test = load_mnist_sample()
     return [row.tolist() for row in test.inputs[:n]]
@@ -645,15 +628,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     result["server_cpu_seconds"] = cpu_after - cpu_before  # warm-up and load
     report = {
         "benchmark": "infotrace load",
-        "machine": machine | {"loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine | {"loadavg_at_end": load_average()},
         "server": server,
         **result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out.parent / "LOAD.md").write_text(text)
-    print(f"[load] wrote {args.out} and {args.out.parent / 'LOAD.md'}", file=sys.stderr)
+    markdown_path = write_report_files(args.out, report, text, "LOAD.md")
+    print(f"[load] wrote {args.out} and {markdown_path}", file=sys.stderr)
     print(text)
     return report
 

@@ -4,17 +4,17 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.speed --index-root var/indexes --out benchmarks/results/speed.json
 
-1. Indexing. The demo index (MLP 784-64-10 on 4,000 real MNIST digits, k = 512) is built from scratch with
-   ``indexer.demo.build_demo_index(root, force=True, progress=False)`` into a temporary index root made as a
-   sibling of ``--index-root`` (``<index-root>/../.speed-*``), so the demo's checkpoint cache
+1. Indexing. The demo index (MLP 784-64-10 on 4,000 real MNIST digits, k = 512) is built from scratch
+   with ``indexer.demo.mnist.build_demo_index(root, force=True, progress=False)`` into a temporary index
+   root made as a sibling of ``--index-root`` (``<index-root>/../.speed-*``), so the demo's checkpoint cache
    ``<index-root>/../cache`` is the very one ``make index-demo`` uses. When the checkpoint is not cached,
    the demo trains the model; that time is reported separately as ``training_seconds``. The indexing time
    is the ``build_index`` call alone: checkpoint load, featurize + project (the training digits and the
    stored queries), surrogate fit, score vectors, FAISS, write. Bytes on disk per training example =
    size of the index folder / n_train.
 2. In-process latency (no HTTP): ``load_index`` + ``AttributionEngine``; raw-input queries (test digits)
-   timed as featurize (``engine.input_query``) and rank (``engine.rank``: FAISS retrieval + exact
-   float64 rerank), and stored-id queries (``engine.stored_query``), after warm-up queries.
+   timed as featurize (``engine.queries.input``) and rank (``engine.rank``: FAISS retrieval + exact
+   float64 rerank), and stored-id queries (``engine.queries.stored``), after warm-up queries.
 3. Live-service latency: uvicorn in a real subprocess on a free loopback port, one persistent
    ``httpx.Client``, sequential ``POST /v1/indexes/digits/attributions`` requests (raw inputs, then stored
    ids) after warm-ups; client-side latency and the server's own ``timings``.
@@ -26,11 +26,7 @@ markdown report. The target compared against is p50 <= 10 ms per raw-input query
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -44,13 +40,15 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-import indexer.demo
-from indexer.data import load_mnist_sample
+import indexer.demo.mnist as demo_mnist
+from benchmarks.common import benchmark_parser, latency_stats, load_average, machine_info, write_report_files
+from benchmarks.live_server import running_service
+from indexer.demo.mnist import load_mnist_sample
 from indexer.enums import Direction, Score
-from indexer.index_format import load_index, read_manifest
+from indexer.store.manifest import read_manifest
+from indexer.store.reader import load_index
 from service.app import limit_threads
 from service.engine import AttributionEngine, Query, Ranked
-from service.process import running_service
 
 TOP_K = 10
 CANDIDATES = 100
@@ -59,70 +57,13 @@ DIRECTION = Direction.BOTH
 TARGET_HTTP_P50_MS = 10.0
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 30.0
-INDEX_NAME = indexer.demo.DEMO_NAME
+INDEX_NAME = demo_mnist.DEMO_NAME
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 def log(message: str) -> None:
     """A status line on stderr that does not break the progress bars."""
     tqdm.write(f"[speed] {message}", file=sys.stderr)
-
-
-def latency_stats(values_ms: Sequence[float]) -> dict[str, float | int]:
-    """p50, p90, p99, mean, min and max of a list of latencies in milliseconds."""
-    a = np.asarray(values_ms, dtype=np.float64)
-    if a.size == 0:
-        raise ValueError("no latencies to summarise")
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {
-        "n": int(a.size),
-        "p50_ms": float(p50),
-        "p90_ms": float(p90),
-        "p99_ms": float(p99),
-        "mean_ms": float(a.mean()),
-        "min_ms": float(a.min()),
-        "max_ms": float(a.max()),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPUs, library versions and the date."""
-    import faiss
-    import fastapi
-    import pydantic
-    import torch
-    import uvicorn
-
-    cpu_model = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "torch_threads": torch.get_num_threads(),
-        "faiss_omp_threads": faiss.omp_get_max_threads(),
-        "thread_env": {key: os.environ.get(key) for key in THREAD_ENV_VARS},
-        "python": platform.python_version(),
-        "versions": {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "faiss": faiss.__version__,
-            "fastapi": fastapi.__version__,
-            "uvicorn": uvicorn.__version__,
-            "pydantic": pydantic.__version__,
-            "httpx": httpx.__version__,
-        },
-        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ---- 1. indexing ---------------------------------------------------------------------------------------
@@ -131,14 +72,14 @@ def machine_info() -> dict[str, Any]:
 def bench_indexing(index_root: Path) -> tuple[Path, dict[str, Any]]:
     """Build the demo index from scratch under ``index_root`` and time it.
 
-    ``trained_model`` and ``build_index`` are wrapped (as ``indexer.demo`` sees them) only to time them;
+    ``trained_model`` and ``build_index`` are wrapped (as ``indexer.demo.mnist`` sees them) only to time them;
     the demo's own checkpoint-cache logic decides whether training happens.
 
     Returns:
         ``(index_dir, results)``.
     """
-    real_trained_model = indexer.demo.trained_model
-    real_build_index = indexer.demo.build_index
+    real_trained_model = demo_mnist.trained_model
+    real_build_index = demo_mnist.build_index
     seen: dict[str, Any] = {}
 
     def timed_trained_model(spec: Any, data: Any, checkpoint: Path, *args: Any, **kwargs: Any) -> Any:
@@ -163,10 +104,10 @@ def bench_indexing(index_root: Path) -> tuple[Path, dict[str, Any]]:
     log(f"building the demo index from scratch under {index_root}")
     started = time.perf_counter()
     with (
-        mock.patch.object(indexer.demo, "trained_model", timed_trained_model),
-        mock.patch.object(indexer.demo, "build_index", timed_build_index),
+        mock.patch.object(demo_mnist, "trained_model", timed_trained_model),
+        mock.patch.object(demo_mnist, "build_index", timed_build_index),
     ):
-        index_dir = indexer.demo.build_demo_index(index_root, force=True, progress=False)
+        index_dir = demo_mnist.build_demo_index(index_root, force=True, progress=False)
     wall = time.perf_counter() - started
     if "checkpoint" not in seen or "build_index_seconds" not in seen:
         raise RuntimeError(
@@ -174,9 +115,8 @@ def bench_indexing(index_root: Path) -> tuple[Path, dict[str, Any]]:
         )
 
     manifest = read_manifest(index_dir)
-    counts = manifest["counts"]
-    n_train, n_query = int(counts["n_train"]), int(counts["n_query"])
-    timings = manifest["timings_seconds"]
+    n_train, n_query = manifest.counts.n_train, manifest.counts.n_query
+    timings = manifest.timings_seconds
     featurize = float(timings["featurize"])
     before_write = float(timings["total"])
     indexing = float(seen["build_index_seconds"])
@@ -231,7 +171,7 @@ def _time_queries(
         t0 = time.perf_counter()
         query = make_query(i)
         t1 = time.perf_counter()
-        ranked: Ranked = engine.rank(query.terms, SCORE, DIRECTION, TOP_K, CANDIDATES)
+        ranked: Ranked = engine.rank(query, SCORE, DIRECTION, TOP_K, CANDIDATES)
         t2 = time.perf_counter()
         if len(ranked.ids) != TOP_K:
             raise RuntimeError(f"{desc}: query {i} returned {len(ranked.ids)} results, expected {TOP_K}")
@@ -276,13 +216,13 @@ def bench_in_process(
     log(f"in-process: {n_queries} raw-input and {n_queries} stored-id queries after {warmup} warm-ups each")
     raw = _time_queries(
         engine,
-        lambda i: engine.input_query(test_inputs[i % len(test_inputs)]),
+        lambda i: engine.queries.input(test_inputs[i % len(test_inputs)]),
         n_queries,
         warmup,
         "in-process raw",
     )
     stored = _time_queries(
-        engine, lambda i: engine.stored_query(i % n_stored), n_queries, warmup, "in-process ids"
+        engine, lambda i: engine.queries.stored(i % n_stored), n_queries, warmup, "in-process ids"
     )
     return {
         "load_index_seconds": t1 - t0,
@@ -448,9 +388,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0] if __doc__ else None
-    )
+    parser = benchmark_parser("python -m benchmarks.speed", __doc__)
     parser.add_argument(
         "--index-root",
         type=Path,
@@ -485,10 +423,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         index_dir, indexing = bench_indexing(scratch)
         manifest = read_manifest(index_dir)
-        demo = manifest.get("demo", {})
+        demo = manifest.extra.get("demo", {})
         _, test = load_mnist_sample(n_train=int(demo.get("n_train", 4000)), seed=int(demo.get("seed", 0)))
         test_inputs = [row.tolist() for row in test.inputs]
-        n_stored = int(manifest["counts"]["n_query"])
+        n_stored = manifest.counts.n_query
         in_process = bench_in_process(index_dir, test_inputs, args.n_queries, args.warmup)
         http = bench_http(scratch, test_inputs, n_stored, args.n_queries, args.warmup, scratch / "server.log")
     finally:
@@ -500,15 +438,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p50 = http["raw_input"]["client"]["p50_ms"]
     report = {
         "benchmark": "infotrace speed",
-        "machine": machine | {"loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "machine": machine | {"loadavg_at_end": load_average()},
         "settings": {
             "index": INDEX_NAME,
-            "k": int(manifest["projection"]["k"]),
-            "n_train": int(manifest["counts"]["n_train"]),
+            "k": manifest.projection.k,
+            "n_train": manifest.counts.n_train,
             "n_query": n_stored,
-            "n_params": int(manifest["model"]["n_params"]),
+            "n_params": manifest.model.n_params,
             "demo": demo,
-            "faiss_factory": manifest["faiss"]["factory"],
+            "faiss_factory": manifest.faiss.factory,
             "top_k": TOP_K,
             "candidates": CANDIDATES,
             "score": SCORE.value,
@@ -527,11 +465,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "http": http,
         "benchmark_wall_seconds": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out.parent / "SPEED.md").write_text(text)
-    log(f"wrote {args.out} and {args.out.parent / 'SPEED.md'} in {report['benchmark_wall_seconds']:.0f} s")
+    markdown_path = write_report_files(args.out, report, text, "SPEED.md")
+    log(f"wrote {args.out} and {markdown_path} in {report['benchmark_wall_seconds']:.0f} s")
     print(text)
     return report
 

@@ -1,3 +1,14 @@
-"""Attribution-quality harness: batched subset retraining (:mod:`.retrain`) and the LDS (:mod:`.lds`)."""
+"""Attribution-quality harness (:mod:`.run`): infotrace against its peers (:mod:`.peers`) stage by stage
+(:mod:`.stages`), on batched subset retraining (:mod:`.retrain`) and the LDS (:mod:`.lds`)."""
 
-__all__ = ["lds", "retrain"]
+__all__ = [
+    "infotrace_method",
+    "lds",
+    "metrics",
+    "peers",
+    "report",
+    "retrain",
+    "run",
+    "setting",
+    "stages",
+]

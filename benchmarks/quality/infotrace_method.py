@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from indexer.enums import Score
-from indexer.featurize import count_parameters, tangent_features
-from indexer.projection import RandomProjection
-from indexer.scores import example_scores, signed_score
-from indexer.surrogate import Surrogate, fit_surrogate
-from indexer.tasks import ClassificationMargin
+from indexer.features.featurize import count_parameters, tangent_features
+from indexer.features.projection import RandomProjection
+from indexer.features.tasks import ClassificationMargin
+from indexer.gp.scores import signed_score
+from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 __all__ = ["InfotraceFeatures", "InfotraceMethod", "infotrace_methods"]
 
@@ -85,6 +85,10 @@ class InfotraceFeatures:
             self._train.phi, self._train.beta, self._train.grad_term
         ).prior_precision
 
+    def fitted_for(self, model: nn.Module) -> bool:
+        """Whether :meth:`fit` last ran on this very ``model`` object (so its features can be reused)."""
+        return self._model is model and self._train is not None
+
     @property
     def train(self) -> _Train:
         """The fitted training features.
@@ -100,7 +104,8 @@ class InfotraceFeatures:
         """The surrogate at prior precision ``tau`` (cached)."""
         if tau not in self._surrogates:
             t = self.train
-            self._surrogates[tau] = fit_surrogate(t.phi, t.beta, t.grad_term, prior_precision=tau)
+            # fitted on the float64 copy (the same values), so that scoring never converts the features again
+            self._surrogates[tau] = fit_surrogate(t.phi64, t.beta, t.grad_term, prior_precision=tau)
         return self._surrogates[tau]
 
     def query_phi(self, inputs: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
@@ -130,11 +135,7 @@ class InfotraceFeatures:
         """
         phi_q = self.query_phi(inputs, targets)
         sur = self.surrogate(tau)
-        t = self.train
-        return [
-            example_scores(sur.query_terms(phi), t.phi64, sur.whitened, sur.beta, sur.grad_term, sur.s, tau)
-            for phi in phi_q
-        ]
+        return [sur.scores(sur.query_terms(phi)) for phi in phi_q]
 
     def self_scores(self, tau: float) -> list[dict[Score, np.ndarray]]:
         """Each training example's scores for itself as the query (with its training label).
@@ -143,22 +144,7 @@ class InfotraceFeatures:
             One ``{Score: (1,) float64}`` per training example.
         """
         sur = self.surrogate(tau)
-        t = self.train
-        out = []
-        for i in range(len(t.phi)):
-            row = slice(i, i + 1)
-            out.append(
-                example_scores(
-                    sur.query_terms(t.phi[i]),
-                    t.phi64[row],
-                    sur.whitened[row],
-                    sur.beta[row],
-                    sur.grad_term[row],
-                    sur.s[row],
-                    tau,
-                )
-            )
-        return out
+        return [sur.scores(sur.query_terms(sur.phi[i]), slice(i, i + 1)) for i in range(sur.n_train)]
 
 
 class InfotraceMethod:
@@ -179,7 +165,7 @@ class InfotraceMethod:
 
     def fit(self, model: nn.Module, train_inputs: torch.Tensor, train_targets: torch.Tensor) -> None:
         """Featurize the training set (shared by the five scores: only the first call does work)."""
-        if self.features._model is not model or self.features._train is None:
+        if not self.features.fitted_for(model):
             self.features.fit(model, train_inputs, train_targets)
 
     def _tau(self, damping: float | None) -> float:

@@ -45,7 +45,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from indexer.data import Dataset
-from indexer.models import mlp
+from indexer.features.models import mlp
 
 __all__ = [
     "RetrainConfig",
@@ -250,7 +250,7 @@ def train_alone(
     Returns:
         The trained model (eval mode).
     """
-    from indexer.train import train_classifier
+    from indexer.demo.train import train_classifier
 
     rows = torch.from_numpy(np.flatnonzero(mask))
     subset = Dataset(train.inputs[rows], train.targets[rows])
@@ -437,7 +437,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--n-alone", type=int, default=8, help="models timed one at a time")
     args = parser.parse_args()
-    from indexer.data import load_mnist_sample
+    from indexer.demo.mnist import load_mnist_sample
 
     train, _ = load_mnist_sample(n_train=args.n_train)
     rng = np.random.default_rng(0)

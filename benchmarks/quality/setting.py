@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from benchmarks.quality.retrain import RetrainConfig, train_stacked
-from indexer.data import Dataset, load_mnist_sample
+from indexer.data import Dataset
+from indexer.demo.mnist import load_mnist_sample
 
 __all__ = [
     "QualityConfig",

@@ -8,7 +8,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["DEFAULT_PROJECTION_CACHE_BYTES", "Settings"]
+
+DEFAULT_PROJECTION_CACHE_BYTES = 1 << 30
+"""Keep the projection matrix R in memory when it is at most this many bytes (1 GiB): a raw query is then
+featurized in milliseconds instead of regenerating R's blocks (``INFOTRACE_PROJECTION_CACHE_BYTES``)."""
 
 
 class Settings(BaseSettings):
@@ -37,7 +41,9 @@ class Settings(BaseSettings):
         "one query is memory-bound, and several thread pools on few cores contend (3x slower, measured)",
     )
     projection_cache_bytes: int = Field(
-        1 << 30, ge=0, description="keep the projection matrix in memory when it is at most this many bytes"
+        DEFAULT_PROJECTION_CACHE_BYTES,
+        ge=0,
+        description="keep the projection matrix in memory when it is at most this many bytes",
     )
     max_body_bytes: int = Field(
         8 << 20, ge=1024, description="largest request body accepted, in bytes (larger: 413)"

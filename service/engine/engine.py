@@ -27,6 +27,7 @@ from indexer.store.layout import (
     SPLIT_TRAIN,
 )
 from indexer.store.reader import IndexData
+from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 from service.engine.query import Query, QueryFeaturizer, to_python
 from service.engine.retrieval import Ranked, Retriever
 
@@ -212,7 +213,7 @@ class AttributionEngine:
     def __init__(
         self,
         data: IndexData,
-        projection_cache_bytes: int = 0,
+        projection_cache_bytes: int = DEFAULT_PROJECTION_CACHE_BYTES,
         checkpoint: Path | None = None,
         trusted_factories: frozenset[str] = frozenset(),
         use_gpu: bool | None = None,

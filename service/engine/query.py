@@ -36,6 +36,7 @@ from indexer.store.layout import (
     SPLIT_QUERY,
 )
 from indexer.store.reader import IndexData
+from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 
 __all__ = ["Query", "QueryFeaturizer", "to_python"]
 
@@ -101,7 +102,7 @@ class QueryFeaturizer:
     def __init__(
         self,
         data: IndexData,
-        projection_cache_bytes: int,
+        projection_cache_bytes: int = DEFAULT_PROJECTION_CACHE_BYTES,
         checkpoint: Path | None = None,
         trusted_factories: frozenset[str] = frozenset(),
     ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from indexer.exceptions import IndexNotFoundError, IndexNotReadyError
 from indexer.store.layout import MANIFEST_FILE
 from indexer.store.reader import load_index
+from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 from service.engine.engine import AttributionEngine
 
 __all__ = ["IndexRegistry"]
@@ -33,7 +34,7 @@ class IndexRegistry:
     def load(
         cls,
         root: Path,
-        projection_cache_bytes: int = 0,
+        projection_cache_bytes: int = DEFAULT_PROJECTION_CACHE_BYTES,
         checkpoints: dict[str, Path] | None = None,
         trusted_factories: frozenset[str] = frozenset(),
         use_gpu: bool | None = None,
@@ -42,8 +43,7 @@ class IndexRegistry:
 
         Args:
             root: the index root.
-            projection_cache_bytes: see :class:`~service.engine.query.QueryFeaturizer` (the service passes
-                ``INFOTRACE_PROJECTION_CACHE_BYTES``; 0 regenerates R's blocks per query).
+            projection_cache_bytes: see :class:`~service.engine.query.QueryFeaturizer` .
             checkpoints: index name -> checkpoint to featurize raw queries with instead of the index's copy.
             trusted_factories: import-path model factories (``pkg.module:fn``) that manifests may name.
             use_gpu: search FAISS on the GPUs; None: when FAISS sees one.

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.numpy import save_file
 
-import indexer.store.reader as index_format
+import indexer.store.writer as writer
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
@@ -142,7 +142,7 @@ def test_crash_during_write_leaves_no_partial_index(tmp_path: Path, monkeypatch:
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_format, "_write_metadata", crash)
+    monkeypatch.setattr(writer, "_write_metadata", crash)
     with pytest.raises(OSError, match="disk full"):
         build_index(model, ClassificationMargin(), data, out, config=IndexConfig(k=8, seed=5), progress=False)
     # no temporary folder left behind; only the finished featurization shards, kept for a resumed build

@@ -233,9 +233,7 @@ def test_greedy_information_gain_prefers_a_distinct_example_to_a_second_copy(n_c
     distinct = n_copies
     sur = fit_surrogate(phi, beta, np.ones(len(beta)), prior_precision=tau)
     terms = sur.query_terms(phi_q)
-    single = sur.scores(terms)[
-        Score.INFORMATION_GAIN
-    ]
+    single = sur.scores(terms)[Score.INFORMATION_GAIN]
     np.testing.assert_array_equal(single[:n_copies], np.full(n_copies, single[0]))
     assert single[distinct] < single[1]  # meaningful: by single score, the second copy beats the distinct one
     assert np.argsort(-single, kind="stable")[:2].tolist() == [0, 1]
@@ -269,9 +267,7 @@ def test_greedy_information_loss_finds_a_group_of_copies(n_copies, rtol, atol_lo
     phi_q[0] = 1.0
     sur = fit_surrogate(phi, beta, np.ones(len(beta)), prior_precision=tau)
     terms = sur.query_terms(phi_q)
-    single = sur.scores(terms)[
-        Score.INFORMATION_LOSS
-    ]
+    single = sur.scores(terms)[Score.INFORMATION_LOSS]
     group = list(range(n_copies))
     group_joint = brute_joint(Objective.INFORMATION_LOSS, phi, beta, tau, phi_q, group)
     # each copy alone: small; the group: large, far more than the sum of its members' single scores

@@ -18,13 +18,13 @@ import httpx
 import pytest
 import torch
 
+from benchmarks.live_server import running_service
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.enums import Direction, Objective, Score
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import ClassificationMargin
-from service.process import running_service
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.process import running_service
+from benchmarks.live_server import running_service
 
 pytestmark = pytest.mark.slow
 

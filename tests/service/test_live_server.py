@@ -9,11 +9,11 @@ import httpx
 import numpy as np
 import pytest
 
+from benchmarks.live_server import running_service
 from indexer.data import Dataset
 from indexer.enums import Direction, Score
 from indexer.store.reader import load_index
 from service.engine import AttributionEngine
-from service.process import running_service
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.data import Dataset
-from indexer.features.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from indexer.features.models import build_model, load_checkpoint, save_checkpoint
 from indexer.store.manifest import read_manifest
 from service.app import create_app
 from service.core.settings import Settings
@@ -69,8 +69,8 @@ def test_json_log_lines_from_a_live_process(index_root: Path) -> None:
         "import logging.config, sys\n"
         "from fastapi.testclient import TestClient\n"
         "from service.app import create_app\n"
-        "from service.observability import configure_logging\n"
-        "from service.settings import Settings\n"
+        "from service.core.observability import configure_logging\n"
+        "from service.core.settings import Settings\n"
         "logging.config.dictConfig(configure_logging(True))\n"
         f"with TestClient(create_app(Settings(index_root={str(index_root)!r}))) as c:\n"
         "    c.get('/healthz', headers={'X-Request-ID': 'line-check'})\n"
@@ -181,8 +181,9 @@ def test_checkpoint_hash_mismatch_refuses_raw_queries(
     same = tmp_path / "same.safetensors"
     shutil.copyfile(index_root / "digits" / "model.safetensors", same)
     retrained = tmp_path / "retrained.safetensors"
-    spec = read_manifest(index_root / "digits")["model"]["spec"]
-    model = build_model(ModelSpec(spec["factory"], spec["kwargs"]))
+    spec = read_manifest(index_root / "digits").model.spec
+    assert spec is not None
+    model = build_model(spec)
     load_checkpoint(model, same)
     with torch.no_grad():
         model[0].bias += 0.01  # type: ignore[index,operator]

@@ -1,7 +1,8 @@
 """Run the service as a real uvicorn process on a free loopback port: for end-to-end tests and benchmarks.
 
 This is the production entry point (``infotrace-serve run``) in a subprocess, not an in-process app, so
-that what is measured or tested is what a user runs.
+that what is measured or tested is what a user runs. Only tests and benchmarks use it; nothing in
+``service/`` imports it.
 """
 
 from __future__ import annotations

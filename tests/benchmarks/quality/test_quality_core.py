@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from indexer.tasks import ClassificationMargin
 
 from benchmarks.quality import retrain
 from benchmarks.quality.lds import lds, noise_ceiling, per_query_spearman, random_subsets
@@ -19,7 +18,9 @@ from benchmarks.quality.retrain import (
     train_alone,
     train_stacked,
 )
-from indexer.data import Dataset, load_mnist_sample
+from indexer.data import Dataset
+from indexer.demo.mnist import load_mnist_sample
+from indexer.features.tasks import ClassificationMargin
 
 N_TRAIN, N_QUERY = 200, 16
 CONFIG = RetrainConfig(epochs=2)

@@ -14,8 +14,6 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from indexer.models import mlp
-from indexer.train import train_classifier
 from scipy.stats import spearmanr
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
@@ -30,6 +28,8 @@ from benchmarks.quality.peers import (
 )
 from benchmarks.quality.retrain import margins
 from indexer.data import Dataset
+from indexer.demo.train import train_classifier
+from indexer.features.models import mlp
 
 if missing_peers():
     pytest.skip(f"peer packages not importable: {', '.join(missing_peers())}", allow_module_level=True)

@@ -9,12 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from indexer.scores import example_scores
-from indexer.surrogate import fit_surrogate
 
 from benchmarks.quality.infotrace_method import infotrace_methods
 from benchmarks.quality.retrain import retrain_logits
-from benchmarks.quality.run import HarnessError, _top_k_masks, check_result
 from benchmarks.quality.setting import (
     plant_mislabels,
     plant_near_duplicates,
@@ -23,6 +20,8 @@ from benchmarks.quality.setting import (
     train_reference,
 )
 from indexer.enums import Score
+from indexer.gp.scores import example_scores
+from indexer.gp.surrogate import fit_surrogate
 
 CONFIG = dataclasses.replace(quick_config(), n_train=200, k=32, epochs=1)
 
@@ -85,12 +84,6 @@ def test_reference_model_equals_the_full_retrain_with_seed_zero(data) -> None:
         np.testing.assert_allclose(model(queries.test.inputs[:20]).numpy(), logits[0], atol=1e-5)
 
 
-def test_top_k_masks_remove_each_rows_highest_scores() -> None:
-    scores = np.array([[0.1, 0.9, 0.5, 0.9], [3.0, -1.0, 2.0, 1.0]])
-    masks = _top_k_masks(scores, 2, 4)
-    np.testing.assert_array_equal(masks, [[True, False, True, False], [False, True, False, True]])
-
-
 def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -> None:
     train, queries = data
     model = train_reference(train, CONFIG, "mlp", seed=0)
@@ -108,7 +101,13 @@ def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -
         assert got.shape == (5, CONFIG.n_train) and got.dtype == np.float64
         for j in range(5):
             ref = example_scores(
-                sur.query_terms(phi_q[j]), feats.train.phi, sur.whitened, sur.beta, sur.grad_term, sur.s, tau
+                sur.query_terms(phi_q[j]),
+                phi=feats.train.phi,
+                whitened=sur.whitened,
+                beta=sur.beta,
+                grad_term=sur.grad_term,
+                s=sur.s,
+                prior_precision=tau,
             )
             np.testing.assert_allclose(got[j], ref[score], rtol=1e-10, atol=1e-12)
             expected = ref[score] if score.signed else np.sign(ref[Score.INFLUENCE]) * ref[score]
@@ -122,41 +121,6 @@ def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -
     assert feats.default_tau == pytest.approx(
         fit_surrogate(feats.train.phi, feats.train.beta, feats.train.grad_term).prior_precision
     )
-
-
-def test_check_result_names_a_missing_method() -> None:
-    keys = [f"m{i}" for i in range(10)]
-    per = {k: {"mean": 0.1} for k in keys}
-    sets = {**per, "random": {}, "greedy_information_loss": {}, "greedy_information_gain": {}}
-    sets_coreset = {**per, "random": {}, "greedy_information_gain": {}, "k_center_greedy": {}}
-    res = {
-        "methods": [{"key": k} for k in keys],
-        "lds": {"methods": per, "noise_ceiling": {"mean": 0.5}},
-        "retrieval": per,
-        "mislabel": dict(per),
-        "cost": per,
-        "counterfactual": {str(k): {**per, "random": {}} for k in CONFIG.removal_sizes},
-        "group": {str(m): sets for m in CONFIG.group_sizes},
-        "near_duplicate_rate": {str(m): sets for m in CONFIG.group_sizes},
-        "coreset": {f"{f:g}": {"methods": sets_coreset} for f in CONFIG.coreset_fractions},
-    }
-    result = {"models": dict.fromkeys(CONFIG.models, res)}
-    check_result(result, CONFIG)
-    del res["mislabel"]["m3"]
-    with pytest.raises(HarnessError, match=r"mislabel: missing \['m3'\]"):
-        check_result(result, CONFIG)
-    res["mislabel"]["m3"] = {"roc_auc": None, "error": "CG failed"}  # an explicit None is a result
-    del sets["greedy_information_loss"]
-    with pytest.raises(HarnessError, match=r"group m=\d+ \(sets\): missing \['greedy_information_loss'\]"):
-        check_result(result, CONFIG)
-
-
-def test_update_cli_refuses_unknown_stages_and_a_missing_result(tmp_path, capsys) -> None:
-    from benchmarks.quality.run import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(["--quick", "--out", str(tmp_path), "--update", "bogus"])
-    assert exc.value.code == 2 and "group and/or cost" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["--quick", "--out", str(tmp_path), "--update", "group"])
-    assert exc.value.code == 2 and "run the harness without --update first" in capsys.readouterr().err
+    # the five scores share one fit: fitted for this model object, not for another
+    assert feats.fitted_for(model)
+    assert not feats.fitted_for(train_reference(train, CONFIG, "mlp", seed=0))

@@ -1,6 +1,21 @@
-"""The Gaussian-process surrogate and its scores (DESIGN.md 1.1-1.5): fit, single-example scores, joint
-scores and greedy subsets, coresets. :class:`Surrogate` is the entry point; its methods call the formulas
-of the other modules with its own arrays."""
+"""The Gaussian-process surrogate and its scores (DESIGN.md 1.1-1.5). :class:`Surrogate` is the entry point;
+its methods call the formulas of the other modules with its own arrays.
+
+Which function implements which formula (DESIGN.md section: function):
+
+- 1.1 tau = trace(Phi^T B Phi) / k: :func:`surrogate.default_prior_precision`.
+- 1.2 A = tau I + Phi^T B Phi = L L^T, u_i = L^-1 phi_i, h_i, s_i: :func:`surrogate.fit_surrogate`;
+  u_q and v_q of a query: :meth:`Surrogate.query_terms`.
+- 1.3 information loss, information gain, influence, the baselines: :func:`scores.example_scores`
+  (through :meth:`Surrogate.scores`); the vector form z_i and a_q and the score from <a_q, z_i>:
+  :func:`scores.score_vectors`, :func:`scores.query_vector`, :func:`scores.score_from_inner`.
+- 1.4 joint IL(S) and IG(S): :func:`subset.joint_score` (:meth:`Surrogate.joint_score`); the greedy subset:
+  :func:`subset.greedy_subset` (:meth:`Surrogate.greedy_subset`) with the incremental Cholesky step
+  :class:`greedy.GreedyCholesky`, shared by the coreset :func:`coreset.coreset_information_gain`
+  (:meth:`Surrogate.coreset`).
+- 1.5 the finite forms: :func:`scores.safe_div`, :func:`scores.information_gain_of_ratio`; the floor on s_i:
+  :data:`S_FLOOR`.
+"""
 
 from __future__ import annotations
 

@@ -3,9 +3,11 @@ exact rerank, and the per-index engine that returns typed results (DESIGN.md 2.2
 
 from __future__ import annotations
 
-from service.engine.engine import (
+from service.engine.engine import AttributionEngine
+from service.engine.query import Query, QueryFeaturizer
+from service.engine.registry import IndexRegistry
+from service.engine.results import (
     Attribution,
-    AttributionEngine,
     Coreset,
     CoresetMember,
     ExampleRecord,
@@ -15,8 +17,6 @@ from service.engine.engine import (
     SubsetMember,
     Timings,
 )
-from service.engine.query import Query, QueryFeaturizer
-from service.engine.registry import IndexRegistry
 from service.engine.retrieval import Ranked, Retriever
 
 __all__ = [

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
+from indexer.data import Dataset
+from indexer.features.models import ModelSpec, build_model
 from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 RTOL = 1e-8
@@ -123,3 +126,12 @@ def rtol() -> float:
 def atol_log_ratio() -> float:
     """:data:`ATOL_LOG_RATIO`."""
     return ATOL_LOG_RATIO
+
+
+@pytest.fixture
+def tiny_problem() -> tuple[torch.nn.Module, Dataset]:
+    """A seeded MLP 6-5-3 (random weights) and 40 random inputs with class targets: for build tests."""
+    torch.manual_seed(1)
+    model = build_model(ModelSpec("mlp", {"in_features": 6, "hidden": [5], "out_features": 3}))
+    data = Dataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    return model, data

@@ -35,9 +35,10 @@ from service.api.schemas import (
     SubsetResponse,
     Timings,
 )
-from service.engine.engine import AttributionEngine, QueryDescription
-from service.engine.engine import Timings as EngineTimings
+from service.engine.engine import AttributionEngine
 from service.engine.query import Query
+from service.engine.results import QueryDescription
+from service.engine.results import Timings as EngineTimings
 
 __all__ = ["router"]
 
@@ -160,12 +161,17 @@ def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) ->
 
 
 # ---- read-only GET forms for stored queries (linked from the dashboard) -------------------------------
+# Options left out are left out of the request too, so that defaults are lowered to the limits exactly as a
+# POST without them (an explicit value is checked against the limit).
 
 QueryId = Annotated[int, Param(description="id of a stored query (see GET /v1/indexes/{name}/queries/{id})")]
 
-# the defaults of the POST bodies, so that a GET without options answers like a POST without them
 _ATTRIBUTION_DEFAULTS = AttributionRequest.model_validate({"query": {"id": 0}})
 _SUBSET_DEFAULTS = SubsetRequest.model_validate({"query": {"id": 0}})
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @router.get("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
@@ -173,22 +179,23 @@ def attributions_by_id(
     engine: IndexDep,
     settings: SettingsDep,
     query_id: QueryId,
-    top_k: Annotated[int, Param(ge=1, description="number of training examples to return")] = (
-        _ATTRIBUTION_DEFAULTS.top_k
-    ),
-    score: Annotated[Score, Param(description="ranking score (DESIGN.md 1.3)")] = _ATTRIBUTION_DEFAULTS.score,
-    direction: Annotated[Direction, Param(description="proponents, opponents or both (by magnitude)")] = (
-        _ATTRIBUTION_DEFAULTS.direction
-    ),
+    top_k: Annotated[
+        int | None,
+        Param(ge=1, description=f"number of examples to return (default {_ATTRIBUTION_DEFAULTS.top_k})"),
+    ] = None,
+    score: Annotated[
+        Score | None, Param(description=f"ranking score (default {_ATTRIBUTION_DEFAULTS.score.value})")
+    ] = None,
+    direction: Annotated[
+        Direction | None,
+        Param(description=f"proponents, opponents or both (default {_ATTRIBUTION_DEFAULTS.direction.value})"),
+    ] = None,
     candidates: Annotated[int | None, Param(ge=1, description="retrieval depth before the rerank")] = None,
 ) -> AttributionResponse:
     """Read-only, linkable form of ``POST .../attributions`` for a stored query; the same response."""
-    body: dict[str, Any] = {
+    body = {
         "query": {"id": query_id},
-        "top_k": top_k,
-        "score": score,
-        "direction": direction,
-        "candidates": candidates,
+        **_given(top_k=top_k, score=score, direction=direction, candidates=candidates),
     }
     return attributions(AttributionRequest.model_validate(body), engine, settings)
 
@@ -200,14 +207,17 @@ def subset_by_id(
     engine: IndexDep,
     settings: SettingsDep,
     query_id: QueryId,
-    size: Annotated[int, Param(ge=1, description="number of examples m in the greedy set")] = (
-        _SUBSET_DEFAULTS.size
-    ),
-    objective: Annotated[Objective, Param(description="joint score to maximise (DESIGN.md 1.4)")] = (
-        _SUBSET_DEFAULTS.objective
-    ),
-    candidates: Annotated[int, Param(ge=1, description="candidate pool size")] = _SUBSET_DEFAULTS.candidates,
+    size: Annotated[
+        int | None, Param(ge=1, description=f"examples m in the greedy set (default {_SUBSET_DEFAULTS.size})")
+    ] = None,
+    objective: Annotated[
+        Objective | None,
+        Param(description=f"joint score to maximise (default {_SUBSET_DEFAULTS.objective.value})"),
+    ] = None,
+    candidates: Annotated[
+        int | None, Param(ge=1, description=f"candidate pool size (default {_SUBSET_DEFAULTS.candidates})")
+    ] = None,
 ) -> SubsetResponse:
     """Read-only, linkable form of ``POST .../attributions/subset`` for a stored query; the same response."""
-    body = {"query": {"id": query_id}, "size": size, "objective": objective, "candidates": candidates}
+    body = {"query": {"id": query_id}, **_given(size=size, objective=objective, candidates=candidates)}
     return subset_attribution(SubsetRequest.model_validate(body), engine, settings)

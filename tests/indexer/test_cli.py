@@ -1,0 +1,146 @@
+"""``infotrace-index``: options derived from IndexConfig, one-line errors, the same index as the library."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors.numpy import save_file
+
+from indexer.build import build_index
+from indexer.cli import app
+from indexer.config import IndexConfig
+from indexer.data import Dataset
+from indexer.features.models import save_checkpoint
+from indexer.features.tasks import ClassificationMargin
+from indexer.store.reader import load_index
+
+TinyProblem = tuple[torch.nn.Module, Dataset]
+
+
+def test_build_options_are_the_config_fields() -> None:
+    """Every IndexConfig field is a build option with the field's default and help text: one source."""
+    group = typer.main.get_command(app)
+    options = {p.name: p for p in group.commands["build"].params}  # type: ignore[attr-defined]
+    for field in dataclasses.fields(IndexConfig):
+        option = options[field.name]
+        assert option.default == field.default, field.name
+        assert option.help == field.metadata["help"], field.name
+    assert {"out", "model", "checkpoint", "data", "model_kwargs", "output", "sigma"} <= set(options)
+
+
+def test_bad_config_values_are_one_line_errors(tmp_path: Path) -> None:
+    cli = str(Path(sys.executable).with_name("infotrace-index"))
+    shown = subprocess.run(
+        [
+            cli,
+            "build",
+            "--out",
+            str(tmp_path / "x"),
+            "--model",
+            "mlp",
+            "--checkpoint",
+            "c",
+            "--data",
+            "d",
+            "--k",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 2
+    assert (
+        shown.stderr.strip()
+        == "error: k, batch_size and buffer_bytes must be positive; got 0, 128, 268435456"
+    )
+
+
+def test_cli_help_and_build(tmp_path: Path, tiny_problem: TinyProblem) -> None:
+    cli = str(Path(sys.executable).with_name("infotrace-index"))
+    for args in ([], ["build"], ["demo"]):
+        shown = subprocess.run([cli, *args, "--help"], capture_output=True, text=True, check=True).stdout
+        assert "Usage" in shown
+    model, data = tiny_problem
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), checkpoint)
+    dataset = tmp_path / "data.safetensors"
+    save_file(
+        {
+            "train_inputs": data.inputs.numpy(),
+            "train_targets": data.targets.numpy(),
+            "query_inputs": data.inputs[:5].numpy(),
+            "query_targets": data.targets[:5].numpy(),
+        },
+        str(dataset),
+    )
+    out = tmp_path / "indexes" / "cli"
+    subprocess.run(
+        [
+            cli,
+            "build",
+            "--out",
+            str(out),
+            "--model",
+            "mlp",
+            "--model-kwargs",
+            '{"in_features": 6, "hidden": [5], "out_features": 3}',
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(dataset),
+            "--k",
+            "8",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    missing = subprocess.run(
+        [
+            cli,
+            "build",
+            "--out",
+            str(out),
+            "--model",
+            "mlp",
+            "--model-kwargs",
+            '{"in_features": 6, "hidden": [5], "out_features": 3}',
+            "--checkpoint",
+            str(tmp_path / "nope.pt"),
+            "--data",
+            str(dataset),
+            "--k",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"
+    )
+    via_cli = load_index(out)
+    assert via_cli.n_train == 40 and len(via_cli.query_phi) == 5
+    via_api = build_index(
+        model, ClassificationMargin(), data, tmp_path / "api", config=IndexConfig(k=8), progress=False
+    )
+    assert np.array_equal(via_cli.phi, load_index(via_api).phi)
+
+
+def test_cli_refuses_pickled_checkpoint(tmp_path: Path, tiny_problem: TinyProblem) -> None:
+    model, data = tiny_problem
+    evil = tmp_path / "evil.pt"
+    torch.save({"state": model.state_dict(), "extra": Path("x")}, evil)  # a non-tensor object: pickled
+    safetensors_ckpt = tmp_path / "ok.safetensors"
+    save_checkpoint(model, safetensors_ckpt)
+    with pytest.raises(ValueError, match="not a safetensors file or a weights-only torch state dict"):
+        build_index(model, ClassificationMargin(), data, tmp_path / "x", checkpoint=evil, progress=False)
+    build_index(
+        model, ClassificationMargin(), data, tmp_path / "y", checkpoint=safetensors_ckpt, progress=False
+    )

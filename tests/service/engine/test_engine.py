@@ -1,0 +1,167 @@
+"""The engine of one index: typed results equal the surrogate's own computations, ids are checked, the
+registry names what it cannot serve."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.enums import Direction, Objective, Score
+from indexer.exceptions import (
+    IndexNotFoundError,
+    IndexNotReadyError,
+    InvalidQueryError,
+    ModelMismatchError,
+    UnknownExampleError,
+)
+from indexer.features.tasks import gaussian_entropy
+from indexer.gp.scores import signed_score
+from indexer.store.layout import MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
+from indexer.store.manifest import manifest_checksum
+from indexer.store.reader import load_index
+from service.engine import AttributionEngine, IndexRegistry
+
+
+@pytest.fixture(scope="module")
+def engine(index_root: Path) -> AttributionEngine:
+    return AttributionEngine(load_index(index_root / "digits"))
+
+
+@pytest.mark.parametrize("score", list(Score), ids=lambda s: s.value)
+@pytest.mark.parametrize("direction", list(Direction), ids=lambda d: d.value)
+def test_attribute_equals_a_full_scan_of_the_surrogate(engine: AttributionEngine, score, direction) -> None:
+    query = engine.queries.stored(4)
+    found = engine.attribute(query, score, direction, 7, 20)
+    scores = engine.data.surrogate.scores(query.terms)  # every training example, float64
+    signed = signed_score(score, scores)
+    key = {Direction.PROPONENTS: signed, Direction.OPPONENTS: -signed, Direction.BOTH: np.abs(signed)}[
+        direction
+    ]
+    eligible = {Direction.PROPONENTS: signed > 0, Direction.OPPONENTS: signed < 0}.get(
+        direction, np.ones(len(signed), dtype=bool)
+    )
+    order = np.lexsort((np.arange(len(signed)), -key))
+    want = order[eligible[order]][:7]
+    assert [e.id for e in found.examples] == want.tolist()
+    assert [e.rank for e in found.examples] == list(range(1, len(want) + 1))
+    assert found.exact and found.depth >= 20 and found.top_k == 7
+    for e in found.examples:
+        for s, value in e.scores.items():
+            assert value == pytest.approx(scores[s][e.id], rel=1e-12, abs=1e-300)
+        assert e.signed_score == pytest.approx(signed[e.id], rel=1e-12, abs=1e-300)
+        assert e.sign == int(np.sign(signed[e.id]))
+        assert e.label == int(engine.data.examples["label"][e.id])
+        assert e.prediction == int(engine.data.examples["prediction"][e.id])
+        assert set(e.metadata) == {"source_row"}
+
+
+def test_the_query_description_has_its_entropies(engine: AttributionEngine) -> None:
+    query = engine.queries.stored(3)
+    d = engine.describe(query)
+    v = query.terms.posterior_variance
+    assert d.kind == "stored" and d.id == 3 and d.label == int(engine.data.queries["label"][3])
+    assert d.output_entropy == pytest.approx(0.5 * math.log(2 * math.pi * math.e * v), rel=1e-12)
+    p = np.asarray(d.probabilities)
+    assert d.predictive_entropy == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
+    assert set(d.metadata or {}) == {"source_row"}
+    bare = engine.describe(engine.queries.feature(engine.data.query_phi[3].tolist()))
+    assert bare.kind == "feature" and bare.predictive_entropy is None and bare.metadata is None
+    assert bare.posterior_variance == pytest.approx(v, rel=1e-12)
+    assert float(gaussian_entropy(0.0)) == -math.inf
+
+
+@pytest.mark.parametrize("objective", list(Objective), ids=lambda o: o.value)
+def test_subset_is_the_surrogates_greedy_over_the_retrieved_pool(
+    engine: AttributionEngine, objective
+) -> None:
+    query = engine.queries.stored(5)
+    found = engine.subset(query, objective, 4, 30)
+    pool = engine.rank(query, Score(objective.value), Direction.BOTH, 30, 30).ids
+    surrogate = engine.data.surrogate
+    greedy = surrogate.greedy_subset(objective, query.terms, pool, 4)
+    assert [m.id for m in found.members] == pool[greedy.indices].tolist()
+    assert found.candidates == 30 and found.size == 4
+    for j, member in enumerate(found.members):
+        prefix = np.array([m.id for m in found.members[: j + 1]])
+        assert member.joint == pytest.approx(surrogate.joint_score(objective, query.terms, prefix), rel=1e-9)
+    assert found.joint == found.members[-1].joint
+    assert found.top_single_joint == pytest.approx(surrogate.joint_score(objective, query.terms, pool[:4]))
+
+
+def test_coreset_is_the_surrogates_and_checks_query_ids(engine: AttributionEngine) -> None:
+    found = engine.coreset(3, [0, 2, 7])
+    want = engine.data.surrogate.coreset(engine.data.query_phi[[0, 2, 7]], 3)
+    assert [m.id for m in found.members] == want.indices.tolist()
+    assert [m.objective for m in found.members] == want.objective.tolist()
+    assert found.n_queries == 3 and found.objective == want.objective[-1]
+    with pytest.raises(
+        UnknownExampleError, match=r"no stored queries with ids 80, -1; valid ids are 0\.\.79"
+    ):
+        engine.coreset(2, [1, 80, -1])
+
+
+def test_examples_and_their_inputs(engine: AttributionEngine, test_digits) -> None:
+    record = engine.example("query", 6)
+    assert record.label == int(test_digits.targets[6]) and record.posterior_variance is None
+    assert record.input_shape == (784,) and record.image_shape == (28, 28)
+    np.testing.assert_array_equal(engine.example_input("query", 6), test_digits.inputs[6].numpy())
+    train = engine.example("train", 11)
+    assert train.posterior_variance == pytest.approx(float(engine.data.surrogate.h[11]))
+    assert "label" not in train.metadata and "source_row" in train.metadata
+    with pytest.raises(
+        UnknownExampleError, match=r"^no training example with id 600; valid ids are 0\.\.599$"
+    ):
+        engine.example("train", 600)
+    with pytest.raises(UnknownExampleError, match="no stored query with id -1"):
+        engine.example_input("query", -1)
+
+
+def test_raw_inputs_are_validated_and_equal_the_stored_feature(
+    engine: AttributionEngine, test_digits
+) -> None:
+    stored = engine.queries.stored(2)
+    raw = engine.queries.input(test_digits.inputs[2].tolist(), int(test_digits.targets[2]))
+    np.testing.assert_allclose(raw.terms.phi, stored.terms.phi, rtol=1e-5, atol=1e-6)
+    assert raw.kind == "input" and raw.featurize_ms > 0
+    with pytest.raises(InvalidQueryError, match=r"input must have shape \[784\]; got \[3\]"):
+        engine.queries.input([1.0, 2.0, 3.0])
+    with pytest.raises(InvalidQueryError, match=r"target must be a class index in 0\.\.9; got 10"):
+        engine.queries.input(test_digits.inputs[2].tolist(), 10)
+
+
+def test_an_index_without_a_model_spec_serves_ids_and_refuses_raw_inputs(
+    index_root: Path, tmp_path: Path
+) -> None:
+    """Built without a spec: the manifest says so and raw inputs get the reason (409 over HTTP)."""
+    shutil.copytree(index_root / "digits", tmp_path / "nospec")
+    path = tmp_path / "nospec" / MANIFEST_FILE
+    document = json.loads(path.read_text())
+    document["model"]["spec"] = None
+    document[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(document)
+    path.write_text(json.dumps(document))
+    engine = AttributionEngine(load_index(tmp_path / "nospec"))
+    assert not engine.raw_inputs and "built without a model spec" in (engine.model_error or "")
+    with pytest.raises(ModelMismatchError, match="built without a model spec"):
+        engine.queries.input([0.0] * 784)
+    assert (
+        len(engine.attribute(engine.queries.stored(0), Score.INFLUENCE, Direction.BOTH, 3, 10).examples) == 3
+    )
+
+
+def test_registry_names_unknown_and_broken_indexes(index_root: Path, tmp_path: Path) -> None:
+    shutil.copytree(index_root / "digits", tmp_path / "digits")
+    shutil.copytree(index_root / "digits", tmp_path / "broken")
+    (tmp_path / "broken" / "phi.npy").write_bytes(b"nope")
+    registry = IndexRegistry.load(tmp_path)
+    assert registry.get("digits").name == "digits"
+    with pytest.raises(
+        IndexNotReadyError, match=r"index 'broken' is not ready: IndexCorruptError: .*phi\.npy"
+    ):
+        registry.get("broken")
+    with pytest.raises(IndexNotFoundError, match=r"no index named 'nope'; served indexes: \['digits'\]"):
+        registry.get("nope")

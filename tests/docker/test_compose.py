@@ -179,7 +179,7 @@ def test_compose_stack_answers_like_the_library(docker: Docker, cpu_image: str, 
         docker.run(*compose, "down", "--volumes", "--remove-orphans", "--timeout", "10", check=False)
 
     engine = AttributionEngine(load_index(tmp_path / "digits"))
-    ranked = engine.rank(engine.queries.stored(0).terms, Score.INFORMATION_GAIN, Direction.BOTH, 10, 100)
+    ranked = engine.rank(engine.queries.stored(0), Score.INFORMATION_GAIN, Direction.BOTH, 10, 100)
     results = got["results"]
     assert got["index"] == "digits" and got["score"] == "information_gain"
     assert [r["id"] for r in results] == ranked.ids.tolist()

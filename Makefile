@@ -58,7 +58,7 @@ browser:  ## Debian's chromium for the dashboard's browser test (Playwright driv
 
 dashboard-screenshot: index-demo browser  ## benchmarks/results/dashboard.png: the dashboard on the demo index
 	INFOTRACE_DASHBOARD_INDEX_ROOT=$(INDEX_ROOT) INFOTRACE_DASHBOARD_SCREENSHOT=benchmarks/results/dashboard.png \
-		$(VENV)/bin/pytest -q tests/service/test_dashboard.py
+		$(VENV)/bin/pytest -q tests/service/api/test_dashboard.py
 
 clean:
 	rm -rf $(VENV) var

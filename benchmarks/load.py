@@ -14,8 +14,9 @@ Each request is drawn from a fixed mix (:data:`DEFAULT_MIX`):
 
 - ``stored_id``: ``POST /v1/indexes/{name}/attributions`` for a random stored query id, with a random
   score, direction and top_k;
-- ``raw_input``: the same for a raw test digit (``indexer.data.load_mnist_sample()``'s test split), which
-  the service featurizes with the index's model and projection;
+- ``raw_input``: the same for a raw test digit (the test split of
+  ``indexer.demo.mnist.load_mnist_sample()``), which the service featurizes with the index's model and
+  projection;
 - ``subset``: ``POST /v1/indexes/{name}/attributions/subset`` (greedy group attribution, small sizes);
 - ``list_indexes``: ``GET /v1/indexes``.
 

@@ -29,7 +29,7 @@ from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
 from indexer.features.tasks import OutputFunction
 from indexer.gp.surrogate import Surrogate, fit_surrogate
-from indexer.store.faiss_index import make_faiss_index
+from indexer.store.faiss_index import check_factory, make_faiss_index
 from indexer.store.hashing import sha256_file, tensor_digest
 from indexer.store.layout import (
     CHECKPOINT_FILE,
@@ -56,7 +56,8 @@ from indexer.store.layout import (
     WHITENED_FILE,
     scratch_prefix,
 )
-from indexer.store.manifest import Counts, FaissInfo, Manifest, ModelInfo, ProjectionInfo, SurrogateInfo
+from indexer.store.manifest import Manifest
+from indexer.store.sections import Counts, FaissInfo, ModelInfo, ProjectionInfo, SurrogateInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
 from indexer.store.writer import MetadataRow, write_index_dir
 
@@ -202,6 +203,7 @@ def build_index(
     out_dir = Path(out_dir)
     started = time.perf_counter()
     _prepare(model, output_fn, train, queries, out_dir, checkpoint)
+    check_factory(config.k, config.faiss_factory)
     n_params = count_parameters(model)
     projection = RandomProjection(n_params, config.k, config.seed, config.projection)
     query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])

@@ -36,7 +36,7 @@ def _user_errors() -> Iterator[None]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
-    except (ValueError, FileNotFoundError, InfotraceError, BlockingIOError) as exc:
+    except (ValueError, OSError, InfotraceError) as exc:  # OSError: missing, unreadable, locked files
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
 
@@ -150,7 +150,11 @@ def coreset(
     from indexer.store.reader import load_index
 
     with _user_errors():
+        if out is not None and out.is_dir():
+            raise ValueError(f"--out {out} is a folder; give the path of a JSON file to write")
         data = load_index(index)
+        if data.n_query == 0:
+            raise ValueError(f"index {data.name!r} has no stored queries, so there is no query set to cover")
         result = data.surrogate.coreset(data.query_phi, size, progress=True)
         report = {
             "index": data.name,

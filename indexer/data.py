@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 __all__ = ["Dataset", "load_arrays"]
@@ -27,7 +28,7 @@ class Dataset:
         image_shape: `(height, width)` when each input is an image, for rendering; else None.
 
     Raises:
-        ValueError: lengths disagree.
+        ValueError: lengths disagree, or an ``image_shape`` whose pixels are not the input's values.
     """
 
     inputs: torch.Tensor
@@ -42,6 +43,14 @@ class Dataset:
             )
         if self.metadata and len(self.metadata) != len(self.inputs):
             raise ValueError(f"metadata has {len(self.metadata)} rows for {len(self.inputs)} examples")
+        if self.image_shape is not None:
+            per_example = int(np.prod(self.inputs.shape[1:]))
+            height, width = self.image_shape
+            if height < 1 or width < 1 or height * width != per_example:
+                raise ValueError(
+                    f"image_shape {tuple(self.image_shape)} must have one pixel per input value: each input "
+                    f"has {per_example} values (shape {list(self.inputs.shape[1:])})"
+                )
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -63,7 +72,10 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
     if path.suffix == ".safetensors":
-        arrays = dict(load_file(str(path)))
+        try:
+            arrays = dict(load_file(str(path)))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"dataset file {path} is not a readable safetensors file: {exc}") from exc
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -85,5 +97,10 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
             targets=torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_targets"])),
         )
 
-    queries = make("query") if "query_inputs" in arrays and "query_targets" in arrays else None
+    if ("query_inputs" in arrays) != ("query_targets" in arrays):
+        present = "query_inputs" if "query_inputs" in arrays else "query_targets"
+        raise ValueError(
+            f"dataset file {path} has {present!r} without its partner: give both query arrays or none"
+        )
+    queries = make("query") if "query_inputs" in arrays else None
     return make("train"), queries

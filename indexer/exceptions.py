@@ -11,6 +11,7 @@ __all__ = [
     "InvalidQueryError",
     "UnknownExampleError",
     "ModelMismatchError",
+    "NotAnImageError",
 ]
 
 
@@ -47,3 +48,7 @@ class UnknownExampleError(InfotraceError, KeyError):
 
 class ModelMismatchError(InfotraceError, ValueError):
     """A model, checkpoint or feature dimension that differs from the one the index was built with."""
+
+
+class NotAnImageError(InfotraceError, LookupError):
+    """An image rendering was asked of an index whose inputs are not images (no ``image_shape``)."""

@@ -1,10 +1,10 @@
 """infotrace as a benchmarked method: every score of DESIGN.md 1.3, from the library's own functions.
 
 :class:`InfotraceFeatures` featurizes the training set once per model (tangent features of the margin,
-seeded projection, likelihood weights: :func:`indexer.featurize.tangent_features`), fits the surrogate
-(:func:`indexer.surrogate.fit_surrogate`) once per prior precision tau, and scores queries with
-:func:`indexer.scores.example_scores`. :class:`InfotraceMethod` exposes one score with the interface
-of the peer adapters (:mod:`benchmarks.quality.peers`): ``fit``, ``scores``, ``self_scores``. The
+seeded projection, likelihood weights: :func:`indexer.features.featurize.tangent_features`), fits the
+surrogate (:func:`indexer.gp.surrogate.fit_surrogate`) once per prior precision tau, and scores queries
+with :meth:`indexer.gp.surrogate.Surrogate.scores`. :class:`InfotraceMethod` exposes one score with the
+interface of the peer adapters (:mod:`benchmarks.quality.peers`): ``fit``, ``scores``, ``self_scores``. The
 damping of infotrace is the prior precision tau (DESIGN.md 1.1); ``inner_product`` and ``cosine`` do
 not depend on it.
 

@@ -1,11 +1,11 @@
 """Batched, seeded, cached retraining of the demo MLP on subsets of a training set.
 
-Many copies of ``indexer.models.mlp(784, [64], 10)`` are trained at once: their parameters are stacked
-with :func:`torch.func.stack_module_state` and the forward pass is ``vmap(functional_call)`` over the
+Many copies of ``indexer.features.models.mlp(784, [64], 10)`` are trained at once: their parameters are
+stacked with :func:`torch.func.stack_module_state` and the forward pass is ``vmap(functional_call)`` over the
 stack. Each model ``m`` has its own subset (a boolean mask row) and its own seed, and is trained exactly
-as :func:`indexer.train.train_classifier` would train it alone on its subset:
+as :func:`indexer.demo.train.train_classifier` would train it alone on its subset:
 
-- initial weights: ``torch.manual_seed(seed); mlp(...)`` (as :func:`indexer.train.trained_model` does);
+- initial weights: ``torch.manual_seed(seed); mlp(...)`` (as :func:`indexer.demo.train.trained_model` does);
 - shuffling: a ``torch.Generator`` seeded with ``seed``; each epoch ``randperm(n_m)`` over the model's
   own ``n_m`` subset examples, cut into batches of ``batch_size`` (the last one partial);
 - Adam (lr 1e-3, betas (0.9, 0.999), eps 1e-8) on the mean cross-entropy of each batch.
@@ -66,7 +66,7 @@ _CACHE_VERSION = "retrain-v2"
 
 @dataclass(frozen=True)
 class RetrainConfig:
-    """Hyperparameters of a retrain (those of :func:`indexer.train.train_classifier`).
+    """Hyperparameters of a retrain (those of :func:`indexer.demo.train.train_classifier`).
 
     Attributes:
         epochs: passes over each model's subset; lr: Adam learning rate; batch_size: rows per step;
@@ -242,7 +242,7 @@ def stacked_margins(
 def train_alone(
     train: Dataset, mask: np.ndarray, seed: int, config: RetrainConfig = RetrainConfig()
 ) -> nn.Module:
-    """Reference: one model trained by :func:`indexer.train.train_classifier` on ``train[mask]``.
+    """Reference: one model trained by :func:`indexer.demo.train.train_classifier` on ``train[mask]``.
 
     Args:
         train: the full training set (n_train rows); mask: `(n_train,)` bool subset; seed: init and shuffle.

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 MODELS: dict[str, tuple[int, ...]] = {"mlp": (64,), "logreg": ()}
-"""Benchmark models by name: the hidden widths of :func:`indexer.models.mlp` (``()``: logistic regression)."""
+"""Benchmark models by name: the hidden widths of :func:`indexer.features.models.mlp` (``()``: logistic
+regression)."""
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,10 @@ class OutputFunction(ABC):
             `(n,)` float64 nats: -sum_c p_c log p_c of the softmax.
         """
         _, p = self.predict(model_outputs)
-        assert p is not None  # the classification default always returns probabilities
+        if p is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} predicts no probabilities: override predictive_entropy"
+            )
         return -(p * np.log(np.clip(p, 1e-300, None))).sum(axis=1)
 
 
@@ -154,6 +157,11 @@ class ClassificationMargin(OutputFunction):
     name = OutputKind.CLASSIFICATION_MARGIN.value
 
     def check_targets(self, targets: torch.Tensor, n_outputs: int) -> None:
+        """Integer class indices in ``0 .. n_outputs - 1`` of a model with at least 2 logits.
+
+        Raises:
+            ValueError: says which rule the targets break.
+        """
         if n_outputs < 2:
             raise ValueError(
                 f"classification needs a model with at least 2 outputs (logits); it has {n_outputs}"
@@ -169,16 +177,19 @@ class ClassificationMargin(OutputFunction):
             )
 
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`()` the margin z_y - logsumexp_{c != y} z_c of `(n_classes,)` logits at class ``target``."""
         is_label = torch.arange(model_output.shape[-1], device=model_output.device) == target
         z_y = torch.where(is_label, model_output, torch.zeros_like(model_output)).sum(-1)
         others = torch.where(is_label, torch.full_like(model_output, -math.inf), model_output)
         return z_y - torch.logsumexp(others, dim=-1)
 
     def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """`(n,)` float64 beta_i = p_i (1 - p_i) with p_i = sigmoid(m_i) (DESIGN.md 1.1)."""
         # p (1 - p) written via the two tails so that saturated examples give a tiny positive, not 1 - 1
         return _sigmoid(outputs) * _sigmoid(-outputs)
 
     def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """`(n,)` float64 beta_i r_i = 1 - p_i (DESIGN.md 1.3)."""
         return _sigmoid(-outputs)
 
 
@@ -202,27 +213,38 @@ class RegressionOutput(OutputFunction):
         self.sigma = float(sigma)
 
     def params(self) -> dict[str, Any]:
+        """``{"sigma": sigma}``."""
         return {"sigma": self.sigma}
 
     def check_targets(self, targets: torch.Tensor, n_outputs: int) -> None:
+        """Finite targets of a model with exactly one output.
+
+        Raises:
+            ValueError: says which rule the targets or the model break.
+        """
         if n_outputs != 1:
             raise ValueError(f"regression explains a model with exactly 1 output; it has {n_outputs}")
         if not bool(torch.isfinite(targets.double()).all()):
             raise ValueError("regression targets must be finite numbers")
 
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`()` the model's single output (the target enters through the residual only)."""
         return model_output.reshape(-1)[0]
 
     def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """`(n,)` float64 beta_i = 1 / sigma^2."""
         return np.full(outputs.shape, 1.0 / self.sigma**2)
 
     def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """`(n,)` float64 beta_i r_i = (y_i - m_i) / sigma^2."""
         return (targets.astype(np.float64) - outputs) / self.sigma**2
 
     def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`(n,)` float64 predicted values and None (no class probabilities)."""
         return model_outputs.reshape(len(model_outputs), -1)[:, 0].astype(np.float64), None
 
     def default_target(self, model_outputs: np.ndarray) -> np.ndarray:
+        """`(n,)` the predicted values: explaining the prediction itself."""
         return self.predict(model_outputs)[0]
 
     def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:

@@ -5,18 +5,9 @@ from __future__ import annotations
 
 from indexer.store.faiss_index import gpu_count, make_faiss_index, max_norm, read_faiss_index, to_gpus
 from indexer.store.hashing import sha256_file, sha256_json, tensor_digest
-from indexer.store.manifest import (
-    Counts,
-    FaissInfo,
-    FileEntry,
-    Manifest,
-    ModelInfo,
-    ProjectionInfo,
-    SurrogateInfo,
-    manifest_checksum,
-    read_manifest,
-)
+from indexer.store.manifest import Manifest, manifest_checksum, read_manifest
 from indexer.store.reader import IndexData, MetadataStore, load_index
+from indexer.store.sections import Counts, FaissInfo, FileEntry, ModelInfo, ProjectionInfo, SurrogateInfo
 from indexer.store.writer import MetadataRow, write_index_dir
 
 __all__ = [

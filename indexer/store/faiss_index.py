@@ -13,7 +13,27 @@ import numpy as np
 
 from indexer.exceptions import IndexCorruptError
 
-__all__ = ["make_faiss_index", "write_faiss_index", "read_faiss_index", "gpu_count", "to_gpus", "max_norm"]
+__all__ = [
+    "check_factory",
+    "make_faiss_index",
+    "write_faiss_index",
+    "read_faiss_index",
+    "gpu_count",
+    "to_gpus",
+    "max_norm",
+]
+
+
+def check_factory(k: int, factory: str) -> None:
+    """Refuse a factory string FAISS cannot build for dimension ``k`` (before any featurization).
+
+    Raises:
+        ValueError: FAISS rejects the string (the message quotes FAISS).
+    """
+    try:
+        faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS rejects the factory string {factory!r} for dimension {k}: {exc}") from exc
 
 
 def make_faiss_index(vectors: np.ndarray, factory: str) -> faiss.Index:

@@ -9,21 +9,26 @@ with every required field checked, and everyone else reads typed attributes.
 from __future__ import annotations
 
 import json
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from indexer.exceptions import IndexCorruptError, IndexFormatError, IndexNotFoundError
-from indexer.features.models import ModelSpec
 from indexer.store.hashing import sha256_json
 from indexer.store.layout import FORMAT_VERSION, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
+from indexer.store.sections import (
+    Counts,
+    FaissInfo,
+    FileEntry,
+    JsonReader,
+    ModelInfo,
+    ProjectionInfo,
+    SurrogateInfo,
+    read_flat_section,
+)
 
-__all__ = ["FileEntry", "ModelInfo", "ProjectionInfo", "SurrogateInfo", "FaissInfo", "Counts", "Manifest"]
-__all__ += ["manifest_checksum", "read_manifest"]
-
-EXACT_FACTORY = "Flat"
-"""The FAISS factory string of exact (brute-force) inner-product search."""
+__all__ = ["Manifest", "manifest_checksum", "read_manifest"]
 
 
 def manifest_checksum(document: dict[str, Any]) -> str:
@@ -39,214 +44,6 @@ def manifest_checksum(document: dict[str, Any]) -> str:
         64 hex characters.
     """
     return sha256_json({key: value for key, value in document.items() if key != MANIFEST_CHECKSUM_FIELD})
-
-
-class _Reader:
-    """Typed access to one JSON object of the manifest; a missing or mistyped field raises
-    :class:`IndexFormatError` naming the file and the field."""
-
-    def __init__(self, document: Any, where: str, path: str) -> None:
-        if not isinstance(document, dict):
-            raise IndexFormatError(f"{path}: {where or 'the manifest'} must be a JSON object")
-        self.document = document
-        self.where = where
-        self.path = path
-
-    def _name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, types: type | tuple[type, ...], optional: bool = False) -> Any:
-        if key not in self.document:
-            if optional:
-                return None
-            raise IndexFormatError(f"{self.path} lacks the field {self._name(key)!r}")
-        value = self.document[key]
-        if value is None and optional:
-            return None
-        # JSON has one number type: an int is a valid float; a bool is neither
-        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
-            raise IndexFormatError(f"{self.path}: {self._name(key)!r} must be {types}; got {value!r}")
-        return value
-
-    def section(self, key: str) -> _Reader:
-        return _Reader(self.get(key, dict), self._name(key), self.path)
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of the index: its checksum and size.
-
-    Attributes:
-        sha256: hex sha256 of the file's bytes.
-        bytes: its size in bytes.
-    """
-
-    sha256: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """The model the features were taken from.
-
-    Attributes:
-        spec: how to rebuild the architecture, or None (then raw-input queries cannot be served).
-        checkpoint_sha256: sha256 of the index's own copy of the weights (``model.safetensors``).
-        source_checkpoint_sha256: sha256 of the checkpoint file the build was given, if any.
-        n_params: P, number of trainable parameters (the length of a tangent feature).
-        output_function: registry name of the output function.
-        output_params: its constructor arguments.
-        input_shape: shape of one model input.
-        input_dtype: torch dtype name of the inputs, e.g. ``"float32"``.
-        n_outputs: width of the model's output.
-        image_shape: ``(height, width)`` when inputs are images (for rendering), else None.
-    """
-
-    spec: ModelSpec | None
-    checkpoint_sha256: str
-    source_checkpoint_sha256: str | None
-    n_params: int
-    output_function: str
-    output_params: dict[str, Any]
-    input_shape: tuple[int, ...]
-    input_dtype: str
-    n_outputs: int
-    image_shape: tuple[int, int] | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest's ``model`` object."""
-        return {
-            "spec": self.spec.to_json() if self.spec is not None else None,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "source_checkpoint_sha256": self.source_checkpoint_sha256,
-            "n_params": self.n_params,
-            "output_function": {"name": self.output_function, "params": dict(self.output_params)},
-            "input_shape": list(self.input_shape),
-            "input_dtype": self.input_dtype,
-            "n_outputs": self.n_outputs,
-            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
-        }
-
-    @classmethod
-    def _read(cls, r: _Reader) -> ModelInfo:
-        spec_json = r.get("spec", dict, optional=True)
-        spec = None
-        if spec_json is not None:
-            s = _Reader(spec_json, f"{r.where}.spec", r.path)
-            spec = ModelSpec(s.get("factory", str), s.get("kwargs", dict, optional=True) or {})
-        output = r.section("output_function")
-        image_shape = r.get("image_shape", list, optional=True)
-        if image_shape is not None and len(image_shape) != 2:
-            raise IndexFormatError(
-                f"{r.path}: 'model.image_shape' must be [height, width]; got {image_shape}"
-            )
-        return cls(
-            spec=spec,
-            checkpoint_sha256=r.get("checkpoint_sha256", str),
-            source_checkpoint_sha256=r.get("source_checkpoint_sha256", str, optional=True),
-            n_params=r.get("n_params", int),
-            output_function=output.get("name", str),
-            output_params=output.get("params", dict, optional=True) or {},
-            input_shape=_int_tuple(r, "input_shape"),
-            input_dtype=r.get("input_dtype", str),
-            n_outputs=r.get("n_outputs", int),
-            image_shape=None if image_shape is None else (int(image_shape[0]), int(image_shape[1])),
-        )
-
-
-class _FlatSection:
-    """A manifest section of plain ints, floats and strings: its JSON object is its fields."""
-
-    def to_json(self) -> dict[str, Any]:
-        """The section's manifest object."""
-        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
-
-
-@dataclass(frozen=True)
-class ProjectionInfo(_FlatSection):
-    """The seeded projection R (DESIGN.md 1.1).
-
-    Attributes:
-        kind: entries of R (``"gaussian"`` or ``"rademacher"``).
-        k: projected dimension.
-        seed: projection seed.
-    """
-
-    kind: str
-    k: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class SurrogateInfo(_FlatSection):
-    """The fitted surrogate's scalars (DESIGN.md 1.1, 1.5).
-
-    Attributes:
-        prior_precision: tau.
-        prior_precision_source: ``"given"`` or ``"mean_eigenvalue"``.
-        likelihood: the output function's name (the likelihood the beta_i come from).
-        s_floor: floor on s_i = 1 - leverage.
-        n_clamped: examples whose s_i was raised to the floor.
-        n_train: N, examples in the posterior.
-    """
-
-    prior_precision: float
-    prior_precision_source: str
-    likelihood: str
-    s_floor: float
-    n_clamped: int
-    n_train: int
-
-
-@dataclass(frozen=True)
-class FaissInfo(_FlatSection):
-    """The FAISS indexes over the score vectors (DESIGN.md 1.3, vector form).
-
-    Attributes:
-        factory: ``faiss.index_factory`` string.
-        metric: always ``"inner_product"``.
-        exact: whether search is exhaustive (the factory is ``"Flat"``), so that results can be proved
-            equal to the brute-force top-k.
-    """
-
-    factory: str
-    metric: str = "inner_product"
-
-    @property
-    def exact(self) -> bool:
-        """True for the flat (brute-force) index; derived from the factory, never stored separately."""
-        return self.factory == EXACT_FACTORY
-
-    def to_json(self) -> dict[str, Any]:
-        """The manifest's ``faiss`` object (``exact`` is written for readers of the file)."""
-        return {**asdict(self), "exact": self.exact}
-
-
-@dataclass(frozen=True)
-class Counts(_FlatSection):
-    """Sizes of the index.
-
-    Attributes:
-        n_train: training examples N; n_query: stored queries; k: projected dimension.
-    """
-
-    n_train: int
-    n_query: int
-    k: int
-
-
-Section = TypeVar("Section")
-
-
-def _flat_section(cls: type[Section], r: _Reader) -> Section:
-    """Read a section whose fields are plain ints, floats and strings (JSON numbers: an int is a float)."""
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]  # every section is a dataclass
-        kind = hints[f.name]
-        value = r.get(f.name, (int, float) if kind is float else kind, optional=f.default is not MISSING)
-        values[f.name] = f.default if value is None else (float(value) if kind is float else value)
-    return cls(**values)
 
 
 _SECTIONS = ("name", "model", "projection", "surrogate", "faiss", "counts", "files", "format_version")
@@ -328,12 +125,12 @@ class Manifest:
             IndexFormatError: not an object, a missing or mistyped field, or a format version other than
                 :data:`~indexer.store.layout.FORMAT_VERSION`; the message names the file and the field.
         """
-        r = _Reader(document, "", path)
+        r = JsonReader(document, "", path)
         missing = [key for key in _SECTIONS if key not in document]
         if missing:
             raise IndexFormatError(f"{path} lacks the field(s) {missing}")
         version = document["format_version"]
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise IndexFormatError(
                 f"{path}: format_version is {version!r}; this infotrace reads version {FORMAT_VERSION}: "
                 "rebuild the index with this version's infotrace-index"
@@ -345,14 +142,18 @@ class Manifest:
             if Path(name).name != name:
                 raise IndexFormatError(f"{path}: file name {name!r} must not contain a path")
             files[name] = FileEntry(sha256=entry.get("sha256", str), bytes=entry.get("bytes", int))
+        if not files:
+            raise IndexFormatError(
+                f"{path}: 'files' lists no file, so nothing of the index could be verified"
+            )
         known = {*_SECTIONS, *_OPTIONAL, MANIFEST_CHECKSUM_FIELD}
-        return cls(
+        manifest = cls(
             name=r.get("name", str),
             model=ModelInfo._read(r.section("model")),
-            projection=_flat_section(ProjectionInfo, r.section("projection")),
-            surrogate=_flat_section(SurrogateInfo, r.section("surrogate")),
-            faiss=_flat_section(FaissInfo, r.section("faiss")),
-            counts=_flat_section(Counts, r.section("counts")),
+            projection=read_flat_section(ProjectionInfo, r.section("projection")),
+            surrogate=read_flat_section(SurrogateInfo, r.section("surrogate")),
+            faiss=read_flat_section(FaissInfo, r.section("faiss")),
+            counts=read_flat_section(Counts, r.section("counts")),
             files=files,
             format_version=version,
             created_unix=r.get("created_unix", (int, float), optional=True),
@@ -360,6 +161,31 @@ class Manifest:
             timings_seconds=r.get("timings_seconds", dict, optional=True) or {},
             extra={key: value for key, value in document.items() if key not in known},
         )
+        manifest._check_ranges(path)
+        return manifest
+
+    def _check_ranges(self, path: str) -> None:
+        """Refuse values no build writes: they would fail later, inside a query."""
+        s = self.surrogate
+        problems = [
+            (
+                not (s.prior_precision > 0 and s.prior_precision < float("inf")),
+                "surrogate.prior_precision > 0",
+            ),
+            (not 0 < s.s_floor < 1, "0 < surrogate.s_floor < 1"),
+            (min(self.counts.n_train, self.projection.k, self.counts.k) < 1, "counts.n_train and k >= 1"),
+            (self.counts.n_query < 0 or s.n_clamped < 0, "counts.n_query and surrogate.n_clamped >= 0"),
+            (self.model.n_params < 1, "model.n_params >= 1"),
+            (
+                self.model.image_shape is not None
+                and self.model.image_shape[0] * self.model.image_shape[1]
+                != math.prod(self.model.input_shape),
+                "model.image_shape has one pixel per input value",
+            ),
+        ]
+        for bad, rule in problems:
+            if bad:
+                raise IndexFormatError(f"{path}: the manifest breaks the rule {rule}")
 
 
 def read_manifest(index_dir: Path) -> Manifest:
@@ -390,10 +216,3 @@ def read_manifest(index_dir: Path) -> Manifest:
             f"{MANIFEST_CHECKSUM_FIELD}; rebuild the index rather than editing its manifest"
         )
     return manifest
-
-
-def _int_tuple(r: _Reader, key: str) -> tuple[int, ...]:
-    values = r.get(key, list)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise IndexFormatError(f"{r.path}: {r._name(key)!r} must be a list of integers; got {values}")
-    return tuple(values)

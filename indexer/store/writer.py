@@ -30,7 +30,8 @@ from indexer.store.layout import (
     replaced_prefix,
     scratch_prefix,
 )
-from indexer.store.manifest import FileEntry, Manifest
+from indexer.store.manifest import Manifest
+from indexer.store.sections import FileEntry
 
 __all__ = ["MetadataRow", "write_index_dir"]
 

@@ -16,15 +16,17 @@ from indexer.exceptions import (
     IndexNotReadyError,
     InvalidQueryError,
     ModelMismatchError,
+    NotAnImageError,
     UnknownExampleError,
 )
 
-__all__ = ["STATUS_OF", "ERROR_RESPONSES", "install_error_handlers"]
+__all__ = ["STATUS_OF", "ERROR_RESPONSES", "EXAMPLE_ERRORS", "PNG_RESPONSE", "install_error_handlers"]
 
 STATUS_OF: dict[type[Exception], int] = {
     InvalidQueryError: 422,
     ValidationError: 422,  # a request model built inside a route (the GET forms) from bad parameters
     UnknownExampleError: status.HTTP_404_NOT_FOUND,
+    NotAnImageError: status.HTTP_404_NOT_FOUND,
     IndexNotFoundError: status.HTTP_404_NOT_FOUND,
     ModelMismatchError: status.HTTP_409_CONFLICT,
     IndexNotReadyError: status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -40,6 +42,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "the index is present but not ready (failed to load or verify)"},
 }
 """The error responses of the attribution routes, for the OpenAPI schema."""
+
+EXAMPLE_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "unknown index or id, or (for image.png) an index whose inputs are not images"},
+    503: {"description": "the index is present but not ready (failed to load or verify)"},
+}
+"""The error responses of the example routes."""
+
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}}, "description": "the input rendered as a grayscale PNG"},
+    **EXAMPLE_ERRORS,
+}
+"""The responses of an image rendering."""
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
 
@@ -29,6 +29,8 @@ __all__ = [
     "IndexList",
     "Health",
     "Readiness",
+    "Split",
+    "ExampleInfo",
 ]
 
 
@@ -264,3 +266,27 @@ class Readiness(BaseModel):
     ready: bool
     indexes: dict[str, str] = Field(description="name -> 'ready' or the reason it is not")
     detail: str | None = Field(None, description="why the service is not ready, when no index explains it")
+
+
+Split = Literal["train", "query"]
+"""A training example (``train``) or a stored query (``query``)."""
+
+
+class ExampleInfo(BaseModel):
+    """A training example or stored query, as ``GET .../examples/{id}`` or ``.../queries/{id}`` returns it."""
+
+    index: str = Field(description="index name")
+    split: Split = Field(description="'train' (a training example) or 'query' (a stored query)")
+    id: int = Field(description="row in its split")
+    label: int | float | None = Field(description="the stored label or regression target")
+    prediction: int | float | None = Field(description="the model's prediction: class index or value")
+    probabilities: list[float] | None = Field(None, description="softmax over classes (classification)")
+    output: float | None = Field(None, description="output function value m (classification: the margin)")
+    posterior_variance: float | None = Field(
+        None, description="h_i, posterior variance of the surrogate's output on this training example"
+    )
+    metadata: dict[str, Any] = Field(description="everything else the indexer stored about the example")
+    input_shape: list[int] = Field(description="shape of the model input")
+    image_shape: list[int] | None = Field(description="(height, width) when inputs are images, else null")
+    image_url: str | None = Field(description="path of the PNG rendering; null when inputs are not images")
+    input: list[Any] | None = Field(None, description="the raw input (only with include_input=true)")

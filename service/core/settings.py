@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["DEFAULT_PROJECTION_CACHE_BYTES", "Settings"]
@@ -74,6 +74,16 @@ class Settings(BaseSettings):
         None, description="search FAISS on the GPUs (needs the gpu extra, faiss-gpu); unset: when one is seen"
     )
     json_logs: bool = Field(True, description="structured JSON log lines with a request id")
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        """A default above its own limit would make every request that leaves it out fail."""
+        if self.default_candidates > self.max_candidates:
+            raise ValueError(
+                f"default_candidates ({self.default_candidates}) must be at most max_candidates "
+                f"({self.max_candidates})"
+            )
+        return self
 
     def keys(self) -> list[bytes]:
         """The configured API keys as bytes (empty: authentication off).

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from indexer.enums import Direction, Objective, Score
+from indexer.exceptions import NotAnImageError
 from indexer.features.tasks import gaussian_entropy
 from indexer.store.layout import (
     KEY_H,
@@ -40,6 +41,7 @@ from service.engine.results import (
     Timings,
 )
 from service.engine.retrieval import Ranked, Retriever
+from service.render import render_png
 
 __all__ = ["AttributionEngine"]
 
@@ -264,6 +266,27 @@ class AttributionEngine:
             input_shape=info.input_shape,
             image_shape=info.image_shape,
         )
+
+    def render(self, split: str, example_id: int, scale: int) -> tuple[bytes, str]:
+        """The stored input of a training example or stored query as a grayscale PNG.
+
+        Args:
+            split: ``"train"`` or ``"query"``; example_id: its row; scale: nearest-neighbour upscaling factor.
+
+        Returns:
+            ``(png, scaling)``: the PNG bytes and ``"unit"`` or ``"minmax"`` (:mod:`service.render`).
+
+        Raises:
+            NotAnImageError: the index has no ``image_shape`` (checked before the id).
+            UnknownExampleError: no such id in ``split``.
+        """
+        image_shape = self.data.manifest.model.image_shape
+        if image_shape is None:
+            raise NotAnImageError(
+                f"index {self.name!r} has no image_shape in its manifest, so its inputs are not images and "
+                "have no rendering; GET the example without /image.png (include_input=true for the raw input)"
+            )
+        return render_png(self.example_input(split, example_id), image_shape, scale)
 
     def example_input(self, split: str, example_id: int) -> np.ndarray:
         """`(*input_shape)` the stored input of a training example or stored query (memory-mapped).

@@ -135,3 +135,11 @@ def test_extra_manifest_fields_cannot_overwrite_the_manifest(
             progress=False,
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_an_image_shape_must_match_the_inputs() -> None:
+    with pytest.raises(
+        ValueError, match=r"image_shape \(10, 10\) must have one pixel per input value: each input has 784"
+    ):
+        Dataset(torch.zeros(3, 784), torch.zeros(3, dtype=torch.long), image_shape=(10, 10))
+    assert Dataset(torch.zeros(3, 1, 28, 28), torch.zeros(3), image_shape=(28, 28)).image_shape == (28, 28)

@@ -144,3 +144,55 @@ def test_cli_refuses_pickled_checkpoint(tmp_path: Path, tiny_problem: TinyProble
     build_index(
         model, ClassificationMargin(), data, tmp_path / "y", checkpoint=safetensors_ckpt, progress=False
     )
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path: Path, tiny_problem: TinyProblem) -> None:
+    cli = str(Path(sys.executable).with_name("infotrace-index"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    args = ["build", "--out", str(tmp_path / "x"), "--model", "mlp", "--checkpoint", "c.pt", "--data"]
+    shown = subprocess.run([cli, *args, str(garbage)], capture_output=True, text=True)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr
+    assert (
+        shown.stderr.strip().splitlines()[-1].startswith(f"error: dataset file {garbage} is not a readable")
+    )
+    model, data = tiny_problem
+    lonely = tmp_path / "lonely.safetensors"
+    save_file(
+        {
+            "train_inputs": data.inputs.numpy(),
+            "train_targets": data.targets.numpy(),
+            "query_inputs": data.inputs[:2].numpy(),
+        },
+        str(lonely),
+    )
+    shown = subprocess.run([cli, *args, str(lonely)], capture_output=True, text=True)
+    assert shown.returncode == 2 and "'query_inputs' without its partner" in shown.stderr
+    index = build_index(model, ClassificationMargin(), data, tmp_path / "tiny", progress=False)
+    shown = subprocess.run(
+        [cli, "coreset", "--index", str(index), "--size", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        shown.returncode == 2
+        and shown.stderr.strip()
+        == f"error: --out {tmp_path} is a folder; give the path of a JSON file to write"
+    )
+    shown = subprocess.run(
+        [cli, "coreset", "--index", str(index), "--size", "2"], capture_output=True, text=True
+    )
+    assert shown.returncode == 2 and "has no stored queries" in shown.stderr
+
+
+def test_a_factory_faiss_rejects_fails_before_featurizing(tmp_path: Path, tiny_problem: TinyProblem) -> None:
+    model, data = tiny_problem
+    with pytest.raises(ValueError, match="FAISS rejects the factory string 'Nonsense42' for dimension 512"):
+        build_index(
+            model,
+            ClassificationMargin(),
+            data,
+            tmp_path / "x",
+            config=IndexConfig(faiss_factory="Nonsense42"),
+        )
+    assert not any(tmp_path.iterdir())  # refused before any shard was written

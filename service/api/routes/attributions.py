@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi import Query as Param
 from pydantic import BaseModel
 
@@ -122,7 +122,12 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
     started = time.perf_counter()
     n = engine.data.n_train
     limits = {"size": min(settings.max_subset_size, n), "candidates": min(settings.max_subset_candidates, n)}
-    request = _clamp_defaults(request, limits)
+    given = request.model_fields_set
+    pool = request.candidates if "candidates" in given else min(request.candidates, limits["candidates"])
+    size = (
+        request.size if "size" in given else min(request.size, limits["size"], pool)
+    )  # a default fits the pool
+    request = request.model_copy(update={"candidates": pool, "size": size})
     for field in ("size", "candidates"):
         _check_limit(field, getattr(request, field), limits[field], "the service limit and the index size")
     if request.candidates < request.size:
@@ -148,6 +153,9 @@ def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) ->
     started = time.perf_counter()
     limit = min(settings.max_coreset_size, engine.data.n_train)
     _check_limit("size", request.size, limit, "the service limit and the index size")
+    if request.query_ids is not None:
+        # each id is one row of an (n_ids, n_train) float64 working array: bounded by the stored queries
+        _check_limit("the number of query_ids", len(request.query_ids), engine.data.n_query, "stored queries")
     found = engine.coreset(request.size, request.query_ids)
     elapsed = (time.perf_counter() - started) * 1e3
     return CoresetResponse(
@@ -164,7 +172,22 @@ def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) ->
 # Options left out are left out of the request too, so that defaults are lowered to the limits exactly as a
 # POST without them (an explicit value is checked against the limit).
 
-QueryId = Annotated[int, Param(description="id of a stored query (see GET /v1/indexes/{name}/queries/{id})")]
+QueryId = Annotated[
+    int, Param(ge=0, description="id of a stored query (see GET /v1/indexes/{name}/queries/{id})")
+]
+
+
+def _only(*names: str) -> Any:
+    """A dependency refusing query parameters other than ``names`` (a misspelt option must not be
+    ignored silently: the POST refuses unknown fields too)."""
+
+    async def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(names))
+        if unknown:
+            raise InvalidQueryError(f"unknown query parameter(s) {unknown}; this route takes {list(names)}")
+
+    return Depends(check)
+
 
 _ATTRIBUTION_DEFAULTS = AttributionRequest.model_validate({"query": {"id": 0}})
 _SUBSET_DEFAULTS = SubsetRequest.model_validate({"query": {"id": 0}})
@@ -174,7 +197,12 @@ def _given(**options: Any) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-@router.get("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
+@router.get(
+    "/v1/indexes/{name}/attributions",
+    response_model=AttributionResponse,
+    responses=ERROR_RESPONSES,
+    dependencies=[_only("query_id", "top_k", "score", "direction", "candidates")],
+)
 def attributions_by_id(
     engine: IndexDep,
     settings: SettingsDep,
@@ -201,7 +229,10 @@ def attributions_by_id(
 
 
 @router.get(
-    "/v1/indexes/{name}/attributions/subset", response_model=SubsetResponse, responses=ERROR_RESPONSES
+    "/v1/indexes/{name}/attributions/subset",
+    response_model=SubsetResponse,
+    responses=ERROR_RESPONSES,
+    dependencies=[_only("query_id", "size", "objective", "candidates")],
 )
 def subset_by_id(
     engine: IndexDep,

@@ -8,33 +8,23 @@ datasets, the URL of its rendering); ``.../image.png`` renders the input as a gr
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from indexer.store.layout import SPLIT_QUERY, SPLIT_TRAIN
 from service.api.deps import IndexDep
+from service.api.errors import EXAMPLE_ERRORS, PNG_RESPONSE
+from service.api.schemas import ExampleInfo, Split
 from service.engine.engine import AttributionEngine
-from service.render import DEFAULT_SCALE, MAX_SCALE, render_png
+from service.render import DEFAULT_SCALE, MAX_SCALE
 
-__all__ = ["router", "ExampleInfo", "SCALING_HEADER"]
+__all__ = ["router", "SCALING_HEADER"]
 
 router = APIRouter(tags=["examples"])
 
 SCALING_HEADER = "X-Infotrace-Scaling"
 """Response header of an image rendering: ``unit`` ([0, 1] -> 0..255) or ``minmax`` (per image)."""
-
-Split = Literal["train", "query"]
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"description": "unknown index or id, or (for image.png) an index whose inputs are not images"},
-    503: {"description": "the index is present but not ready (failed to load or verify)"},
-}
-PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"image/png": {}}, "description": "the input rendered as a grayscale PNG"},
-    **ERROR_RESPONSES,
-}
 
 ExampleId = Annotated[int, Path(description="row of the training set (examples) or of the stored queries")]
 Scale = Annotated[
@@ -43,26 +33,6 @@ Scale = Annotated[
 IncludeInput = Annotated[
     bool, Query(description="also return the raw input as nested lists (input_shape)", alias="include_input")
 ]
-
-
-class ExampleInfo(BaseModel):
-    """A training example or stored query, as ``GET .../examples/{id}`` or ``.../queries/{id}`` returns it."""
-
-    index: str = Field(description="index name")
-    split: Split = Field(description="'train' (a training example) or 'query' (a stored query)")
-    id: int = Field(description="row in its split")
-    label: int | float | None = Field(description="the stored label or regression target")
-    prediction: int | float | None = Field(description="the model's prediction: class index or value")
-    probabilities: list[float] | None = Field(None, description="softmax over classes (classification)")
-    output: float | None = Field(None, description="output function value m (classification: the margin)")
-    posterior_variance: float | None = Field(
-        None, description="h_i, posterior variance of the surrogate's output on this training example"
-    )
-    metadata: dict[str, Any] = Field(description="everything else the indexer stored about the example")
-    input_shape: list[int] = Field(description="shape of the model input")
-    image_shape: list[int] | None = Field(description="(height, width) when inputs are images, else null")
-    image_url: str | None = Field(description="path of the PNG rendering; null when inputs are not images")
-    input: list[Any] | None = Field(None, description="the raw input (only with include_input=true)")
 
 
 def _info(
@@ -92,17 +62,8 @@ def _info(
     )
 
 
-def _png(request: Request, engine: AttributionEngine, split: Split, example_id: int, scale: int) -> Response:
-    image_shape = engine.data.manifest.model.image_shape
-    if image_shape is None:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND,
-            detail=f"index {request.path_params['name']!r} has no image_shape in its manifest, so its "
-            "inputs are not images and have no rendering; GET the example without /image.png "
-            "(include_input=true for the raw input)",
-        )
-    values = engine.example_input(SPLIT_TRAIN if split == "train" else SPLIT_QUERY, example_id)
-    png, scaling = render_png(values, image_shape, scale)
+def _png(engine: AttributionEngine, split: Split, example_id: int, scale: int) -> Response:
+    png, scaling = engine.render(SPLIT_TRAIN if split == "train" else SPLIT_QUERY, example_id, scale)
     # an index is immutable while it is served, but it may be rebuilt under the same name and restarted
     headers = {SCALING_HEADER: scaling, "Cache-Control": "public, max-age=300"}
     return Response(content=png, media_type="image/png", headers=headers)
@@ -111,7 +72,7 @@ def _png(request: Request, engine: AttributionEngine, split: Split, example_id: 
 @router.get(
     "/v1/indexes/{name}/examples/{example_id}",
     response_model=ExampleInfo,
-    responses=ERROR_RESPONSES,
+    responses=EXAMPLE_ERRORS,
     name="example_info",
 )
 def example_info(
@@ -131,13 +92,13 @@ def example_image(
     example_id: ExampleId, engine: IndexDep, request: Request, scale: Scale = DEFAULT_SCALE
 ) -> Response:
     """One training example's input as a grayscale PNG (image datasets only; scaling in the header)."""
-    return _png(request, engine, "train", example_id, scale)
+    return _png(engine, "train", example_id, scale)
 
 
 @router.get(
     "/v1/indexes/{name}/queries/{example_id}",
     response_model=ExampleInfo,
-    responses=ERROR_RESPONSES,
+    responses=EXAMPLE_ERRORS,
     name="query_info",
 )
 def query_info(
@@ -157,4 +118,4 @@ def query_image(
     example_id: ExampleId, engine: IndexDep, request: Request, scale: Scale = DEFAULT_SCALE
 ) -> Response:
     """One stored query's input as a grayscale PNG (image datasets only; scaling in the header)."""
-    return _png(request, engine, "query", example_id, scale)
+    return _png(engine, "query", example_id, scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,30 @@ def test_an_index_built_before_the_move_loads_and_answers_as_before() -> None:
         got = engine.rank(query, Score(want["score"]), Direction(want["direction"]), 5, 5)
         assert got.ids.tolist() == want["ids"], want
         np.testing.assert_allclose(got.signed, want["signed"], rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize(
+    ("edit", "rule"),
+    [
+        (lambda d: d["surrogate"].update(prior_precision=-5.0), "surrogate.prior_precision > 0"),
+        (lambda d: d["surrogate"].update(s_floor=1.5), "0 < surrogate.s_floor < 1"),
+        (lambda d: d["counts"].update(n_query=-1), "counts.n_query"),
+        (lambda d: d["model"].update(image_shape=[2, 3]), "model.image_shape has one pixel per input value"),
+    ],
+)
+def test_values_no_build_writes_are_refused(edit, rule: str) -> None:
+    document = copy.deepcopy(_document())
+    edit(document)
+    with pytest.raises(IndexFormatError, match=f"breaks the rule {re.escape(rule)}"):
+        Manifest.from_json(document)
+
+
+def test_a_boolean_version_and_an_empty_file_list_are_refused() -> None:
+    document = copy.deepcopy(_document())
+    document["format_version"] = True  # == 1 in Python, not a version
+    with pytest.raises(IndexFormatError, match="format_version is True"):
+        Manifest.from_json(document)
+    document = copy.deepcopy(_document())
+    document["files"] = {}
+    with pytest.raises(IndexFormatError, match="'files' lists no file"):
+        Manifest.from_json(document)

@@ -1,4 +1,5 @@
-"""Resumable builds: a build killed with SIGKILL and started again writes the same files (indexer.shards)."""
+"""Resumable builds (indexer.store.shards): a build killed with SIGKILL and started again writes the same
+files."""
 
 from __future__ import annotations
 

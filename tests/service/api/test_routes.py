@@ -108,3 +108,37 @@ def test_limits_and_project_exceptions_become_status_codes(
     response = client.post(f"/v1/indexes/x/{url}", json=body)
     assert response.status_code == code
     assert detail in response.json()["detail"]
+
+
+def test_get_forms_refuse_unknown_and_negative_parameters(client: TestClient) -> None:
+    misspelt = client.get("/v1/indexes/x/attributions?query_id=1&topk=2")
+    assert misspelt.status_code == 422 and "unknown query parameter(s) ['topk']" in misspelt.json()["detail"]
+    negative = client.get("/v1/indexes/x/attributions?query_id=-1")
+    assert negative.status_code == 422 and negative.json()["detail"][0]["loc"] == ["query", "query_id"]
+    assert client.get("/v1/indexes/x/attributions/subset?query_id=1&sizes=3").status_code == 422
+
+
+def test_coreset_query_ids_are_bounded_by_the_stored_queries(client: TestClient) -> None:
+    response = client.post("/v1/indexes/x/coreset", json={"size": 1, "query_ids": [0, 1, 2, 3, 0]})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "the number of query_ids must be at most 4 (stored queries); got 5"
+
+
+def test_a_default_subset_size_fits_a_small_candidate_limit(
+    engine: AttributionEngine, tmp_path: Path
+) -> None:
+    app = create_app(Settings(index_root=tmp_path))
+    app.dependency_overrides[get_index] = lambda: engine
+    app.dependency_overrides[get_settings] = lambda: Settings(index_root=tmp_path, max_subset_candidates=5)
+    with TestClient(app) as c:
+        body = c.post("/v1/indexes/x/attributions/subset", json={"query": {"id": 0}}).json()
+        assert (body["size"], body["candidates"]) == (5, 5)
+        explicit = c.post("/v1/indexes/x/attributions/subset", json={"query": {"id": 0}, "size": 6})
+        assert explicit.status_code == 422 and "candidates (5) must be at least size (6)" in explicit.text
+
+
+def test_settings_refuse_a_default_above_its_limit(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"default_candidates \(500\) must be at most max_candidates \(200\)"
+    ):
+        Settings(index_root=tmp_path, default_candidates=500, max_candidates=200)

@@ -1,0 +1,253 @@
+"""The typed sections of an index manifest (DESIGN.md 2.1): the model, the projection, the surrogate, FAISS,
+the counts and the file entries, each read from its JSON object with every field checked by name.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from indexer.exceptions import IndexFormatError
+from indexer.features.models import ModelSpec
+
+__all__ = [
+    "EXACT_FACTORY",
+    "FileEntry",
+    "ModelInfo",
+    "ProjectionInfo",
+    "SurrogateInfo",
+    "FaissInfo",
+    "Counts",
+]
+__all__ += ["JsonReader", "read_flat_section", "int_tuple"]
+
+EXACT_FACTORY = "Flat"
+"""The FAISS factory string of exact (brute-force) inner-product search."""
+
+
+class JsonReader:
+    """Typed access to one JSON object of the manifest; a missing or mistyped field raises
+    :class:`IndexFormatError` naming the file and the field.
+
+    Args:
+        document: the object; where: its dotted path in the manifest (``""`` for the top); path: the file.
+
+    Raises:
+        IndexFormatError: ``document`` is not a JSON object.
+    """
+
+    def __init__(self, document: Any, where: str, path: str) -> None:
+        if not isinstance(document, dict):
+            raise IndexFormatError(f"{path}: {where or 'the manifest'} must be a JSON object")
+        self.document = document
+        self.where = where
+        self.path = path
+
+    def _name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, types: type | tuple[type, ...], optional: bool = False) -> Any:
+        if key not in self.document:
+            if optional:
+                return None
+            raise IndexFormatError(f"{self.path} lacks the field {self._name(key)!r}")
+        value = self.document[key]
+        if value is None and optional:
+            return None
+        # JSON has one number type: an int is a valid float; a bool is neither
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            raise IndexFormatError(f"{self.path}: {self._name(key)!r} must be {types}; got {value!r}")
+        return value
+
+    def section(self, key: str) -> JsonReader:
+        return JsonReader(self.get(key, dict), self._name(key), self.path)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the index: its checksum and size.
+
+    Attributes:
+        sha256: hex sha256 of the file's bytes.
+        bytes: its size in bytes.
+    """
+
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model the features were taken from.
+
+    Attributes:
+        spec: how to rebuild the architecture, or None (then raw-input queries cannot be served).
+        checkpoint_sha256: sha256 of the index's own copy of the weights (``model.safetensors``).
+        source_checkpoint_sha256: sha256 of the checkpoint file the build was given, if any.
+        n_params: P, number of trainable parameters (the length of a tangent feature).
+        output_function: registry name of the output function.
+        output_params: its constructor arguments.
+        input_shape: shape of one model input.
+        input_dtype: torch dtype name of the inputs, e.g. ``"float32"``.
+        n_outputs: width of the model's output.
+        image_shape: ``(height, width)`` when inputs are images (for rendering), else None.
+    """
+
+    spec: ModelSpec | None
+    checkpoint_sha256: str
+    source_checkpoint_sha256: str | None
+    n_params: int
+    output_function: str
+    output_params: dict[str, Any]
+    input_shape: tuple[int, ...]
+    input_dtype: str
+    n_outputs: int
+    image_shape: tuple[int, int] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``model`` object."""
+        return {
+            "spec": self.spec.to_json() if self.spec is not None else None,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "source_checkpoint_sha256": self.source_checkpoint_sha256,
+            "n_params": self.n_params,
+            "output_function": {"name": self.output_function, "params": dict(self.output_params)},
+            "input_shape": list(self.input_shape),
+            "input_dtype": self.input_dtype,
+            "n_outputs": self.n_outputs,
+            "image_shape": list(self.image_shape) if self.image_shape is not None else None,
+        }
+
+    @classmethod
+    def _read(cls, r: JsonReader) -> ModelInfo:
+        spec_json = r.get("spec", dict, optional=True)
+        spec = None
+        if spec_json is not None:
+            s = JsonReader(spec_json, f"{r.where}.spec", r.path)
+            spec = ModelSpec(s.get("factory", str), s.get("kwargs", dict, optional=True) or {})
+        output = r.section("output_function")
+        image_shape = r.get("image_shape", list, optional=True)
+        if image_shape is not None and len(image_shape) != 2:
+            raise IndexFormatError(
+                f"{r.path}: 'model.image_shape' must be [height, width]; got {image_shape}"
+            )
+        return cls(
+            spec=spec,
+            checkpoint_sha256=r.get("checkpoint_sha256", str),
+            source_checkpoint_sha256=r.get("source_checkpoint_sha256", str, optional=True),
+            n_params=r.get("n_params", int),
+            output_function=output.get("name", str),
+            output_params=output.get("params", dict, optional=True) or {},
+            input_shape=int_tuple(r, "input_shape"),
+            input_dtype=r.get("input_dtype", str),
+            n_outputs=r.get("n_outputs", int),
+            image_shape=None if image_shape is None else (int(image_shape[0]), int(image_shape[1])),
+        )
+
+
+class _FlatSection:
+    """A manifest section of plain ints, floats and strings: its JSON object is its fields."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The section's manifest object."""
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+
+@dataclass(frozen=True)
+class ProjectionInfo(_FlatSection):
+    """The seeded projection R (DESIGN.md 1.1).
+
+    Attributes:
+        kind: entries of R (``"gaussian"`` or ``"rademacher"``).
+        k: projected dimension.
+        seed: projection seed.
+    """
+
+    kind: str
+    k: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class SurrogateInfo(_FlatSection):
+    """The fitted surrogate's scalars (DESIGN.md 1.1, 1.5).
+
+    Attributes:
+        prior_precision: tau.
+        prior_precision_source: ``"given"`` or ``"mean_eigenvalue"``.
+        likelihood: the output function's name (the likelihood the beta_i come from).
+        s_floor: floor on s_i = 1 - leverage.
+        n_clamped: examples whose s_i was raised to the floor.
+        n_train: N, examples in the posterior.
+    """
+
+    prior_precision: float
+    prior_precision_source: str
+    likelihood: str
+    s_floor: float
+    n_clamped: int
+    n_train: int
+
+
+@dataclass(frozen=True)
+class FaissInfo(_FlatSection):
+    """The FAISS indexes over the score vectors (DESIGN.md 1.3, vector form).
+
+    Attributes:
+        factory: ``faiss.index_factory`` string.
+        metric: always ``"inner_product"``.
+        exact: whether search is exhaustive (the factory is ``"Flat"``), so that results can be proved
+            equal to the brute-force top-k.
+    """
+
+    factory: str
+    metric: str = "inner_product"
+
+    @property
+    def exact(self) -> bool:
+        """True for the flat (brute-force) index; derived from the factory, never stored separately."""
+        return self.factory == EXACT_FACTORY
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``faiss`` object (``exact`` is written for readers of the file)."""
+        return {**asdict(self), "exact": self.exact}
+
+
+@dataclass(frozen=True)
+class Counts(_FlatSection):
+    """Sizes of the index.
+
+    Attributes:
+        n_train: training examples N; n_query: stored queries; k: projected dimension.
+    """
+
+    n_train: int
+    n_query: int
+    k: int
+
+
+Section = TypeVar("Section")
+
+
+def read_flat_section(cls: type[Section], r: JsonReader) -> Section:
+    """Read a section whose fields are plain ints, floats and strings (JSON numbers: an int is a float)."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]  # every section is a dataclass
+        kind = hints[f.name]
+        value = r.get(f.name, (int, float) if kind is float else kind, optional=f.default is not MISSING)
+        values[f.name] = f.default if value is None else (float(value) if kind is float else value)
+    return cls(**values)
+
+
+def int_tuple(r: JsonReader, key: str) -> tuple[int, ...]:
+    """The list of integers at ``key`` as a tuple.
+
+    Raises:
+        IndexFormatError: not a list of integers (names the field).
+    """
+    values = r.get(key, list)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise IndexFormatError(f"{r.path}: {r._name(key)!r} must be a list of integers; got {values}")
+    return tuple(values)

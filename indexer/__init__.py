@@ -25,10 +25,10 @@ from indexer.exceptions import (
 )
 from indexer.features import (
     ClassificationMargin,
+    DenseProjection,
     Features,
     ModelSpec,
     OutputFunction,
-    RandomProjection,
     RegressionOutput,
     build_model,
     count_parameters,
@@ -73,7 +73,7 @@ __all__ = [
     "OutputKind",
     "ProjectionKind",
     "QueryTerms",
-    "RandomProjection",
+    "DenseProjection",
     "RegressionOutput",
     "Score",
     "Surrogate",

@@ -23,10 +23,17 @@ from torch import nn
 
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.enums import Score
-from indexer.features.featurize import Features, buffer_rows, count_parameters, tangent_features
+from indexer.enums import Device, ProjectionKind, Score
+from indexer.features.featurize import (
+    DenseFeaturizer,
+    Features,
+    Featurizer,
+    count_parameters,
+    tangent_features,
+)
+from indexer.features.hooks import HookFeaturizer, fired_modules, plan_kronecker
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
-from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
+from indexer.features.projection import PROJECTION_BLOCK_ROWS, DenseProjection
 from indexer.features.tasks import OutputFunction
 from indexer.gp.surrogate import Surrogate, fit_surrogate
 from indexer.store.faiss_index import check_factory, make_faiss_index
@@ -120,6 +127,7 @@ def _manifest(
     tangent: Features,
     surrogate: Surrogate,
     config: IndexConfig,
+    projection: ProjectionInfo,
     n_query: int,
     timings: dict[str, float],
     extra: dict[str, Any],
@@ -139,7 +147,7 @@ def _manifest(
             n_outputs=int(tangent.model_outputs.shape[1]),
             image_shape=train.image_shape,
         ),
-        projection=ProjectionInfo(kind=config.projection.value, k=config.k, seed=config.seed),
+        projection=projection,
         surrogate=SurrogateInfo(
             prior_precision=surrogate.prior_precision,
             prior_precision_source="given" if config.prior_precision is not None else "mean_eigenvalue",
@@ -149,7 +157,7 @@ def _manifest(
             n_train=len(train),
         ),
         faiss=FaissInfo(factory=config.faiss_factory),
-        counts=Counts(n_train=len(train), n_query=n_query, k=config.k),
+        counts=Counts(n_train=len(train), n_query=n_query, k=projection.k),
         config=config.to_json(),
         timings_seconds=timings,
         extra=extra,
@@ -205,7 +213,7 @@ def build_index(
     _prepare(model, output_fn, train, queries, out_dir, checkpoint)
     check_factory(config.k, config.faiss_factory)
     n_params = count_parameters(model)
-    projection = RandomProjection(n_params, config.k, config.seed, config.projection)
+    featurizer, projection = _featurizer(model, train, config)
     query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
     with (
         build_lock(out_dir),
@@ -216,14 +224,18 @@ def build_index(
         stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
         save_checkpoint(model, stored_checkpoint)
         checkpoint_sha256 = sha256_file(stored_checkpoint)
-        material = _work_key_material(model, output_fn, train, query_set, checkpoint_sha256, config)
+        material = _work_key_material(
+            model, output_fn, train, query_set, checkpoint_sha256, config, featurizer, projection
+        )
         store = ShardStore(out_dir, work_key(material), material)
         for other in store.others():
             log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
         features = {
-            split: _featurize(model, output_fn, data, projection, config, store, split, progress)
+            split: _featurize(featurizer, output_fn, data, config, store, split, progress)
             for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
         }
+        if isinstance(featurizer, HookFeaturizer):
+            featurizer.close()
         tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]
         featurize_seconds = time.perf_counter() - started
 
@@ -244,6 +256,7 @@ def build_index(
             tangent,
             surrogate,
             config,
+            projection,
             n_query=len(query_set),
             timings={"featurize": featurize_seconds, "total": time.perf_counter() - started},
             extra=extra_manifest or {},
@@ -305,10 +318,9 @@ def _prepare(
 
 
 def _featurize(
-    model: nn.Module,
+    featurizer: Featurizer,
     output_fn: OutputFunction,
     data: Dataset,
-    projection: RandomProjection,
     config: IndexConfig,
     store: ShardStore,
     split: str,
@@ -317,11 +329,10 @@ def _featurize(
     """Projected tangent features of one split, reusing and filling its shards."""
     shards = store.split(split)
     features = tangent_features(
-        model,
+        featurizer,
         output_fn,
         data.inputs,
         data.targets,
-        projection,
         batch_size=config.batch_size,
         buffer_bytes=config.buffer_bytes,
         progress=f"featurize {split}" if progress else None,
@@ -345,9 +356,14 @@ def _work_key_material(
     queries: Dataset,
     checkpoint_sha256: str,
     config: IndexConfig,
+    featurizer: Featurizer,
+    projection: ProjectionInfo,
 ) -> dict[str, Any]:
     """Everything that determines the featurization shards (see :mod:`indexer.store.shards`)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    projection_key = projection.to_json()
+    if projection.structure is ProjectionKind.DENSE:
+        projection_key["block_rows"] = PROJECTION_BLOCK_ROWS
     return {
         "shard_format_version": SHARD_FORMAT_VERSION,
         # the weights, and the architecture they are used in (repr names the layers and activations)
@@ -355,15 +371,10 @@ def _work_key_material(
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model_repr": repr(model),
         "output_function": {"name": output_fn.name, "params": output_fn.params()},
-        "projection": {
-            "kind": config.projection.value,
-            "k": config.k,
-            "seed": config.seed,
-            "block_rows": PROJECTION_BLOCK_ROWS,
-        },
+        "projection": projection_key,
         # shard boundaries, and the batch shapes the gradients were computed in
         "batch_size": config.batch_size,
-        "buffer_rows": buffer_rows(count_parameters(model), config.batch_size, config.buffer_bytes),
+        "buffer_rows": featurizer.buffer_rows(config.batch_size, config.buffer_bytes),
         "train": {"inputs": tensor_digest(train.inputs), "targets": tensor_digest(train.targets)},
         "query": {"inputs": tensor_digest(queries.inputs), "targets": tensor_digest(queries.targets)},
         # other kernels may round differently
@@ -371,6 +382,51 @@ def _work_key_material(
         "numpy": np.__version__,
         "device": str(device),
     }
+
+
+def _featurizer(model: nn.Module, train: Dataset, config: IndexConfig) -> tuple[Featurizer, ProjectionInfo]:
+    """The configured featurizer on the configured device, and the manifest's record of its projection.
+
+    The Kronecker plan is made after a probe forward pass on the first training examples, so that a layer
+    whose forward is bypassed gets no block; a warning says when less than ``min_coverage`` of the
+    parameters reaches the features.
+    """
+    model.to(_device(config.device))
+    if config.projection is ProjectionKind.DENSE:
+        dense = DenseProjection(count_parameters(model), config.k, config.seed, config.distribution)
+        info = ProjectionInfo("dense", config.k, config.seed, config.distribution.value)
+        return DenseFeaturizer(model, dense), info
+    fired = fired_modules(model, train.inputs[: config.batch_size])
+    plan = plan_kronecker(
+        model,
+        config.k,
+        config.seed,
+        config.distribution,
+        config.layer_patterns,
+        config.dims(),
+        config.uncovered,
+        fired=fired,
+    )
+    coverage = plan.coverage_json()
+    if coverage["covered_fraction"] < config.min_coverage:
+        log.warning(
+            "the Kronecker projection covers %.1f%% of the %d parameters (min_coverage %.0f%%); "
+            "not covered: %s",
+            100 * coverage["covered_fraction"],
+            plan.n_params,
+            100 * config.min_coverage,
+            ", ".join(plan.rest.params[:10]) + (" ..." if len(plan.rest.params) > 10 else ""),
+        )
+    info = ProjectionInfo("kronecker", plan.k, config.seed, config.distribution.value, coverage)
+    return HookFeaturizer(model, plan), info
+
+
+def _device(device: Device) -> torch.device:
+    if device is Device.CPU:
+        return torch.device("cpu")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _output_width(model: nn.Module, first: torch.Tensor) -> int:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
-from indexer.enums import ProjectionKind, parse_enum
+from indexer.enums import Device, Distribution, ProjectionKind, Uncovered, parse_enum
 from indexer.gp.surrogate import S_FLOOR
 
 __all__ = ["IndexConfig"]
@@ -21,9 +22,16 @@ class IndexConfig:
     """Settings of an index build (DESIGN.md 1.1, 1.5, 2.1).
 
     Attributes:
-        k: projected dimension of the tangent features.
+        k: projected dimension of the tangent features (the Kronecker plan's total may differ slightly: at
+            least one feature per side of each block; the manifest records the exact value).
         seed: projection seed (same seed and model => same features).
-        projection: ``"gaussian"`` or ``"rademacher"`` entries of R.
+        projection: ``"kronecker"`` (per layer, from hooks; DESIGN.md 1.7) or ``"dense"`` (one dense R).
+        distribution: ``"gaussian"`` or ``"rademacher"`` entries of the projection matrices.
+        projection_layers: comma-separated fnmatch patterns of module names projected per layer (Kronecker).
+        projection_dims: ``"pattern=k_rowxk_col,..."`` fixed block sizes for matching modules (Kronecker).
+        uncovered: ``"dense"`` or ``"omit"`` for parameters outside supported layers (Kronecker).
+        min_coverage: warn when less than this fraction of the parameters reaches the features.
+        device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"`` for featurization.
         prior_precision: tau; None for the mean eigenvalue of the data term (DESIGN.md 1.1).
         s_floor: floor on one minus the leverage (DESIGN.md 1.5).
         batch_size: examples per vmap call when featurizing.
@@ -37,23 +45,57 @@ class IndexConfig:
     k: int = field(default=512, metadata={"help": "projected dimension k of the tangent features"})
     seed: int = field(default=0, metadata={"help": "projection seed (same seed and model: same features)"})
     projection: ProjectionKind = field(
-        default=ProjectionKind.GAUSSIAN, metadata={"help": "distribution of the entries of R"}
+        default=ProjectionKind.KRONECKER,
+        metadata={
+            "help": "kronecker (per layer, two-sided, from hooks) or dense (one P x k matrix, small models)"
+        },
+    )
+    distribution: Distribution = field(
+        default=Distribution.GAUSSIAN,
+        metadata={"help": "distribution of the entries of the projection matrices"},
+    )
+    projection_layers: str = field(
+        default="*", metadata={"help": "comma-separated name patterns of the modules projected per layer"}
+    )
+    projection_dims: str = field(
+        default="", metadata={"help": "fixed block sizes 'pattern=KROWxKCOL,...' (default: shared out of k)"}
+    )
+    uncovered: Uncovered = field(
+        default=Uncovered.DENSE,
+        metadata={"help": "parameters outside supported layers: dense (own gradients projected) or omit"},
+    )
+    min_coverage: float = field(
+        default=0.9, metadata={"help": "warn when less than this fraction of the parameters is projected"}
+    )
+    device: Device = field(
+        default=Device.AUTO, metadata={"help": "featurize on: auto (CUDA when present), cpu, cuda"}
     )
     prior_precision: float | None = field(
         default=None, metadata={"help": "prior precision tau (default: the mean eigenvalue of the data term)"}
     )
     s_floor: float = field(default=S_FLOOR, metadata={"help": "floor on s_i = 1 - leverage (DESIGN.md 1.5)"})
-    batch_size: int = field(default=128, metadata={"help": "examples per vmap call when featurizing"})
+    batch_size: int = field(default=128, metadata={"help": "examples per forward and backward pass"})
     faiss_factory: str = field(
         default="Flat", metadata={"help": "FAISS index_factory string ('Flat' = exact search)"}
     )
     buffer_bytes: int = field(
         default=256 * 2**20,
-        metadata={"help": "bytes of per-example gradients gathered per pass over the projection's blocks"},
+        metadata={"help": "dense projection: bytes of per-example gradients gathered per pass over R"},
     )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "projection", parse_enum(ProjectionKind, self.projection))
+        for name, enum in (
+            ("projection", ProjectionKind),
+            ("distribution", Distribution),
+            ("uncovered", Uncovered),
+            ("device", Device),
+        ):
+            object.__setattr__(self, name, parse_enum(enum, getattr(self, name)))
+        if not 0 <= self.min_coverage <= 1:
+            raise ValueError(f"min_coverage must lie in [0, 1]; got {self.min_coverage}")
+        if not self.layer_patterns:
+            raise ValueError("projection_layers must name at least one pattern (e.g. '*')")
+        self.dims()  # refuse a malformed projection_dims now, not after featurizing
         if self.k <= 0 or self.batch_size <= 0 or self.buffer_bytes <= 0:
             raise ValueError(
                 f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
@@ -68,10 +110,30 @@ class IndexConfig:
         if not 0 < self.s_floor < 1:
             raise ValueError(f"s_floor must lie in (0, 1); got {self.s_floor}")
 
+    @property
+    def layer_patterns(self) -> tuple[str, ...]:
+        """The module-name patterns of :attr:`projection_layers`."""
+        return tuple(p.strip() for p in self.projection_layers.split(",") if p.strip())
+
+    def dims(self) -> dict[str, tuple[int, int]]:
+        """:attr:`projection_dims` parsed: module-name pattern -> ``(k_row, k_col)``.
+
+        Raises:
+            ValueError: an entry that is not ``pattern=AxB`` with positive integers.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        for entry in filter(None, (e.strip() for e in self.projection_dims.split(","))):
+            pattern, _, size = entry.partition("=")
+            rows, _, cols = size.lower().partition("x")
+            if not (pattern and rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+                raise ValueError(f"projection_dims entries must look like 'layer=16x16'; got {entry!r}")
+            out[pattern] = (int(rows), int(cols))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         """The manifest's ``config`` object: every field, enums as their values."""
         return {
-            f.name: (value.value if isinstance(value, ProjectionKind) else value)
+            f.name: (value.value if isinstance(value, Enum) else value)
             for f in fields(self)
             for value in (getattr(self, f.name),)
         }

@@ -5,7 +5,17 @@ from __future__ import annotations
 from enum import Enum
 from typing import TypeVar
 
-__all__ = ["Score", "Direction", "ProjectionKind", "OutputKind", "Objective", "parse_enum"]
+__all__ = [
+    "Score",
+    "Direction",
+    "ProjectionKind",
+    "Distribution",
+    "Uncovered",
+    "Device",
+    "OutputKind",
+    "Objective",
+    "parse_enum",
+]
 
 E = TypeVar("E", bound=Enum)
 
@@ -42,12 +52,42 @@ class Direction(str, Enum):
 
 
 class ProjectionKind(str, Enum):
-    """Distribution of the entries of the random projection matrix R (DESIGN.md 1.1)."""
+    """Structure of the random projection R of the tangent features (DESIGN.md 1.1, 1.7)."""
+
+    KRONECKER = "kronecker"
+    """Per layer, two-sided: R_l = S (x) Q, computed from hooks in one forward and backward pass per batch;
+    neither R nor the per-example gradient is ever formed (DESIGN.md 1.7). The default."""
+    DENSE = "dense"
+    """One dense `(P, k)` matrix applied to whole per-example gradients: the reference, for small models."""
+
+
+class Distribution(str, Enum):
+    """Distribution of the entries of the projection matrices (DESIGN.md 1.1, 1.7)."""
 
     GAUSSIAN = "gaussian"
-    """i.i.d. N(0, 1/k) entries."""
+    """i.i.d. N(0, 1/k) entries (k: the matrix's number of columns)."""
     RADEMACHER = "rademacher"
     """i.i.d. +-1/sqrt(k) entries."""
+
+
+class Uncovered(str, Enum):
+    """What the Kronecker projection does with parameters outside supported layers (DESIGN.md 1.7)."""
+
+    DENSE = "dense"
+    """Their own (small) per-example gradients, projected by a seeded dense matrix into one more block."""
+    OMIT = "omit"
+    """Left out of the features (the manifest's coverage record lists them)."""
+
+
+class Device(str, Enum):
+    """Where featurization runs."""
+
+    AUTO = "auto"
+    """CUDA when torch sees a GPU, else the CPU."""
+    CPU = "cpu"
+    """The CPU."""
+    CUDA = "cuda"
+    """The first CUDA device (an error when there is none)."""
 
 
 class OutputKind(str, Enum):

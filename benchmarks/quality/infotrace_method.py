@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from indexer.enums import Score
-from indexer.features.featurize import count_parameters, tangent_features
-from indexer.features.projection import RandomProjection
+from indexer.features.featurize import DenseFeaturizer, count_parameters, tangent_features
+from indexer.features.projection import DenseProjection
 from indexer.features.tasks import ClassificationMargin
 from indexer.gp.scores import signed_score
 from indexer.gp.surrogate import Surrogate, fit_surrogate
@@ -58,7 +58,7 @@ class InfotraceFeatures:
         self.seed = seed
         self.output_fn = ClassificationMargin()
         self._model: nn.Module | None = None
-        self._projection: RandomProjection | None = None
+        self._featurizer: DenseFeaturizer | None = None
         self._train: _Train | None = None
         self._surrogates: dict[float, Surrogate] = {}
         self._queries: dict[str, np.ndarray] = {}
@@ -71,8 +71,8 @@ class InfotraceFeatures:
             model: the trained network; train_inputs: `(n_train, 784)` float32; train_targets: `(n_train,)`.
         """
         self._model = model.eval()
-        self._projection = RandomProjection(count_parameters(model), self.k, self.seed)
-        feats = tangent_features(model, self.output_fn, train_inputs, train_targets, self._projection)
+        self._featurizer = DenseFeaturizer(model, DenseProjection(count_parameters(model), self.k, self.seed))
+        feats = tangent_features(self._featurizer, self.output_fn, train_inputs, train_targets)
         self._train = _Train(
             phi=feats.phi,
             phi64=feats.phi.astype(np.float64),
@@ -119,9 +119,9 @@ class InfotraceFeatures:
         """
         digest = hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()
         if digest not in self._queries:
-            if self._model is None or self._projection is None:
+            if self._model is None or self._featurizer is None:
                 raise RuntimeError("call fit() before scoring")
-            feats = tangent_features(self._model, self.output_fn, inputs, targets, self._projection)
+            feats = tangent_features(self._featurizer, self.output_fn, inputs, targets)
             self._queries[digest] = feats.phi
         return self._queries[digest]
 

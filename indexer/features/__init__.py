@@ -4,15 +4,19 @@ per-example projected tangent features."""
 from __future__ import annotations
 
 from indexer.features.featurize import (
+    Batch,
     BufferCache,
     BufferFeatures,
+    DenseFeaturizer,
     Features,
+    Featurizer,
     buffer_rows,
     count_parameters,
     example_gradient,
     per_example_gradients,
     tangent_features,
 )
+from indexer.features.hooks import HookFeaturizer, fired_modules, layer_kind, plan_kronecker
 from indexer.features.models import (
     ModelSpec,
     build_model,
@@ -22,7 +26,14 @@ from indexer.features.models import (
     register_model,
     save_checkpoint,
 )
-from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
+from indexer.features.projection import (
+    PROJECTION_BLOCK_ROWS,
+    DenseProjection,
+    KroneckerProjection,
+    LayerBlock,
+    RestBlock,
+    seeded_matrix,
+)
 from indexer.features.tasks import (
     ClassificationMargin,
     OutputFunction,
@@ -38,9 +49,20 @@ __all__ = [
     "ClassificationMargin",
     "Features",
     "ModelSpec",
+    "Batch",
+    "DenseFeaturizer",
+    "Featurizer",
+    "HookFeaturizer",
+    "KroneckerProjection",
+    "LayerBlock",
+    "RestBlock",
+    "fired_modules",
+    "layer_kind",
+    "plan_kronecker",
+    "seeded_matrix",
     "OutputFunction",
     "PROJECTION_BLOCK_ROWS",
-    "RandomProjection",
+    "DenseProjection",
     "RegressionOutput",
     "buffer_rows",
     "build_model",

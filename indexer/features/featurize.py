@@ -1,16 +1,24 @@
-"""Per-example tangent features g(x) = d m(x, y; theta) / d theta with ``torch.func`` (DESIGN.md 1.1).
+"""Per-example projected tangent features phi = R^T d m(x, y; theta) / d theta (DESIGN.md 1.1, 1.7).
 
-``vmap`` over ``grad`` of the output function gives the gradients of a whole batch at once; they are
-flattened in ``model.named_parameters()`` order and projected before the next batch, so memory holds at
-most one buffer of `(buffer_rows, n_params)` float32 gradients. Each finished buffer can be handed to a
-:class:`BufferCache` (the indexer's shard store, :mod:`indexer.store.shards`), so that an interrupted build
-resumes from the buffers it already finished.
+Two featurizers share one interface (:class:`Featurizer`):
+
+- :class:`DenseFeaturizer`: ``vmap`` over ``grad`` gives the whole per-example gradients of a batch,
+  flattened in ``model.named_parameters()`` order; a buffer of them is projected by a
+  :class:`~indexer.features.projection.DenseProjection` at once (memory: one `(buffer_rows, n_params)`
+  buffer). The reference, for small models.
+- :class:`~indexer.features.hooks.HookFeaturizer`: the per-layer Kronecker projection from hooks, one forward
+  and one backward pass per batch, no per-example gradient ever formed. The default.
+
+:func:`tangent_features` runs either over a dataset in buffers of consecutive examples; each finished buffer
+can be handed to a :class:`BufferCache` (the indexer's shard store, :mod:`indexer.store.shards`), so that an
+interrupted build resumes from the buffers it already finished.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,18 +26,23 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from indexer.features.projection import RandomProjection
+from indexer.features.projection import DenseProjection
 from indexer.features.tasks import OutputFunction
 
 __all__ = [
+    "Batch",
     "BufferCache",
     "BufferFeatures",
+    "DenseFeaturizer",
+    "Featurizer",
     "Features",
     "buffer_rows",
-    "per_example_gradients",
-    "example_gradient",
-    "tangent_features",
     "count_parameters",
+    "example_gradient",
+    "model_outputs",
+    "per_example_gradients",
+    "tangent_features",
+    "to_device",
 ]
 
 
@@ -41,7 +54,7 @@ class Features:
         phi: `(n, k)` float32 projected tangent features.
         outputs: `(n,)` float64 output-function values m_i at theta*.
         model_outputs: `(n, n_outputs)` float32 raw model outputs (logits).
-        targets: `(n,)` the targets the output function was evaluated at.
+        targets: `(n, ...)` the targets the output function was evaluated at.
     """
 
     phi: np.ndarray
@@ -52,7 +65,7 @@ class Features:
 
 @dataclass(frozen=True)
 class BufferFeatures:
-    """What :func:`tangent_features` computes for one buffer of consecutive examples.
+    """What a featurizer computes for one buffer (or batch) of consecutive examples.
 
     Attributes:
         phi: `(rows, k)` float32 projected tangent features.
@@ -63,6 +76,33 @@ class BufferFeatures:
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
+
+    @staticmethod
+    def concatenate(parts: Sequence[BufferFeatures]) -> BufferFeatures:
+        """The parts one after the other (rows in order)."""
+        return BufferFeatures(
+            phi=np.concatenate([p.phi for p in parts]),
+            outputs=np.concatenate([p.outputs for p in parts]),
+            model_outputs=np.concatenate([p.model_outputs for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as a featurizer reads it.
+
+    Attributes:
+        inputs: the model's input: a `(B, ...)` tensor, or a mapping of them (keyword arguments).
+        targets: `(B, ...)` targets of the output function.
+        mask: `(B, T)` 1 for positions that count and 0 for padding, or None.
+    """
+
+    inputs: Any
+    targets: torch.Tensor
+    mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
 
 
 class BufferCache(Protocol):
@@ -79,6 +119,39 @@ class BufferCache(Protocol):
     def save(self, buffer: int, features: BufferFeatures) -> None:
         """Store buffer ``buffer`` once it is complete."""
         ...
+
+
+class Featurizer(Protocol):
+    """Turns batches into projected tangent features (:class:`DenseFeaturizer`, ``HookFeaturizer``)."""
+
+    k: int
+    """Projected dimension."""
+
+    def buffer_rows(self, batch_size: int, buffer_bytes: int) -> int:
+        """Examples per buffer (a multiple of ``batch_size``) for a memory budget of ``buffer_bytes``."""
+        ...
+
+    def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
+        """Features of consecutive batches, in order."""
+        ...
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    """A batch input (tensor, or a mapping of tensors) on ``device``."""
+    if isinstance(inputs, dict):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+def model_outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Call the model on a batch: a tensor positionally, a mapping as keyword arguments; a result with a
+    ``logits`` attribute (transformers) gives its logits.
+
+    Returns:
+        `(B, ...)` the model's raw output.
+    """
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out.logits if hasattr(out, "logits") else out
 
 
 def buffer_rows(n_params: int, batch_size: int, buffer_bytes: int) -> int:
@@ -100,38 +173,87 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _params(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def per_example_gradients(
-    model: nn.Module, output_fn: OutputFunction, inputs: torch.Tensor, targets: torch.Tensor
+    model: nn.Module,
+    output_fn: OutputFunction,
+    inputs: Any,
+    targets: torch.Tensor,
+    names: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tangent features of one batch with vmap over grad.
+    """Whole per-example gradients of one batch with vmap over grad.
 
     Args:
         model: the network, in eval mode; its buffers are used as they are.
         output_fn: the scalar output function m.
-        inputs: `(n, *input_shape)` model inputs.
-        targets: `(n,)` targets.
+        inputs: `(n, *input_shape)` model inputs, or a mapping of such tensors (keyword arguments).
+        targets: `(n, ...)` targets.
+        names: differentiate with respect to these trainable parameters only (default: all of them).
 
     Returns:
         ``(gradients, outputs, model_outputs)``: `(n, n_params)` float32 flattened gradients in
         ``named_parameters()`` order, `(n,)` output values, `(n, n_outputs)` raw outputs.
     """
-    params = _params(model)
-    buffers = {name: b.detach() for name, b in model.named_buffers()}
+    trainable = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    chosen = list(trainable) if names is None else list(names)
+    params = {name: trainable[name] for name in chosen}
+    fixed = {name: p for name, p in trainable.items() if name not in params}
+    fixed |= {name: b.detach() for name, b in model.named_buffers()}
 
     def m(
-        p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+        p: dict[str, torch.Tensor], x: Any, y: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        raw = functional_call(model, (p, buffers), (x.unsqueeze(0),)).squeeze(0)
+        one = {key: v.unsqueeze(0) for key, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
+        out_raw = functional_call(model, (p, fixed), kwargs=one) if isinstance(one, dict) else None
+        if out_raw is None:
+            out_raw = functional_call(model, (p, fixed), (one,))
+        raw = (out_raw.logits if hasattr(out_raw, "logits") else out_raw).reshape(-1)
         out = output_fn.output(raw, y)
         return out, (out.detach(), raw.detach())
 
     grads, (outputs, raw) = vmap(grad(m, has_aux=True), in_dims=(None, 0, 0))(params, inputs, targets)
-    flat = torch.cat([grads[name].reshape(inputs.shape[0], -1) for name in params], dim=1)
-    return flat, outputs, raw.reshape(inputs.shape[0], -1)
+    n = int(targets.shape[0])
+    flat = torch.cat([grads[name].reshape(n, -1) for name in params], dim=1)
+    return flat, outputs, raw.reshape(n, -1)
+
+
+class DenseFeaturizer:
+    """Whole per-example gradients (vmap over grad) projected by a dense matrix: the reference featurizer.
+
+    Args:
+        model: the network, in eval mode.
+        projection: a :class:`~indexer.features.projection.DenseProjection` for the model's parameter count.
+
+    Raises:
+        ValueError: the projection is for another parameter count.
+    """
+
+    def __init__(self, model: nn.Module, projection: DenseProjection) -> None:
+        n_params = count_parameters(model)
+        if projection.n_params != n_params:
+            raise ValueError(f"projection is for {projection.n_params} parameters; the model has {n_params}")
+        self.model = model
+        self.projection = projection
+        self.k = projection.k
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def buffer_rows(self, batch_size: int, buffer_bytes: int) -> int:
+        """The most whole batches whose float32 gradients fit in ``buffer_bytes`` (at least one)."""
+        return buffer_rows(self.projection.n_params, batch_size, buffer_bytes)
+
+    def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
+        """The buffer's gradients, gathered batch by batch, then projected in one pass over R's blocks."""
+        grads, outputs, raw = [], [], []
+        for batch in batches:
+            inputs, targets = to_device(batch.inputs, self.device), batch.targets.to(self.device)
+            g, out, r = per_example_gradients(self.model, output_fn, inputs, targets)
+            grads.append(g.float().cpu().numpy())
+            outputs.append(out.double().cpu().numpy())
+            raw.append(r.float().cpu().numpy())
+        return BufferFeatures(
+            phi=self.projection.project(np.concatenate(grads)),
+            outputs=np.concatenate(outputs),
+            model_outputs=np.concatenate(raw),
+        )
 
 
 def example_gradient(
@@ -160,46 +282,39 @@ def example_gradient(
 
 
 def tangent_features(
-    model: nn.Module,
+    featurizer: Featurizer,
     output_fn: OutputFunction,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    projection: RandomProjection,
     batch_size: int = 128,
     buffer_bytes: int = 256 * 2**20,
     progress: str | None = None,
     cache: BufferCache | None = None,
 ) -> Features:
-    """Projected tangent features phi = R^T d m / d theta of every example (DESIGN.md 1.1).
+    """Projected tangent features of every example, in buffers of consecutive batches (DESIGN.md 1.1, 1.7).
 
     Args:
-        model: the network with the trained weights theta*; switched to eval mode.
+        featurizer: a :class:`DenseFeaturizer` or a ``HookFeaturizer``; its model is in eval mode.
         output_fn: the output function m.
         inputs: `(n, *input_shape)` inputs, on the model's device.
-        targets: `(n,)` targets to evaluate m at.
-        projection: the seeded projection; its ``n_params`` must equal the model's parameter count.
-        batch_size: examples per vmap call.
-        buffer_bytes: gradients are gathered up to this many bytes before each pass over R's blocks.
+        targets: `(n, ...)` targets to evaluate m at.
+        batch_size: examples per forward (and backward) pass.
+        buffer_bytes: the featurizer's memory budget per buffer, in bytes (see its ``buffer_rows``).
         progress: a tqdm description, or None for no progress bar.
         cache: where finished buffers are kept: buffers it already holds are taken from it, every
-            buffer computed is saved to it (see :func:`buffer_rows` for the layout). None: no cache.
+            buffer computed is saved to it. None: no cache.
 
     Returns:
         :class:`Features` with `(n, k)` float32 ``phi``.
 
     Raises:
-        ValueError: ``inputs`` and ``targets`` disagree in length, or ``projection`` was made for a
-            different parameter count.
+        ValueError: ``inputs`` and ``targets`` disagree in length.
     """
-    n_params = count_parameters(model)
-    if projection.n_params != n_params:
-        raise ValueError(f"projection is for {projection.n_params} parameters; the model has {n_params}")
     if len(inputs) != len(targets):
         raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) must have the same length")
-    model.eval()
     n = len(inputs)
-    rows_per_buffer = buffer_rows(n_params, batch_size, buffer_bytes)
-    phi = np.zeros((n, projection.k), dtype=np.float32)
+    rows_per_buffer = featurizer.buffer_rows(batch_size, buffer_bytes)
+    phi = np.zeros((n, featurizer.k), dtype=np.float32)
     outputs = np.zeros(n, dtype=np.float64)
     raw_chunks: list[np.ndarray] = []
     with tqdm(total=n, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
@@ -207,40 +322,16 @@ def tangent_features(
             stop = min(start + rows_per_buffer, n)
             done = cache.load(buffer, stop - start) if cache is not None else None
             if done is None:
-                done = _featurize_buffer(
-                    model, output_fn, inputs[start:stop], targets[start:stop], projection, batch_size, bar
-                )
+                batches = [
+                    Batch(inputs[b : min(b + batch_size, stop)], targets[b : min(b + batch_size, stop)])
+                    for b in range(start, stop, batch_size)
+                ]
+                done = featurizer.featurize_buffer(output_fn, batches)
                 if cache is not None:
                     cache.save(buffer, done)
-            else:
-                bar.update(stop - start)
+            bar.update(stop - start)
             phi[start:stop] = done.phi
             outputs[start:stop] = done.outputs
             raw_chunks.append(done.model_outputs)
     raw_all = np.concatenate(raw_chunks) if raw_chunks else np.zeros((0, 0), dtype=np.float32)
     return Features(phi=phi, outputs=outputs, model_outputs=raw_all, targets=targets.cpu().numpy())
-
-
-def _featurize_buffer(
-    model: nn.Module,
-    output_fn: OutputFunction,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    projection: RandomProjection,
-    batch_size: int,
-    bar: tqdm,
-) -> BufferFeatures:
-    grads, outputs, raw = [], [], []
-    for b in range(0, len(inputs), batch_size):
-        g, out, r = per_example_gradients(
-            model, output_fn, inputs[b : b + batch_size], targets[b : b + batch_size]
-        )
-        grads.append(g.float().cpu().numpy())
-        outputs.append(out.double().cpu().numpy())
-        raw.append(r.float().cpu().numpy())
-        bar.update(len(g))
-    return BufferFeatures(
-        phi=projection.project(np.concatenate(grads)),
-        outputs=np.concatenate(outputs),
-        model_outputs=np.concatenate(raw),
-    )

@@ -1,42 +1,94 @@
-"""Seeded random projection of tangent features, generated block by block (DESIGN.md 1.1).
+"""Seeded random projections of tangent features (DESIGN.md 1.1, 1.7).
 
-``phi = R^T g`` with R a `(n_params, k)` matrix of i.i.d. N(0, 1/k) (or +-1/sqrt(k)) entries. R is cut into
-row blocks of :data:`PROJECTION_BLOCK_ROWS` rows; block b is drawn from its own
-``numpy`` generator seeded with ``(seed, b)``. The features therefore depend only on (seed, kind, k,
-n_params), never on how many blocks are held at once, and the full matrix never has to exist in memory.
+Two structures:
+
+- :class:`DenseProjection`: ``phi = R^T g`` with R a `(n_params, k)` matrix of i.i.d. N(0, 1/k) (or
+  +-1/sqrt(k)) entries, cut into row blocks of :data:`PROJECTION_BLOCK_ROWS` rows; block b is drawn from its
+  own ``numpy`` generator seeded with ``(seed, b)``. The features depend only on (seed, distribution, k,
+  n_params), never on how many blocks are held at once. It needs whole per-example gradients: the
+  reference, for small models.
+- :class:`KroneckerProjection`: per layer, ``phi_l = vec(R_row^T G R_col)`` for the 2-D gradient G of a
+  weight matrix (DESIGN.md 1.7); the plan of blocks is made from the model by
+  :func:`indexer.features.hooks.plan_kronecker` and applied by :class:`indexer.features.hooks.
+  HookFeaturizer`. Each block's two matrices come from :func:`seeded_matrix`, keyed by (seed, parameter
+  name), so features do not depend on batch size, device or the order in which layers run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from indexer.enums import ProjectionKind, parse_enum
+from indexer.enums import Distribution, parse_enum
 
-__all__ = ["PROJECTION_BLOCK_ROWS", "RandomProjection"]
+__all__ = [
+    "PROJECTION_BLOCK_ROWS",
+    "DenseProjection",
+    "LayerBlock",
+    "RestBlock",
+    "KroneckerProjection",
+    "seeded_matrix",
+]
 
 PROJECTION_BLOCK_ROWS = 4096
 """Rows of the projection matrix generated per seeded block. Fixed so that features do not depend on
 how many blocks are processed at a time (DESIGN.md 1.1: same seed, same model => same features)."""
 
 
-class RandomProjection:
-    """The projection R of DESIGN.md 1.1.
+def _entries(rng: np.random.Generator, shape: tuple[int, int], distribution: Distribution) -> np.ndarray:
+    """i.i.d. standard entries (N(0, 1) or +-1) as float32, unscaled."""
+    if distribution is Distribution.GAUSSIAN:
+        return rng.standard_normal(shape, dtype=np.float32)
+    return rng.integers(0, 2, size=shape, dtype=np.int8).astype(np.float32) * 2 - 1
+
+
+def seeded_matrix(
+    seed: int, name: str, rows: int, cols: int, distribution: Distribution | str = Distribution.GAUSSIAN
+) -> np.ndarray:
+    """A `(rows, cols)` float32 matrix with i.i.d. N(0, 1/cols) (or +-1/sqrt(cols)) entries, so that
+    E[M M^T] = I, drawn from a generator seeded by ``seed`` and the sha256 of ``name``.
+
+    Args:
+        seed: non-negative projection seed.
+        name: what the matrix is for, e.g. ``"0.weight/row"``; another name gives an independent matrix.
+        rows, cols: its shape (both positive).
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+
+    Returns:
+        `(rows, cols)` float32, the same on every machine for the same arguments.
+
+    Raises:
+        ValueError: a non-positive shape, a negative seed, an unknown distribution.
+    """
+    if rows <= 0 or cols <= 0 or seed < 0:
+        raise ValueError(f"rows and cols must be positive and seed non-negative; got {rows}, {cols}, {seed}")
+    words = np.frombuffer(hashlib.sha256(name.encode()).digest()[:16], dtype=np.uint32)
+    rng = np.random.default_rng([int(seed), *map(int, words)])
+    values = _entries(rng, (rows, cols), parse_enum(Distribution, distribution))
+    values *= np.float32(1.0 / math.sqrt(cols))
+    return values
+
+
+class DenseProjection:
+    """The dense projection R of DESIGN.md 1.1, generated block by block.
 
     Args:
         n_params: P, length of the tangent feature (number of model parameters).
         k: projected dimension.
         seed: non-negative integer seed.
-        kind: ``"gaussian"`` or ``"rademacher"``.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
         cache_bytes: keep generated blocks in memory while their total stays within this many bytes
             (0: regenerate on every call, so memory stays at one block). The service caches small
             projections to featurize queries in milliseconds; the indexer keeps memory bounded.
 
     Raises:
-        ValueError: non-positive ``n_params`` or ``k``, negative ``seed``, unknown ``kind``.
+        ValueError: non-positive ``n_params`` or ``k``, negative ``seed``, unknown ``distribution``.
     """
 
     def __init__(
@@ -44,7 +96,7 @@ class RandomProjection:
         n_params: int,
         k: int,
         seed: int = 0,
-        kind: ProjectionKind | str = ProjectionKind.GAUSSIAN,
+        distribution: Distribution | str = Distribution.GAUSSIAN,
         cache_bytes: int = 0,
     ) -> None:
         if n_params <= 0 or k <= 0:
@@ -54,7 +106,7 @@ class RandomProjection:
         self.n_params = int(n_params)
         self.k = int(k)
         self.seed = int(seed)
-        self.kind = parse_enum(ProjectionKind, kind)
+        self.distribution = parse_enum(Distribution, distribution)
         self.n_blocks = math.ceil(self.n_params / PROJECTION_BLOCK_ROWS)
         whole_bytes = self.n_params * self.k * 4
         self._cache: list[np.ndarray] | None = [] if 0 < whole_bytes <= cache_bytes else None
@@ -74,12 +126,8 @@ class RandomProjection:
         start = b * PROJECTION_BLOCK_ROWS
         rows = min(PROJECTION_BLOCK_ROWS, self.n_params - start)
         rng = np.random.default_rng([self.seed, b])
-        scale = np.float32(1.0 / math.sqrt(self.k))
-        if self.kind is ProjectionKind.GAUSSIAN:
-            values = rng.standard_normal((self.k, rows), dtype=np.float32)
-        else:
-            values = rng.integers(0, 2, size=(self.k, rows), dtype=np.int8).astype(np.float32) * 2 - 1
-        values *= scale
+        values = _entries(rng, (self.k, rows), self.distribution)
+        values *= np.float32(1.0 / math.sqrt(self.k))
         if self._cache is not None and b == len(self._cache):
             self._cache.append(values)
         return values
@@ -116,3 +164,156 @@ class RandomProjection:
     def matrix(self) -> np.ndarray:
         """The whole of R as `(n_params, k)` float32: for tests on small problems only."""
         return np.concatenate([block.T for _, block in self.blocks()], axis=0)
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """One Kronecker block (DESIGN.md 1.7): the 2-D gradient ``G`` `(rows, cols)` of one weight matrix (its
+    bias, when the layer has one, is one more column on the input side) projected to
+    ``R_row^T G R_col`` `(k_row, k_col)`, flattened row-major into ``k_row * k_col`` features.
+
+    Attributes:
+        name: the weight's parameter name (``model.named_parameters()``), the seeding key.
+        layer: the module kind: ``linear``, ``conv1d``, ``conv2d``, ``conv3d``, ``embedding`` or
+            ``gpt2_conv1d`` (transformers' ``Conv1D``, weight `(d_in, d_out)`).
+        params: the parameters the block covers (the weight, and the bias if any).
+        rows, cols: the shape of G: for ``linear`` and ``conv*`` (d_out, d_in [+ 1]); ``embedding``
+            (num_embeddings, dim); ``gpt2_conv1d`` (d_in [+ 1], d_out).
+        k_row, k_col: the projected sizes.
+    """
+
+    name: str
+    layer: str
+    params: tuple[str, ...]
+    rows: int
+    cols: int
+    k_row: int
+    k_col: int
+
+    @property
+    def k(self) -> int:
+        """Features of this block, ``k_row * k_col``."""
+        return self.k_row * self.k_col
+
+    def matrices(self, seed: int, distribution: Distribution) -> tuple[np.ndarray, np.ndarray]:
+        """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name)."""
+        return (
+            seeded_matrix(seed, f"{self.name}/row", self.rows, self.k_row, distribution),
+            seeded_matrix(seed, f"{self.name}/col", self.cols, self.k_col, distribution),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's record of this block."""
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "params": list(self.params),
+            "rows": self.rows,
+            "cols": self.cols,
+            "k_row": self.k_row,
+            "k_col": self.k_col,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> LayerBlock:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            KeyError, TypeError: a record without these fields.
+        """
+        return cls(
+            name=str(record["name"]),
+            layer=str(record["layer"]),
+            params=tuple(str(p) for p in record["params"]),
+            rows=int(record["rows"]),
+            cols=int(record["cols"]),
+            k_row=int(record["k_row"]),
+            k_col=int(record["k_col"]),
+        )
+
+
+@dataclass(frozen=True)
+class RestBlock:
+    """The parameters outside supported layers (DESIGN.md 1.7): their per-example gradients (in
+    ``params`` order) dense-projected to ``k`` features, or left out (``k = 0``).
+
+    Attributes:
+        params: the parameter names, in ``model.named_parameters()`` order.
+        sizes: their element counts.
+        k: features (0: left out).
+    """
+
+    params: tuple[str, ...] = ()
+    sizes: tuple[int, ...] = ()
+    k: int = 0
+
+    @property
+    def n_params(self) -> int:
+        """Total number of parameters in the rest block."""
+        return int(sum(self.sizes))
+
+
+@dataclass(frozen=True)
+class KroneckerProjection:
+    """The plan of a per-layer, two-sided projection: its blocks, in model order, then the rest block.
+
+    Attributes:
+        seed: projection seed.
+        distribution: entries of the matrices.
+        blocks: the :class:`LayerBlock` of every covered weight.
+        rest: the :class:`RestBlock` of every other trainable parameter.
+        n_params: P, all trainable parameters of the model.
+    """
+
+    seed: int
+    distribution: Distribution
+    blocks: tuple[LayerBlock, ...]
+    rest: RestBlock = field(default_factory=RestBlock)
+    n_params: int = 0
+
+    @property
+    def k(self) -> int:
+        """Total projected dimension: the blocks' features, then the rest block's."""
+        return sum(b.k for b in self.blocks) + self.rest.k
+
+    @property
+    def covered(self) -> int:
+        """Parameters whose gradient reaches the features (the blocks', and the rest's when projected)."""
+        return self.n_params - (0 if self.rest.k else self.rest.n_params)
+
+    @classmethod
+    def from_coverage_json(
+        cls, seed: int, distribution: Distribution | str, record: dict[str, Any]
+    ) -> KroneckerProjection:
+        """The plan recorded by :meth:`coverage_json` (in the manifest).
+
+        Raises:
+            KeyError, TypeError, ValueError: a record without these fields.
+        """
+        rest = record["rest"]
+        return cls(
+            seed=int(seed),
+            distribution=parse_enum(Distribution, distribution),
+            blocks=tuple(LayerBlock.from_json(b) for b in record["blocks"]),
+            rest=RestBlock(
+                tuple(str(p["name"]) for p in rest["params"]),
+                tuple(int(p["numel"]) for p in rest["params"]),
+                int(rest["k"]),
+            ),
+            n_params=int(record["n_params"]),
+        )
+
+    def coverage_json(self) -> dict[str, Any]:
+        """The manifest's coverage record: every block, every other parameter and what became of it."""
+        return {
+            "blocks": [b.to_json() for b in self.blocks],
+            "rest": {
+                "params": [
+                    {"name": n, "numel": s} for n, s in zip(self.rest.params, self.rest.sizes, strict=True)
+                ],
+                "treatment": "dense" if self.rest.k else ("omit" if self.rest.params else "none"),
+                "k": self.rest.k,
+            },
+            "n_params": self.n_params,
+            "covered_fraction": self.covered / self.n_params if self.n_params else 1.0,
+        }

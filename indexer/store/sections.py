@@ -8,6 +8,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, TypeVar
 
+from indexer.enums import Distribution, ProjectionKind, parse_enum
 from indexer.exceptions import IndexFormatError
 from indexer.features.models import ModelSpec
 
@@ -156,17 +157,38 @@ class _FlatSection:
 
 @dataclass(frozen=True)
 class ProjectionInfo(_FlatSection):
-    """The seeded projection R (DESIGN.md 1.1).
+    """The seeded projection of the tangent features (DESIGN.md 1.1, 1.7).
 
     Attributes:
-        kind: entries of R (``"gaussian"`` or ``"rademacher"``).
+        kind: ``"kronecker"`` or ``"dense"`` (format 1 indexes wrote the dense projection's distribution
+            here: ``"gaussian"`` or ``"rademacher"``).
         k: projected dimension.
         seed: projection seed.
+        distribution: entries of the matrices (None in format 1 indexes: see ``kind``).
+        coverage: the Kronecker plan (blocks, the rest block, the covered fraction of the parameters).
     """
 
     kind: str
     k: int
     seed: int
+    distribution: str | None = None
+    coverage: dict | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``projection`` object (fields that are None are left out)."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @property
+    def structure(self) -> ProjectionKind:
+        """Kronecker or dense (an index of format 1 is dense)."""
+        return (
+            ProjectionKind.KRONECKER if self.kind == ProjectionKind.KRONECKER.value else ProjectionKind.DENSE
+        )
+
+    @property
+    def entries(self) -> Distribution:
+        """The distribution of the matrices' entries."""
+        return parse_enum(Distribution, self.distribution or self.kind)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from indexer.enums import ProjectionKind
 from indexer.exceptions import InvalidQueryError, ModelMismatchError
 from indexer.features.featurize import count_parameters, example_gradient
+from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import build_model, load_checkpoint
-from indexer.features.projection import RandomProjection
+from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.tasks import OutputFunction, output_function_from_spec
 from indexer.gp.scores import QueryTerms
 from indexer.store.hashing import sha256_file
@@ -90,7 +92,8 @@ class QueryFeaturizer:
     Attributes:
         output_fn: the index's output function.
         model: the rebuilt network in eval mode, or None when raw inputs cannot be featurized.
-        projection: the index's projection, or None with ``model``.
+        projection: the index's dense projection (None for a Kronecker index, or without ``model``).
+        hooks: the index's Kronecker featurizer hooked into ``model`` (None for a dense index).
         model_error: why raw inputs are refused, or None.
 
     Raises:
@@ -111,7 +114,8 @@ class QueryFeaturizer:
         self.output_fn: OutputFunction = output_function_from_spec(info.output_function, info.output_params)
         self.input_shape = info.input_shape
         self.model: torch.nn.Module | None = None
-        self.projection: RandomProjection | None = None
+        self.projection: DenseProjection | None = None
+        self.hooks: HookFeaturizer | None = None
         self.model_error = self._refusal(checkpoint, trusted_factories)
         if info.spec is not None and self.model_error is None:
             model = build_model(info.spec)
@@ -124,11 +128,32 @@ class QueryFeaturizer:
                 )
             self.model = model.eval()
             proj = data.manifest.projection
-            self.projection = RandomProjection(
-                n_params, proj.k, proj.seed, proj.kind, cache_bytes=projection_cache_bytes
-            )
-            for _ in self.projection.blocks():  # fill the cache now, not on the first request
-                pass
+            if proj.structure is ProjectionKind.KRONECKER:
+                self.hooks = self._hooks(model, n_params)
+            else:
+                self.projection = DenseProjection(
+                    n_params, proj.k, proj.seed, proj.entries, cache_bytes=projection_cache_bytes
+                )
+                for _ in self.projection.blocks():  # fill the cache now, not on the first request
+                    pass
+
+    def _hooks(self, model: torch.nn.Module, n_params: int) -> HookFeaturizer:
+        """The index's Kronecker plan (from its manifest) hooked into the rebuilt model.
+
+        Raises:
+            ModelMismatchError: the plan does not fit the model (other layers, shapes or parameter count).
+        """
+        proj = self.data.manifest.projection
+        where = self.data.path / CHECKPOINT_FILE
+        try:
+            plan = KroneckerProjection.from_coverage_json(proj.seed, proj.entries, proj.coverage or {})
+            if plan.n_params != n_params or plan.k != proj.k:
+                raise ValueError(f"the plan is for {plan.n_params} parameters and k = {plan.k}")
+            return HookFeaturizer(model, plan)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelMismatchError(
+                f"{where}: the index's Kronecker projection does not fit the model: {exc}"
+            ) from exc
 
     def _refusal(self, checkpoint: Path | None, trusted_factories: frozenset[str]) -> str | None:
         """Why raw inputs cannot be featurized (no spec, untrusted factory, another checkpoint), or None."""
@@ -197,7 +222,7 @@ class QueryFeaturizer:
             InvalidQueryError: wrong shape, non-numeric or non-finite values, a bad target.
             ModelMismatchError: the model cannot be rebuilt (see :attr:`model_error`).
         """
-        if self.model is None or self.projection is None:
+        if self.model is None:
             raise ModelMismatchError(self.model_error or "this index cannot featurize raw inputs")
         started = time.perf_counter()
         inputs = self._input_tensor(raw)
@@ -206,17 +231,21 @@ class QueryFeaturizer:
         prediction, probabilities = self.output_fn.predict(raw_out)
         target_value = self._target(target, raw_out, probabilities is not None)
         dtype = torch.int64 if probabilities is not None else torch.float32
-        gradient, out, _ = example_gradient(
-            self.model, self.output_fn, inputs[0], torch.tensor(target_value, dtype=dtype)
-        )
-        phi = self.projection.project(gradient.numpy()[None])[0]
+        target_tensor = torch.tensor(target_value, dtype=dtype)
+        if self.hooks is not None:
+            features = self.hooks.featurize(self.output_fn, inputs, target_tensor[None])
+            phi, out = features.phi[0], float(features.outputs[0])
+        else:
+            assert self.projection is not None  # a model comes with one of the two projections
+            gradient, out_t, _ = example_gradient(self.model, self.output_fn, inputs[0], target_tensor)
+            phi, out = self.projection.project(gradient.numpy()[None])[0], float(out_t)
         return Query(
             kind="input",
             terms=self.data.surrogate.query_terms(phi),
             target=target_value,
             prediction=to_python(prediction[0]),
             probabilities=None if probabilities is None else probabilities[0].tolist(),
-            output=float(out),
+            output=out,
             model_output=raw_out[0],
             featurize_ms=(time.perf_counter() - started) * 1e3,
         )

@@ -92,7 +92,7 @@ def test_build_is_the_library_pipeline_and_records_it(tmp_path: Path, tiny_probl
     """The index holds what featurize -> fit -> score vectors gives, and the manifest says how it was made."""
     model, data = tiny_problem
     spec = ModelSpec("mlp", {"in_features": 6, "hidden": [5], "out_features": 3})
-    config = IndexConfig(k=8, seed=3, prior_precision=0.7, faiss_factory="Flat")
+    config = IndexConfig(k=8, seed=3, prior_precision=0.7, faiss_factory="Flat", projection="dense")
     out = build_index(
         model, ClassificationMargin(), data, tmp_path / "tiny", model_spec=spec, config=config, progress=False
     )
@@ -112,10 +112,10 @@ def test_build_is_the_library_pipeline_and_records_it(tmp_path: Path, tiny_probl
     assert m.name == "tiny" and m.model.spec == spec and m.model.n_params == 6 * 5 + 5 + 5 * 3 + 3
     assert (m.model.input_shape, m.model.input_dtype, m.model.n_outputs) == ((6,), "float32", 3)
     assert m.model.output_function == "classification_margin" and m.model.output_params == {}
-    assert m.projection.to_json() == {"kind": "gaussian", "k": 8, "seed": 3}
+    assert m.projection.to_json() == {"kind": "dense", "k": 8, "seed": 3, "distribution": "gaussian"}
     assert m.surrogate.prior_precision == 0.7 and m.surrogate.prior_precision_source == "given"
     assert m.faiss.exact and m.counts.to_json() == {"n_train": 40, "n_query": 0, "k": 8}
-    assert m.config == config.to_json() and m.config["projection"] == "gaussian"
+    assert m.config == config.to_json() and m.config["projection"] == "dense"
     assert set(m.files) == {p.name for p in out.iterdir()} - {MANIFEST_FILE}
     document = json.loads((out / MANIFEST_FILE).read_text())
     assert document["faiss"]["exact"] is True  # written for readers of the file, derived from the factory

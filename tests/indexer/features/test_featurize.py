@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from indexer.features.featurize import (
+    DenseFeaturizer,
     count_parameters,
     example_gradient,
     per_example_gradients,
     tangent_features,
 )
 from indexer.features.models import mlp
-from indexer.features.projection import RandomProjection
+from indexer.features.projection import DenseProjection
 from indexer.features.tasks import ClassificationMargin, OutputFunction, RegressionOutput
 
 N_EXAMPLES = 11
@@ -115,8 +116,8 @@ def test_per_example_gradients_float32(kind):
 def test_tangent_features_equal_projected_autograd_loop(kind):
     model, output_fn, inputs, targets = _case(kind)
     n_params = count_parameters(model)
-    projection = RandomProjection(n_params, 16, seed=3)
-    features = tangent_features(model, output_fn, inputs, targets, projection)
+    projection = DenseProjection(n_params, 16, seed=3)
+    features = tangent_features(DenseFeaturizer(model, projection), output_fn, inputs, targets)
     want_grads, want_outputs = reference_gradients(model, output_fn, inputs, targets)
     want_phi = want_grads @ projection.matrix().astype(np.float64)
     n_outputs = N_CLASSES if kind == "classification" else 1
@@ -138,14 +139,21 @@ def test_tangent_features_equal_projected_autograd_loop(kind):
 def test_small_batches_and_buffers_equal_one_big_batch(kind):
     model, output_fn, inputs, targets = _case(kind)
     n_params = count_parameters(model)
-    projection = RandomProjection(n_params, 16, seed=4)
-    big = tangent_features(model, output_fn, inputs, targets, projection, batch_size=64)
+    projection = DenseProjection(n_params, 16, seed=4)
+    big = tangent_features(DenseFeaturizer(model, projection), output_fn, inputs, targets, batch_size=64)
     # buffer_bytes holds 4 gradients of 2 examples' batches: buffers of 4, 4 and 3 examples
     small = tangent_features(
-        model, output_fn, inputs, targets, projection, batch_size=2, buffer_bytes=4 * 4 * n_params
+        DenseFeaturizer(model, projection),
+        output_fn,
+        inputs,
+        targets,
+        batch_size=2,
+        buffer_bytes=4 * 4 * n_params,
     )
     # a buffer smaller than one batch still works (it is raised to one batch)
-    tiny = tangent_features(model, output_fn, inputs, targets, projection, batch_size=3, buffer_bytes=1)
+    tiny = tangent_features(
+        DenseFeaturizer(model, projection), output_fn, inputs, targets, batch_size=3, buffer_bytes=1
+    )
     for other in (small, tiny):
         np.testing.assert_allclose(other.phi, big.phi, rtol=1e-5, atol=1e-6 * np.abs(big.phi).max())
         np.testing.assert_allclose(other.outputs, big.outputs, rtol=1e-6, atol=1e-7)
@@ -157,17 +165,22 @@ def test_small_buffers_are_used(monkeypatch):
     """The buffer size really does split the projection into several passes."""
     model, output_fn, inputs, targets = _case("classification")
     n_params = count_parameters(model)
-    projection = RandomProjection(n_params, 8, seed=5)
+    projection = DenseProjection(n_params, 8, seed=5)
     rows_per_call: list[int] = []
-    original = RandomProjection.project
+    original = DenseProjection.project
 
-    def spy(self: RandomProjection, gradients: np.ndarray) -> np.ndarray:
+    def spy(self: DenseProjection, gradients: np.ndarray) -> np.ndarray:
         rows_per_call.append(len(gradients))
         return original(self, gradients)
 
-    monkeypatch.setattr(RandomProjection, "project", spy)
+    monkeypatch.setattr(DenseProjection, "project", spy)
     tangent_features(
-        model, output_fn, inputs, targets, projection, batch_size=2, buffer_bytes=4 * 4 * n_params
+        DenseFeaturizer(model, projection),
+        output_fn,
+        inputs,
+        targets,
+        batch_size=2,
+        buffer_bytes=4 * 4 * n_params,
     )
     assert rows_per_call == [4, 4, 3]
 
@@ -176,9 +189,11 @@ def test_tangent_features_reject_mismatches():
     model, output_fn, inputs, targets = _case("classification")
     n_params = count_parameters(model)
     with pytest.raises(ValueError, match="parameters"):
-        tangent_features(model, output_fn, inputs, targets, RandomProjection(n_params + 1, 8))
+        tangent_features(DenseFeaturizer(model, DenseProjection(n_params + 1, 8)), output_fn, inputs, targets)
     with pytest.raises(ValueError, match="same length"):
-        tangent_features(model, output_fn, inputs, targets[:-1], RandomProjection(n_params, 8))
+        tangent_features(
+            DenseFeaturizer(model, DenseProjection(n_params, 8)), output_fn, inputs, targets[:-1]
+        )
 
 
 # -------------------------------------------------------------------------------- output functions
@@ -200,7 +215,7 @@ def test_margin_definition():
 def test_margin_of_the_model_gives_the_softmax_probability():
     model, output_fn, inputs, targets = _case("classification")
     features = tangent_features(
-        model, output_fn, inputs, targets, RandomProjection(count_parameters(model), 4)
+        DenseFeaturizer(model, DenseProjection(count_parameters(model), 4)), output_fn, inputs, targets
     )
     z = features.model_outputs.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from indexer.enums import ProjectionKind
-from indexer.features.projection import PROJECTION_BLOCK_ROWS, RandomProjection
+from indexer.enums import Distribution
+from indexer.features.projection import PROJECTION_BLOCK_ROWS, DenseProjection
 
-KINDS = (ProjectionKind.GAUSSIAN, ProjectionKind.RADEMACHER)
+KINDS = (Distribution.GAUSSIAN, Distribution.RADEMACHER)
 N_PARAMS = 10_000  # not a multiple of the block size: 2 full blocks of 4096 and a partial one
 
 
@@ -20,7 +20,7 @@ def _gradients(n: int, n_params: int, seed: int = 0) -> np.ndarray:
 
 def test_block_layout():
     assert PROJECTION_BLOCK_ROWS == 4096
-    proj = RandomProjection(N_PARAMS, 16, seed=1)
+    proj = DenseProjection(N_PARAMS, 16, seed=1)
     assert proj.n_blocks == 3
     slices = [rows for rows, _ in proj.blocks()]
     assert slices == [slice(0, 4096), slice(4096, 8192), slice(8192, N_PARAMS)]
@@ -34,33 +34,33 @@ def test_block_layout():
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_same_seed_gives_identical_features(kind):
     g = _gradients(5, N_PARAMS)
-    a = RandomProjection(N_PARAMS, 32, seed=7, kind=kind).project(g)
-    b = RandomProjection(N_PARAMS, 32, seed=7, kind=kind.value).project(g)
+    a = DenseProjection(N_PARAMS, 32, seed=7, distribution=kind).project(g)
+    b = DenseProjection(N_PARAMS, 32, seed=7, distribution=kind.value).project(g)
     assert a.dtype == np.float32 and a.shape == (5, 32)
     np.testing.assert_array_equal(a, b)  # bitwise
     np.testing.assert_array_equal(
-        RandomProjection(N_PARAMS, 32, seed=7, kind=kind).matrix(),
-        RandomProjection(N_PARAMS, 32, seed=7, kind=kind).matrix(),
+        DenseProjection(N_PARAMS, 32, seed=7, distribution=kind).matrix(),
+        DenseProjection(N_PARAMS, 32, seed=7, distribution=kind).matrix(),
     )
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_different_seed_gives_different_features(kind):
     g = _gradients(5, N_PARAMS)
-    a = RandomProjection(N_PARAMS, 32, seed=7, kind=kind).project(g)
-    b = RandomProjection(N_PARAMS, 32, seed=8, kind=kind).project(g)
+    a = DenseProjection(N_PARAMS, 32, seed=7, distribution=kind).project(g)
+    b = DenseProjection(N_PARAMS, 32, seed=8, distribution=kind).project(g)
     assert not np.allclose(a, b, rtol=0.1)
     # and every block differs, not just the first one
     for (_, block_a), (_, block_b) in zip(
-        RandomProjection(N_PARAMS, 8, seed=7, kind=kind).blocks(),
-        RandomProjection(N_PARAMS, 8, seed=8, kind=kind).blocks(),
+        DenseProjection(N_PARAMS, 8, seed=7, distribution=kind).blocks(),
+        DenseProjection(N_PARAMS, 8, seed=8, distribution=kind).blocks(),
         strict=True,
     ):
         assert np.mean(block_a == block_b) < 0.6
 
 
 def test_blocks_are_not_copies_of_each_other():
-    proj = RandomProjection(3 * PROJECTION_BLOCK_ROWS, 8, seed=3)
+    proj = DenseProjection(3 * PROJECTION_BLOCK_ROWS, 8, seed=3)
     b0, b1, b2 = (proj.block(b) for b in range(3))
     assert not np.array_equal(b0, b1) and not np.array_equal(b1, b2)
 
@@ -68,7 +68,7 @@ def test_blocks_are_not_copies_of_each_other():
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_blockwise_project_equals_full_matrix_product(kind):
     g = _gradients(6, N_PARAMS, seed=1)
-    proj = RandomProjection(N_PARAMS, 24, seed=11, kind=kind)
+    proj = DenseProjection(N_PARAMS, 24, seed=11, distribution=kind)
     got = proj.project(g)
     r = proj.matrix()
     full32 = g @ r
@@ -86,28 +86,28 @@ def test_blockwise_project_equals_full_matrix_product(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_cache_does_not_change_the_features(kind):
     g = _gradients(4, N_PARAMS, seed=2)
-    uncached = RandomProjection(N_PARAMS, 16, seed=5, kind=kind, cache_bytes=0)
-    cached = RandomProjection(N_PARAMS, 16, seed=5, kind=kind, cache_bytes=10**9)
+    uncached = DenseProjection(N_PARAMS, 16, seed=5, distribution=kind, cache_bytes=0)
+    cached = DenseProjection(N_PARAMS, 16, seed=5, distribution=kind, cache_bytes=10**9)
     first = cached.project(g)
     second = cached.project(g)  # served from the cache
     np.testing.assert_array_equal(first, uncached.project(g))
     np.testing.assert_array_equal(second, first)
     np.testing.assert_array_equal(cached.matrix(), uncached.matrix())
     # a budget below the whole matrix disables the cache; the features are the same anyway
-    small = RandomProjection(N_PARAMS, 16, seed=5, kind=kind, cache_bytes=N_PARAMS * 16 * 4 - 1)
+    small = DenseProjection(N_PARAMS, 16, seed=5, distribution=kind, cache_bytes=N_PARAMS * 16 * 4 - 1)
     np.testing.assert_array_equal(small.project(g), first)
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.value)
 def test_entries_have_mean_zero_and_variance_one_over_k(kind):
     k = 64
-    entries = RandomProjection(N_PARAMS, k, seed=21, kind=kind).matrix().astype(np.float64).ravel()
+    entries = DenseProjection(N_PARAMS, k, seed=21, distribution=kind).matrix().astype(np.float64).ravel()
     count = entries.size
     sd = 1.0 / math.sqrt(k)
     assert abs(entries.mean()) < 4 * sd / math.sqrt(count)
     # standard error of the sample variance: sqrt((mu4 - sigma^4) / N), mu4 = 3 sigma^4 (Gaussian)
     assert abs(entries.var() - 1.0 / k) < 4 * math.sqrt(2.0 / count) / k
-    if kind is ProjectionKind.RADEMACHER:
+    if kind is Distribution.RADEMACHER:
         value = np.float32(1.0 / math.sqrt(k))
         assert set(np.unique(entries).tolist()) == {-float(value), float(value)}
         assert entries.var() == pytest.approx(1.0 / k, rel=1e-3)
@@ -132,14 +132,14 @@ def test_inner_products_are_preserved_in_expectation(kind):
     for seed in range(n_seeds):
         # R^T g in float64 from the generated matrix (project() equals this product, tested above); a
         # tiny float32 product per seed is slow on a busy multi-threaded BLAS
-        r = RandomProjection(n_params, k, seed=seed, kind=kind).matrix().astype(np.float64)
+        r = DenseProjection(n_params, k, seed=seed, distribution=kind).matrix().astype(np.float64)
         estimates.append(float((g1 @ r) @ (g2 @ r)))
     estimates = np.array(estimates)
     assert tolerance < 0.1 * abs(target)  # the check is sharp enough to catch a wrong scale
     assert abs(estimates.mean() - target) < tolerance
     # the spread of single estimates matches the variance formula (within 25%; 200 samples)
     assert estimates.var(ddof=1) < 1.25 * variance
-    if kind is ProjectionKind.GAUSSIAN:
+    if kind is Distribution.GAUSSIAN:
         assert estimates.var(ddof=1) > 0.75 * variance
 
 
@@ -151,16 +151,16 @@ def test_inner_products_are_preserved_in_expectation(kind):
         {"n_params": 100, "k": 0},
         {"n_params": 100, "k": -1},
         {"n_params": 100, "k": 8, "seed": -1},
-        {"n_params": 100, "k": 8, "kind": "uniform"},
+        {"n_params": 100, "k": 8, "distribution": "uniform"},
     ],
 )
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError):
-        RandomProjection(**kwargs)
+        DenseProjection(**kwargs)
 
 
 def test_project_rejects_wrong_shapes():
-    proj = RandomProjection(100, 8)
+    proj = DenseProjection(100, 8)
     with pytest.raises(ValueError, match="100"):
         proj.project(np.zeros((3, 99), dtype=np.float32))
     with pytest.raises(ValueError):

@@ -39,7 +39,14 @@ def test_load_round_trip(index_root: Path, test_digits: Dataset) -> None:
     assert data.surrogate.whitened.shape == (600, 64) and data.surrogate.whitened.dtype == np.float64
     assert data.query_phi.shape == (80, 64)
     assert data.manifest.format_version == FORMAT_VERSION
-    assert data.manifest.projection.to_json() == {"kind": "gaussian", "k": 64, "seed": 0}
+    projection = data.manifest.projection
+    assert (projection.kind, projection.k, projection.seed, projection.distribution) == (
+        "kronecker",
+        64,
+        0,
+        "gaussian",
+    )
+    assert [b["name"] for b in (projection.coverage or {})["blocks"]] == ["0.weight", "2.weight"]
     tau = data.manifest.surrogate.prior_precision
     beta = data.surrogate.beta
     assert np.isclose(tau, float((beta * (data.phi.astype(np.float64) ** 2).sum(1)).sum() / 64), rtol=1e-12)
@@ -87,7 +94,7 @@ def resign(path: Path, manifest: dict) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("projection", {"kind": "gaussian", "k": 64, "seed": 1}), ("surrogate", {"prior_precision": 1.0})],
+    [("projection", {"seed": 1}), ("surrogate", {"prior_precision": 1.0})],
 )
 def test_edited_manifest_is_refused(index_copy: Path, field: str, value: dict) -> None:
     """Changing the seed or tau would silently change every score: the manifest checks itself."""

@@ -75,7 +75,7 @@ def build(out):
         queries=queries,
         model_spec=SPEC,
         # buffers of 64 examples: 5 training shards and 1 query shard
-        config=IndexConfig(k=32, seed=0, batch_size=32, buffer_bytes=4 * N_PARAMS * 64),
+        config=IndexConfig(k=32, seed=0, batch_size=32, buffer_bytes=4 * N_PARAMS * 64, projection="dense"),
         progress=False,
     )
 
@@ -186,8 +186,8 @@ def _tiny_problem(n: int = 40) -> tuple[torch.nn.Module, Dataset]:
     return model, Dataset(torch.randn(n, 6), torch.randint(0, 3, (n,)))
 
 
-# 53 parameters: buffers of 16 examples, 3 shards of the 40 examples
-TINY = IndexConfig(k=8, batch_size=8, buffer_bytes=4 * 53 * 16)
+# the dense projection of 53 parameters: buffers of 16 examples, 3 shards of the 40 examples
+TINY = IndexConfig(k=8, batch_size=8, buffer_bytes=4 * 53 * 16, projection="dense")
 
 
 def _interrupt_after_first_shard(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,10 +208,26 @@ def test_other_arguments_never_reuse_shards(
     out = tmp_path / "tiny"
     variants = {
         "base": (model, data, TINY),
-        "seed": (model, data, IndexConfig(k=8, seed=1, batch_size=8, buffer_bytes=TINY.buffer_bytes)),
-        "k": (model, data, IndexConfig(k=9, batch_size=8, buffer_bytes=TINY.buffer_bytes)),
-        "batch": (model, data, IndexConfig(k=8, batch_size=4, buffer_bytes=TINY.buffer_bytes)),
-        "buffer": (model, data, IndexConfig(k=8, batch_size=8, buffer_bytes=TINY.buffer_bytes * 2)),
+        "seed": (
+            model,
+            data,
+            IndexConfig(k=8, seed=1, batch_size=8, buffer_bytes=TINY.buffer_bytes, projection="dense"),
+        ),
+        "k": (
+            model,
+            data,
+            IndexConfig(k=9, batch_size=8, buffer_bytes=TINY.buffer_bytes, projection="dense"),
+        ),
+        "batch": (
+            model,
+            data,
+            IndexConfig(k=8, batch_size=4, buffer_bytes=TINY.buffer_bytes, projection="dense"),
+        ),
+        "buffer": (
+            model,
+            data,
+            IndexConfig(k=8, batch_size=8, buffer_bytes=TINY.buffer_bytes * 2, projection="dense"),
+        ),
         "targets": (model, Dataset(data.inputs, (data.targets + 1) % 3), TINY),
         "inputs": (model, Dataset(data.inputs * 2, data.targets), TINY),
         "weights": (_nudged(_tiny_problem()[0]), data, TINY),
@@ -292,3 +308,24 @@ def test_leftovers_of_killed_writes_are_removed(tmp_path: Path) -> None:
     (tmp_path / ".other.tmp-0badf00d").mkdir()  # another index's: not ours to remove
     build_index(model, ClassificationMargin(), data, out, config=TINY, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-0badf00d", "tiny"]
+
+
+def test_an_interrupted_kronecker_build_resumes_to_the_same_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The default projection: buffers of whole batches whose features fit buffer_bytes, resumed as dense."""
+    model, data = _tiny_problem()
+    config = IndexConfig(k=8, batch_size=8, buffer_bytes=4 * 8 * 16)  # 16 examples of 8 features a buffer
+    reference = build_index(
+        model, ClassificationMargin(), data, tmp_path / "ref" / "tiny", config=config, progress=False
+    )
+    out = tmp_path / "resumed" / "tiny"
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_shard(patch)
+        with pytest.raises(Interrupted):
+            build_index(model, ClassificationMargin(), data, out, config=config, progress=False)
+    with caplog.at_level(logging.INFO, logger="infotrace.indexer"):
+        build_index(model, ClassificationMargin(), data, out, config=config, progress=False)
+    assert "featurize train: 1 shard(s) reused, 2 computed (0 corrupt recomputed)" in caplog.text
+    assert _files(out) == _files(reference)
+    assert load_index(out).manifest.projection.kind == "kronecker"

@@ -1,0 +1,450 @@
+"""Per-layer capture for the Kronecker projection (DESIGN.md 1.7): plan the blocks of a model, then featurize
+a batch with one forward and one backward pass.
+
+For a weight matrix used at positions t (tokens, spatial locations, or one position for a plain vector),
+the per-example gradient of the output m is ``G = sum_t u_t v_t^T`` in the weight's own `(rows, cols)`
+coordinates (a Linear: ``u_t = delta_t``, the gradient of m at the layer's output, and ``v_t = [a_t, 1]``,
+its input with a 1 for the bias). Its block of the features is
+
+    ``R_row^T G R_col = sum_t (R_row^T u_t) (R_col^T v_t)^T``,
+
+so a forward hook keeps the projected input side and the backward pass gives the projected output side; G
+is never formed and no `(batch, P)` tensor exists. The output-side gradients come from
+``torch.autograd.grad`` with respect to a zero tensor added to each layer's output, so no parameter
+gradient is computed and in-place operations after the layer (``ReLU(inplace=True)``) do no harm.
+
+Supported layers: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any stride, padding, dilation and padding mode;
+groups = 1), ``nn.Embedding`` (the padding index contributes nothing) and transformers' ``Conv1D``
+(recognised by name; transformers is never imported here). A weight shared by several layers (tied
+embeddings) is one block whose contributions add up, as its gradient does. Everything else (norm scales,
+free tensors, grouped convolutions, a layer whose forward is bypassed) is the rest block: its own small
+per-example gradients dense-projected, or left out (:class:`~indexer.enums.Uncovered`).
+
+Per example exact only when each m_i depends on its own input alone: the model must be in eval mode and
+batch-first (dimension 0 of every layer input is the example).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from indexer.enums import Distribution, Uncovered, parse_enum
+from indexer.features.featurize import Batch, BufferFeatures, model_outputs, per_example_gradients, to_device
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock, RestBlock
+from indexer.features.tasks import OutputFunction
+
+__all__ = ["layer_kind", "fired_modules", "plan_kronecker", "HookFeaturizer"]
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The supported layer kind of ``module`` (see :class:`~indexer.features.LayerBlock`), or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.groups == 1:
+        return f"conv{module.weight.dim() - 2}d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "gpt2_conv1d"
+    return None
+
+
+def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
+    """Names of the supported modules whose forward runs when ``model`` is called on ``inputs`` (a probe).
+
+    Args:
+        model: the network; inputs: a batch it accepts (tensor or mapping), on its device.
+
+    Returns:
+        ``model.named_modules()`` names; a supported module missing here is bypassed by its parent (e.g.
+        ``MultiheadAttention`` uses ``out_proj.weight`` directly), so hooks cannot see its gradient.
+    """
+    fired: set[str] = set()
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: fired.add(name))
+        for name, module in model.named_modules()
+        if layer_kind(module) is not None
+    ]
+    try:
+        with torch.no_grad():
+            model_outputs(model, to_device(inputs, _device_of(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _bias(module: nn.Module) -> nn.Parameter | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None
+
+
+def _shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
+    """`(rows, cols)` of the layer's gradient matrix G, the bias one more input-side row or column."""
+    weight = module.weight
+    if kind == "embedding":
+        return int(weight.shape[0]), int(weight.shape[1])
+    if kind == "gpt2_conv1d":  # weight (d_in, d_out): inputs on the rows
+        return int(weight.shape[0]) + int(has_bias), int(weight.shape[1])
+    return int(weight.shape[0]), int(np.prod(weight.shape[1:])) + int(has_bias)
+
+
+def _factor(share: float, rows: int, cols: int) -> tuple[int, int]:
+    """`(k_row, k_col)` within the gradient's shape whose product is close to ``share``: among the sizes
+    within 5% of the largest product not above it, the most balanced (a side of 1 or 2 would make the
+    block's estimate of inner products noisy)."""
+    target = max(1, int(share))
+    if rows * cols <= target:
+        return rows, cols
+    options = [(k_row, min(cols, target // k_row)) for k_row in range(1, min(rows, target) + 1)]
+    best = max(r * c for r, c in options)
+    near = [(r, c) for r, c in options if r * c >= 0.95 * best]
+    return min(near, key=lambda rc: (max(rc) / min(rc), -rc[0] * rc[1], rc[0]))
+
+
+def plan_kronecker(
+    model: nn.Module,
+    k: int,
+    seed: int = 0,
+    distribution: Distribution | str = Distribution.GAUSSIAN,
+    layers: Sequence[str] = ("*",),
+    dims: dict[str, tuple[int, int]] | None = None,
+    uncovered: Uncovered | str = Uncovered.DENSE,
+    fired: set[str] | None = None,
+) -> KroneckerProjection:
+    """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
+
+    Every supported layer whose module name matches one of ``layers`` gets a block for its weight (and
+    bias); a total budget of ``k`` features is shared among the blocks (balanced ``k_row`` x ``k_col``,
+    water-filled so that small layers give their unused share to large ones) after the rest block's share,
+    ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes.
+
+    Args:
+        model: the network (its trainable parameters are projected).
+        k: the total number of features wanted (the plan's ``k`` may differ slightly: at least one feature
+            per side and block).
+        seed: projection seed; distribution: entries of the matrices.
+        layers: fnmatch patterns of module names to project per layer (``model.named_modules()`` names).
+        dims: module-name pattern -> ``(k_row, k_col)`` for the matching blocks.
+        uncovered: ``"dense"`` or ``"omit"`` for the parameters outside the blocks.
+        fired: names of the modules whose forward ran on a probe batch (see :class:`HookFeaturizer`); a
+            supported module outside it (its forward is bypassed, e.g. ``MultiheadAttention.out_proj``)
+            gets no block. None: every supported module is trusted to run.
+
+    Returns:
+        The :class:`~indexer.features.projection.KroneckerProjection`.
+
+    Raises:
+        ValueError: ``k`` below 1, a weight shared by layers of different shapes, or a ``dims`` entry
+            outside its layer's shape.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive; got {k}")
+    treatment = parse_enum(Uncovered, uncovered)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    name_of = {id(p): name for name, p in named}
+    n_params = sum(p.numel() for _, p in named)
+    found: dict[str, tuple[LayerBlock, str]] = {}  # weight name -> (block with k = 0, module name)
+    for module_name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or not any(fnmatch.fnmatchcase(module_name, pattern) for pattern in layers):
+            continue
+        if fired is not None and module_name not in fired:
+            continue
+        weight_name = name_of.get(id(module.weight))
+        if weight_name is None:  # frozen
+            continue
+        bias = _bias(module)
+        rows, cols = _shape(kind, module, bias is not None)
+        params = (weight_name,) + ((name_of[id(bias)],) if bias is not None else ())
+        if weight_name in found:
+            first = found[weight_name][0]
+            if (first.rows, first.cols) != (rows, cols) or len(first.params) != len(params):
+                raise ValueError(
+                    f"the weight {weight_name!r} is shared by {found[weight_name][1]!r} and {module_name!r} "
+                    f"with different gradient shapes ({first.rows}, {first.cols}) and ({rows}, {cols}) "
+                    "(a bias on one of them only): such a tie is not supported"
+                )
+            continue
+        found[weight_name] = (LayerBlock(weight_name, kind, params, rows, cols, 0, 0), module_name)
+    covered = {p for block, _ in found.values() for p in block.params}
+    rest_named = [(name, p) for name, p in named if name not in covered]
+    rest_numel = sum(p.numel() for _, p in rest_named)
+    k_rest = 0
+    if rest_named and treatment is Uncovered.DENSE:
+        k_rest = min(rest_numel, max(1, round(k * rest_numel / n_params)))
+    blocks = _allocate(found, k - k_rest, dims or {})
+    rest = RestBlock(tuple(n for n, _ in rest_named), tuple(int(p.numel()) for _, p in rest_named), k_rest)
+    return KroneckerProjection(int(seed), parse_enum(Distribution, distribution), blocks, rest, n_params)
+
+
+def _allocate(
+    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]]
+) -> tuple[LayerBlock, ...]:
+    sizes: dict[str, tuple[int, int]] = {}
+    for name, (block, module_name) in found.items():
+        for pattern, (k_row, k_col) in dims.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                if not (1 <= k_row <= block.rows and 1 <= k_col <= block.cols):
+                    raise ValueError(
+                        f"dims {pattern!r} = ({k_row}, {k_col}) must lie within the gradient shape "
+                        f"({block.rows}, {block.cols}) of {module_name!r}"
+                    )
+                sizes[name] = (k_row, k_col)
+                break
+    budget -= sum(r * c for r, c in sizes.values())
+    # water-filling: the smallest layers first, each taking at most its equal share of what is left
+    free = sorted(
+        (n for n in found if n not in sizes), key=lambda n: (found[n][0].rows * found[n][0].cols, n)
+    )
+    for i, name in enumerate(free):
+        block = found[name][0]
+        sizes[name] = _factor(max(budget, 0) / (len(free) - i), block.rows, block.cols)
+        budget -= sizes[name][0] * sizes[name][1]
+    order = list(found)  # model order, whatever order the sizes were chosen in
+    return tuple(
+        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n])
+        for n in order
+        for b in (found[n][0],)
+    )
+
+
+class _Binding:
+    """One hooked module: its block, kind, and where its forward keeps the projected input side."""
+
+    def __init__(self, featurizer: HookFeaturizer, block_index: int, kind: str, module: nn.Module) -> None:
+        self.featurizer = featurizer
+        self.block_index = block_index
+        self.kind = kind
+        self.module = module
+        self.has_bias = _bias(module) is not None
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        f = self.featurizer.state  # this thread's batch, if it is featurizing one
+        if not getattr(f, "capturing", False):
+            return None
+        r_row, r_col = self.featurizer.matrices[self.block_index]
+        x = args[0]
+        if x.shape[0] != f.batch_size:
+            raise ValueError(
+                f"layer {type(module).__name__} receives inputs of shape {list(x.shape)} whose first "
+                f"dimension is not the batch ({f.batch_size}): per-example features need batch-first layers"
+            )
+        if self.kind == "embedding":
+            side = r_row[x.reshape(f.batch_size, -1)]  # (B, T, k_row): a row lookup
+            pad = module.padding_idx
+            if pad is not None:
+                side = side * (x.reshape(f.batch_size, -1, 1) != pad)
+        elif self.kind.startswith("conv"):
+            side = self._conv_side(module, x.float(), r_col)
+        else:
+            r_in = r_row if self.kind == "gpt2_conv1d" else r_col
+            flat = x.reshape(f.batch_size, -1, x.shape[-1]).float()
+            side = flat @ r_in[: x.shape[-1]]
+            if self.has_bias:
+                side = side + r_in[-1]
+        eps = torch.zeros_like(output, requires_grad=True)
+        f.calls.append((self, side, eps))
+        return output + eps
+
+    def _conv_side(self, module: Any, x: torch.Tensor, r_col: torch.Tensor) -> torch.Tensor:
+        """`(B, L, k_col)`: each output location's patch projected by R_col, as one convolution with R_col's
+        columns as kernels (the patch is never unfolded)."""
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+        weight = module.weight
+        patch = int(np.prod(weight.shape[1:]))
+        kernels = r_col[:patch].T.reshape(r_col.shape[1], *weight.shape[1:])
+        padding = module.padding
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        out = conv(x, kernels, None, module.stride, padding, module.dilation)
+        side = out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
+        return side + r_col[-1] if self.has_bias else side
+
+    def out_side(self, grad: torch.Tensor) -> torch.Tensor:
+        """`(B, T, k)`: the gradient at the layer's output projected by the block's output-side matrix."""
+        r_row, r_col = self.featurizer.matrices[self.block_index]
+        b = grad.shape[0]
+        if self.kind.startswith("conv"):
+            return torch.einsum("bol,ok->blk", grad.reshape(b, grad.shape[1], -1).float(), r_row)
+        r_out = r_col if self.kind in ("embedding", "gpt2_conv1d") else r_row
+        return grad.reshape(b, -1, grad.shape[-1]).float() @ r_out
+
+    @property
+    def input_on_rows(self) -> bool:
+        """Whether the input side is the rows of G (embedding, gpt2_conv1d) rather than its columns."""
+        return self.kind in ("embedding", "gpt2_conv1d")
+
+
+class HookFeaturizer:
+    """Featurizes batches with a :class:`~indexer.features.projection.KroneckerProjection` (DESIGN.md 1.7).
+
+    Hooks are registered on the model for the featurizer's lifetime: call :meth:`close` (or use it as a
+    context manager) to remove them. Thread-safe: each thread's batch is captured in its own state.
+
+    Args:
+        model: the network, in eval mode, batch-first.
+        plan: the projection; its blocks must name weights of supported layers of ``model``.
+        device: where the matrices live (default: the model's device).
+
+    Raises:
+        ValueError: a block that names no supported layer's weight of this model, or a rest parameter the
+            model does not have.
+    """
+
+    def __init__(
+        self, model: nn.Module, plan: KroneckerProjection, device: torch.device | None = None
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.k = plan.k
+        self.device = device or _device_of(model)
+        # per thread: several threads may featurize through the same hooks at once (the service's pool)
+        self.state = threading.local()
+        params = dict(model.named_parameters())
+        index = {block.name: i for i, block in enumerate(plan.blocks)}
+        self.matrices = [
+            tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
+            for block in plan.blocks
+        ]
+        self._handles = []
+        bound: set[str] = set()
+        for module in model.modules():
+            kind = layer_kind(module)
+            weight = getattr(module, "weight", None)
+            name = next((n for n, p in params.items() if p is weight), None) if kind else None
+            if kind is None or name is None or name not in index:
+                continue
+            block = plan.blocks[index[name]]
+            # a tied weight may be used by layers of another kind (an embedding and its output head)
+            if (block.rows, block.cols) != _shape(kind, module, _bias(module) is not None):
+                raise ValueError(
+                    f"block {name!r} is for a gradient of shape ({block.rows}, {block.cols}); the model's "
+                    f"{kind} layer has another"
+                )
+            self._handles.append(module.register_forward_hook(_Binding(self, index[name], kind, module)))
+            bound.add(name)
+        missing = sorted(set(index) - bound)
+        if missing:
+            raise ValueError(
+                f"the projection has blocks for {missing}, which are not supported layers of the model"
+            )
+        unknown = [n for n in plan.rest.params if n not in params]
+        if unknown:
+            raise ValueError(f"the projection's rest block names parameters the model lacks: {unknown[:5]}")
+        self._rest = (
+            DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution)
+            if plan.rest.k
+            else None
+        )
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> HookFeaturizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def buffer_rows(self, batch_size: int, buffer_bytes: int) -> int:
+        """The most whole batches whose float32 features fit in ``buffer_bytes`` (at least one): the buffer
+        only sets how much work a resumed build can lose, not the featurization's memory."""
+        return max(batch_size, (buffer_bytes // (4 * max(self.k, 1))) // batch_size * batch_size)
+
+    def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
+        """Each batch featurized on its own, concatenated in order."""
+        return BufferFeatures.concatenate(
+            [self.featurize(output_fn, b.inputs, b.targets, b.mask) for b in batches]
+        )
+
+    def featurize(
+        self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> BufferFeatures:
+        """Projected tangent features of one batch: one forward, one backward (DESIGN.md 1.7).
+
+        Args:
+            output_fn: the output function m.
+            inputs: the model's batch input, `(B, ...)` tensor or a mapping of them (on the model's device).
+            targets: `(B, ...)` targets.
+            mask: `(B, T)` 1 for positions that count, 0 for padding (sequence layers with T positions).
+
+        Returns:
+            :class:`~indexer.features.featurize.BufferFeatures` with `(B, k)` float32 ``phi``.
+
+        Raises:
+            ValueError: the model is in train mode, or a layer is not batch-first.
+        """
+        training = [name for name, m in self.model.named_modules() if m.training]
+        if training:
+            raise ValueError(
+                f"the model is in train mode ({training[0] or 'the root module'}): dropout is random and "
+                "batch norm mixes the examples of a batch, so per-example features would be wrong; call "
+                "model.eval()"
+            )
+        b = int(targets.shape[0])
+        inputs, targets = to_device(inputs, self.device), targets.to(self.device)
+        mask = None if mask is None else mask.to(self.device)
+        state = self.state
+        state.batch_size, state.calls, state.capturing = b, [], True
+        try:
+            raw = model_outputs(self.model, inputs)
+            flat = raw.reshape(b, -1)
+            m = torch.func.vmap(output_fn.output)(flat, targets)
+            eps = [e for _, _, e in state.calls]
+            grads = torch.autograd.grad(m.sum(), eps, allow_unused=True) if eps else ()
+            blocks: list[torch.Tensor | None] = [None] * len(self.plan.blocks)
+            for (binding, side, _), grad in zip(state.calls, grads, strict=True):
+                if grad is None:
+                    continue
+                out = binding.out_side(grad)
+                if mask is not None and side.shape[1] == mask.shape[1]:
+                    side = side * mask.reshape(b, -1, 1).to(side.dtype)
+                part = (
+                    torch.einsum("btr,btc->brc", side, out)
+                    if binding.input_on_rows
+                    else torch.einsum("btr,btc->brc", out, side)
+                )
+                i = binding.block_index
+                previous = blocks[i]
+                blocks[i] = part if previous is None else previous + part
+        finally:
+            state.capturing, state.calls = False, []
+        pieces = [
+            (blk.reshape(b, -1) if blk is not None else torch.zeros(b, block.k, device=self.device))
+            for blk, block in zip(blocks, self.plan.blocks, strict=True)
+        ]
+        phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
+        if self._rest is not None:
+            phi = np.concatenate([phi, self._rest_features(output_fn, inputs, targets)], axis=1)
+        return BufferFeatures(
+            phi=np.ascontiguousarray(phi, dtype=np.float32),
+            outputs=m.detach().double().cpu().numpy(),
+            model_outputs=flat.detach().float().cpu().numpy(),
+        )
+
+    def _rest_features(self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor) -> np.ndarray:
+        """`(B, k_rest)`: the rest block's per-example gradients (torch.func, these parameters only),
+        dense-projected."""
+        assert self._rest is not None  # only called with a rest block
+        grads, _, _ = per_example_gradients(
+            self.model, output_fn, inputs, targets, names=self.plan.rest.params
+        )
+        return self._rest.project(grads.float().cpu().numpy())

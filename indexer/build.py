@@ -14,6 +14,7 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +23,22 @@ import torch
 from torch import nn
 
 from indexer.config import IndexConfig
-from indexer.data import Dataset
-from indexer.enums import Device, ProjectionKind, Score
+from indexer.data import Batch, Dataset, Examples
+from indexer.enums import ProjectionKind, Score
+from indexer.features.factory import make_featurizer
 from indexer.features.featurize import (
-    DenseFeaturizer,
     Features,
     Featurizer,
     count_parameters,
+    model_outputs,
     tangent_features,
+    to_device,
 )
-from indexer.features.hooks import HookFeaturizer, fired_modules, plan_kronecker
+from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
-from indexer.features.projection import PROJECTION_BLOCK_ROWS, DenseProjection
+from indexer.features.projection import PROJECTION_BLOCK_ROWS
 from indexer.features.tasks import OutputFunction
-from indexer.gp.surrogate import Surrogate, fit_surrogate
+from indexer.gp.surrogate import fit_surrogate
 from indexer.store.faiss_index import check_factory, make_faiss_index
 from indexer.store.hashing import sha256_file, tensor_digest
 from indexer.store.layout import (
@@ -43,16 +46,6 @@ from indexer.store.layout import (
     CHOLESKY_FILE,
     EXAMPLE_STATS_FILE,
     INDEX_NAME_PATTERN,
-    KEY_BETA,
-    KEY_GRAD_TERM,
-    KEY_H,
-    KEY_LABEL,
-    KEY_MODEL_OUTPUT,
-    KEY_OUTPUT,
-    KEY_PHI_NORM,
-    KEY_PREDICTION,
-    KEY_PROBABILITIES,
-    KEY_S,
     PHI_FILE,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
@@ -63,133 +56,49 @@ from indexer.store.layout import (
     WHITENED_FILE,
     scratch_prefix,
 )
-from indexer.store.manifest import Manifest
-from indexer.store.sections import Counts, FaissInfo, ModelInfo, ProjectionInfo, SurrogateInfo
+from indexer.store.records import build_manifest, example_stats, metadata_rows, query_stats
+from indexer.store.sections import ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
-from indexer.store.writer import MetadataRow, write_index_dir
+from indexer.store.writer import write_index_dir
 
 __all__ = ["build_index"]
 
 log = logging.getLogger("infotrace.indexer")
 
 
-def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
-    prediction, probabilities = output_fn.predict(features.model_outputs)
-    stats = {
-        KEY_OUTPUT: features.outputs,
-        KEY_LABEL: features.targets,
-        KEY_PREDICTION: prediction,
-        KEY_PHI_NORM: np.linalg.norm(features.phi.astype(np.float64), axis=1),
-        KEY_MODEL_OUTPUT: features.model_outputs,
-    }
-    if probabilities is not None:
-        stats[KEY_PROBABILITIES] = probabilities
-    return stats
-
-
-def _example_stats(
-    features: Features, output_fn: OutputFunction, surrogate: Surrogate
-) -> dict[str, np.ndarray]:
-    """``examples.npz``: what the model says of each training example and the surrogate's caches."""
-    return {
-        **_stats(features, output_fn),
-        KEY_BETA: surrogate.beta,
-        KEY_GRAD_TERM: surrogate.grad_term,
-        KEY_H: surrogate.h,
-        KEY_S: surrogate.s,
-    }
-
-
-def _query_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
-    """``queries.npz``: what the model says of each stored query (empty arrays when there are none)."""
-    if len(features.phi):
-        return _stats(features, output_fn)
-    empty = np.zeros(0)
-    return {KEY_OUTPUT: empty, KEY_LABEL: empty, KEY_PREDICTION: empty, KEY_PHI_NORM: empty}
-
-
-def _metadata_rows(train: Dataset, queries: Dataset) -> list[MetadataRow]:
-    return [
-        (split, row, _label(data.targets[row]), data.metadata[row] if data.metadata else {})
-        for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, queries))
-        for row in range(len(data))
-    ]
-
-
-def _manifest(
-    name: str,
-    model_spec: ModelSpec | None,
-    checkpoint_sha256: str,
-    source_checkpoint_sha256: str | None,
-    n_params: int,
-    output_fn: OutputFunction,
-    train: Dataset,
-    tangent: Features,
-    surrogate: Surrogate,
-    config: IndexConfig,
-    projection: ProjectionInfo,
-    n_query: int,
-    timings: dict[str, float],
-    extra: dict[str, Any],
-) -> Manifest:
-    return Manifest(
-        name=name,
-        created_unix=time.time(),
-        model=ModelInfo(
-            spec=model_spec,
-            checkpoint_sha256=checkpoint_sha256,
-            source_checkpoint_sha256=source_checkpoint_sha256,
-            n_params=n_params,
-            output_function=output_fn.name,
-            output_params=output_fn.params(),
-            input_shape=tuple(int(d) for d in train.inputs.shape[1:]),
-            input_dtype=str(train.inputs.dtype).removeprefix("torch."),
-            n_outputs=int(tangent.model_outputs.shape[1]),
-            image_shape=train.image_shape,
-        ),
-        projection=projection,
-        surrogate=SurrogateInfo(
-            prior_precision=surrogate.prior_precision,
-            prior_precision_source="given" if config.prior_precision is not None else "mean_eigenvalue",
-            likelihood=output_fn.name,
-            s_floor=surrogate.s_floor,
-            n_clamped=surrogate.n_clamped,
-            n_train=len(train),
-        ),
-        faiss=FaissInfo(factory=config.faiss_factory),
-        counts=Counts(n_train=len(train), n_query=n_query, k=projection.k),
-        config=config.to_json(),
-        timings_seconds=timings,
-        extra=extra,
-    )
-
-
 def build_index(
     model: nn.Module,
     output_fn: OutputFunction,
-    train: Dataset,
+    train: Examples,
     out_dir: Path,
     *,
     checkpoint: Path | None = None,
-    queries: Dataset | None = None,
+    queries: Examples | None = None,
     model_spec: ModelSpec | None = None,
     config: IndexConfig | None = None,
     name: str | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    store_inputs: bool | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 2.1).
+    """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 1.7, 2.1).
+
+    The data are read batch by batch (a :class:`~indexer.data.StreamedDataset` is never all in memory); the
+    features, outputs and targets of every example are kept, and the inputs only when ``store_inputs``.
 
     Resumable: each finished featurization buffer is kept as a checksummed shard in
-    ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.store.shards`). A build that is interrupted (an exception,
-    Ctrl-C, SIGKILL) and started again with the same arguments reuses the verified shards and computes
-    the rest; its files are byte-identical to those of an uninterrupted build. The work folder is removed
-    once the index is in place; other arguments give another key and never reuse these shards.
+    ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.store.shards`), with the sha256 of its data. A build that
+    is interrupted (an exception, Ctrl-C, SIGKILL) and started again with the same arguments reuses the
+    verified shards of the same data and computes the rest; its files are byte-identical to those of an
+    uninterrupted build. The work folder is removed once the index is in place; other arguments give
+    another key and never reuse these shards.
 
     Args:
-        model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are.
+        model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are; it
+            is put in eval mode (dropout off, batch norm on its running statistics).
         output_fn: the output function m (e.g. :class:`~indexer.features.tasks.ClassificationMargin`).
-        train: training examples, inputs `(n_train, *input_shape)`, targets `(n_train,)`.
+        train: training examples: a :class:`~indexer.data.Dataset` (inputs `(n_train, *input_shape)`,
+            targets `(n_train, ...)`) or a :class:`~indexer.data.StreamedDataset`.
         out_dir: the index folder to create (replaced atomically if it exists).
         checkpoint: a ``.safetensors`` file or a weights-only ``torch.save`` state dict.
         queries: held-out examples featurized and stored as queries (e.g. the test split).
@@ -198,23 +107,29 @@ def build_index(
         config: :class:`IndexConfig`; defaults when None.
         name: index name; defaults to ``out_dir``'s folder name.
         extra_manifest: more JSON fields for the manifest (e.g. the demo's training settings).
+        store_inputs: keep the raw inputs in the index, for rendering (None: for an in-memory
+            ``Dataset`` yes, for a streamed one no).
         progress: show progress bars.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        FileNotFoundError, ValueError: a missing or mismatching checkpoint, empty data, a bad config.
+        FileNotFoundError, ValueError: a missing or mismatching checkpoint, empty data, a bad config, a
+            model in which examples interact, targets the output function cannot explain.
         BlockingIOError: another process is building the same ``out_dir``.
     """
     config = config or IndexConfig()
     out_dir = Path(out_dir)
+    keep = isinstance(train, Dataset) if store_inputs is None else store_inputs
     started = time.perf_counter()
-    _prepare(model, output_fn, train, queries, out_dir, checkpoint)
+    probe = _prepare(model, output_fn, train, out_dir, checkpoint, config.batch_size)
     check_factory(config.k, config.faiss_factory)
     n_params = count_parameters(model)
-    featurizer, projection = _featurizer(model, train, config)
-    query_set = queries if queries is not None else Dataset(train.inputs[:0], train.targets[:0])
+    featurizer, projection = make_featurizer(model, config, probe)
+    query_set: Examples = (
+        queries if queries is not None else Dataset(probe.first_input[:0], probe.targets[:0])
+    )
     with (
         build_lock(out_dir),
         # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
@@ -230,13 +145,19 @@ def build_index(
         store = ShardStore(out_dir, work_key(material), material)
         for other in store.others():
             log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
+        n_outputs = int(probe_outputs(model, probe).shape[1])
         features = {
-            split: _featurize(featurizer, output_fn, data, config, store, split, progress)
+            split: _featurize(featurizer, output_fn, data, config, store, split, progress, keep, n_outputs)
             for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
         }
         if isinstance(featurizer, HookFeaturizer):
             featurizer.close()
         tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]
+        if len(query_tangent.phi) and query_tangent.input_shape != tangent.input_shape:
+            raise ValueError(
+                f"query inputs have shape {list(query_tangent.input_shape)} per example; the training inputs "
+                f"have {list(tangent.input_shape)}"
+            )
         featurize_seconds = time.perf_counter() - started
 
         beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
@@ -245,39 +166,46 @@ def build_index(
         faiss_indexes = {
             score: make_faiss_index(surrogate.score_vectors(score), config.faiss_factory) for score in Score
         }
-        manifest = _manifest(
+        manifest = build_manifest(
             name or out_dir.name,
             model_spec,
             checkpoint_sha256,
             sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             n_params,
             output_fn,
-            train,
+            train.image_shape,
             tangent,
             surrogate,
             config,
             projection,
-            n_query=len(query_set),
+            n_query=len(query_tangent.phi),
             timings={"featurize": featurize_seconds, "total": time.perf_counter() - started},
             extra=extra_manifest or {},
         )
+        arrays = {
+            PHI_FILE: tangent.phi,
+            WHITENED_FILE: surrogate.whitened,
+            CHOLESKY_FILE: surrogate.cholesky,
+            QUERY_PHI_FILE: query_tangent.phi,
+        }
+        if keep:
+            assert tangent.inputs is not None  # kept by tangent_features
+            arrays[TRAIN_INPUTS_FILE] = tangent.inputs
+            arrays[QUERY_INPUTS_FILE] = (
+                query_tangent.inputs
+                if query_tangent.inputs is not None
+                else np.zeros((0, *tangent.input_shape), dtype=tangent.inputs.dtype)
+            )
         path = write_index_dir(
             out_dir,
             manifest,
-            arrays={
-                PHI_FILE: tangent.phi,
-                WHITENED_FILE: surrogate.whitened,
-                CHOLESKY_FILE: surrogate.cholesky,
-                QUERY_PHI_FILE: query_tangent.phi,
-                TRAIN_INPUTS_FILE: train.inputs.cpu().numpy(),
-                QUERY_INPUTS_FILE: query_set.inputs.cpu().numpy(),
-            },
+            arrays=arrays,
             npz={
-                EXAMPLE_STATS_FILE: _example_stats(tangent, output_fn, surrogate),
-                QUERY_STATS_FILE: _query_stats(query_tangent, output_fn),
+                EXAMPLE_STATS_FILE: example_stats(tangent, output_fn, surrogate),
+                QUERY_STATS_FILE: query_stats(query_tangent, output_fn),
             },
             faiss_indexes=faiss_indexes,
-            metadata_rows=_metadata_rows(train, query_set),
+            metadata_rows=metadata_rows(tangent, query_tangent),
             extra_files={CHECKPOINT_FILE: stored_checkpoint},
         )
         # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
@@ -290,53 +218,81 @@ def build_index(
 def _prepare(
     model: nn.Module,
     output_fn: OutputFunction,
-    train: Dataset,
-    queries: Dataset | None,
+    train: Examples,
     out_dir: Path,
     checkpoint: Path | None,
-) -> None:
-    """Refuse a bad folder name, empty data or unexplainable targets before any work; load the weights."""
+    batch_size: int,
+) -> Batch:
+    """Refuse a bad folder name, empty data, a model whose examples interact or unexplainable targets
+    before any work; load the weights and switch to eval mode.
+
+    Returns:
+        The first training batch (the probe).
+    """
     if not re.fullmatch(INDEX_NAME_PATTERN, out_dir.name):
         raise ValueError(
             f"index folder name {out_dir.name!r} must match {INDEX_NAME_PATTERN} (letters, digits, '_', '.', "
             "'-'): the service serves an index under its folder name"
         )
-    if len(train) == 0:
-        raise ValueError("the training set is empty")
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
     model.eval()
-    n_outputs = _output_width(model, train.inputs[:1])
-    output_fn.check_targets(train.targets, n_outputs)
-    if queries is not None:
-        if tuple(queries.inputs.shape[1:]) != tuple(train.inputs.shape[1:]):
-            raise ValueError(
-                f"query inputs have shape {list(queries.inputs.shape[1:])} per example; the training inputs "
-                f"have {list(train.inputs.shape[1:])}"
-            )
-        output_fn.check_targets(queries.targets, n_outputs)
+    probe = next(iter(train.batches(batch_size)), None)
+    if probe is None or len(probe) == 0:
+        raise ValueError("the training set is empty")
+    output_fn.check_targets(probe.targets, int(probe_outputs(model, probe).shape[1]))
+    _check_independent(model, probe)
+    return probe
+
+
+def _check_independent(model: nn.Module, probe: Batch) -> None:
+    """Refuse a model whose outputs for one example change with the other examples of its batch."""
+    if len(probe) < 2 or isinstance(probe.inputs, dict):
+        return
+    with torch.no_grad():
+        together = probe_outputs(model, Batch(probe.inputs[:2], probe.targets[:2]))
+        alone = torch.cat(
+            [probe_outputs(model, Batch(probe.inputs[i : i + 1], probe.targets[:1])) for i in (0, 1)]
+        )
+    if not torch.allclose(together, alone, rtol=1e-4, atol=1e-5 * float(alone.abs().max()) + 1e-12):
+        raise ValueError(
+            "the model's output for an example changes with the other examples in its batch (batch "
+            "statistics or cross-example attention): per-example tangent features would be wrong; make each "
+            "output depend on its own input alone"
+        )
 
 
 def _featurize(
     featurizer: Featurizer,
     output_fn: OutputFunction,
-    data: Dataset,
+    data: Examples,
     config: IndexConfig,
     store: ShardStore,
     split: str,
     progress: bool,
+    keep_inputs: bool,
+    n_outputs: int,
 ) -> Features:
-    """Projected tangent features of one split, reusing and filling its shards."""
+    """Projected tangent features of one split, reusing and filling its shards; every batch's targets are
+    checked before it is featurized."""
+
+    def checked() -> Iterator[Batch]:
+        for batch in data.batches(config.batch_size):
+            output_fn.check_targets(batch.targets, n_outputs)
+            yield batch
+
     shards = store.split(split)
+    total = len(data) if isinstance(data, Dataset) else None
     features = tangent_features(
         featurizer,
         output_fn,
-        data.inputs,
-        data.targets,
+        checked(),
         batch_size=config.batch_size,
         buffer_bytes=config.buffer_bytes,
         progress=f"featurize {split}" if progress else None,
         cache=shards,
+        keep_inputs=keep_inputs,
+        total=total,
     )
     log.info(
         "featurize %s: %d shard(s) reused, %d computed (%d corrupt recomputed) in %s",
@@ -352,8 +308,8 @@ def _featurize(
 def _work_key_material(
     model: nn.Module,
     output_fn: OutputFunction,
-    train: Dataset,
-    queries: Dataset,
+    train: Examples,
+    queries: Examples,
     checkpoint_sha256: str,
     config: IndexConfig,
     featurizer: Featurizer,
@@ -375,8 +331,9 @@ def _work_key_material(
         # shard boundaries, and the batch shapes the gradients were computed in
         "batch_size": config.batch_size,
         "buffer_rows": featurizer.buffer_rows(config.batch_size, config.buffer_bytes),
-        "train": {"inputs": tensor_digest(train.inputs), "targets": tensor_digest(train.targets)},
-        "query": {"inputs": tensor_digest(queries.inputs), "targets": tensor_digest(queries.targets)},
+        # in-memory data by content; a streamed source by name (each shard also records its data's sha256)
+        "train": _data_key(train),
+        "query": _data_key(queries),
         # other kernels may round differently
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -384,63 +341,26 @@ def _work_key_material(
     }
 
 
-def _featurizer(model: nn.Module, train: Dataset, config: IndexConfig) -> tuple[Featurizer, ProjectionInfo]:
-    """The configured featurizer on the configured device, and the manifest's record of its projection.
+def _data_key(data: Examples) -> dict[str, Any]:
+    if isinstance(data, Dataset):
+        return {"inputs": tensor_digest(data.inputs), "targets": tensor_digest(data.targets)}
+    return {"source": f"{type(data.source).__module__}.{type(data.source).__qualname__}"}
 
-    The Kronecker plan is made after a probe forward pass on the first training examples, so that a layer
-    whose forward is bypassed gets no block; a warning says when less than ``min_coverage`` of the
-    parameters reaches the features.
+
+def probe_outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """`(B, n_outputs)` the model's raw outputs on one batch, without gradients.
+
+    Raises:
+        ValueError: the model rejects the batch (the message names its input shape and dtype).
     """
-    model.to(_device(config.device))
-    if config.projection is ProjectionKind.DENSE:
-        dense = DenseProjection(count_parameters(model), config.k, config.seed, config.distribution)
-        info = ProjectionInfo("dense", config.k, config.seed, config.distribution.value)
-        return DenseFeaturizer(model, dense), info
-    fired = fired_modules(model, train.inputs[: config.batch_size])
-    plan = plan_kronecker(
-        model,
-        config.k,
-        config.seed,
-        config.distribution,
-        config.layer_patterns,
-        config.dims(),
-        config.uncovered,
-        fired=fired,
-    )
-    coverage = plan.coverage_json()
-    if coverage["covered_fraction"] < config.min_coverage:
-        log.warning(
-            "the Kronecker projection covers %.1f%% of the %d parameters (min_coverage %.0f%%); "
-            "not covered: %s",
-            100 * coverage["covered_fraction"],
-            plan.n_params,
-            100 * config.min_coverage,
-            ", ".join(plan.rest.params[:10]) + (" ..." if len(plan.rest.params) > 10 else ""),
-        )
-    info = ProjectionInfo("kronecker", plan.k, config.seed, config.distribution.value, coverage)
-    return HookFeaturizer(model, plan), info
-
-
-def _device(device: Device) -> torch.device:
-    if device is Device.CPU:
-        return torch.device("cpu")
-    if device is Device.CUDA and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _output_width(model: nn.Module, first: torch.Tensor) -> int:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    first = batch.first_input
     try:
         with torch.no_grad():
-            out = model(first)
-    except RuntimeError as exc:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
+            out = model_outputs(model, to_device(batch.inputs, device))
+    except (RuntimeError, TypeError, IndexError) as exc:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
         raise ValueError(
             f"the model rejects inputs of shape {list(first.shape[1:])} per example "
             f"(dtype {first.dtype}): {exc}"
         ) from exc
-    return int(out.reshape(len(first), -1).shape[1])
-
-
-def _label(target: torch.Tensor) -> int | float:
-    value = target.item()
-    return int(value) if isinstance(value, int | bool) else float(value)
+    return out.reshape(len(batch), -1).float().cpu()

@@ -1,10 +1,18 @@
-"""Datasets the indexer reads: in-memory tensors with optional per-example metadata, and dataset files.
+"""The examples the indexer reads, in batches (DESIGN.md 2: "streamed from a dataset").
 
-The demo's digits are in :mod:`indexer.demo.mnist`.
+- :class:`Dataset`: in-memory tensors with optional per-example metadata (the convenience, and what the
+  CLI's dataset files give).
+- :class:`StreamedDataset`: any ``torch.utils.data.Dataset`` or ``IterableDataset`` read through a
+  ``DataLoader``, batch by batch, with a :class:`BatchLayout` that says where the model's input, the target
+  and the padding mask are in each batch (tuples or dicts); its inputs are never all in memory.
+
+Both give :class:`Batch` objects, which is all the featurizers see. The demo's digits are in
+:mod:`indexer.demo.mnist`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +21,148 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
+from torch.utils.data import DataLoader
 
-__all__ = ["Dataset", "load_arrays"]
+__all__ = ["Batch", "BatchLayout", "Dataset", "Examples", "StreamedDataset", "load_arrays"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as a featurizer reads it.
+
+    Attributes:
+        inputs: the model's input: a `(B, ...)` tensor, or a mapping of them (keyword arguments).
+        targets: `(B, ...)` targets of the output function.
+        mask: `(B, T)` 1 for positions that count and 0 for padding, or None.
+        metadata: B JSON-serialisable dicts (what the source knows of each example), or empty.
+    """
+
+    inputs: Any
+    targets: torch.Tensor
+    mask: torch.Tensor | None = None
+    metadata: Sequence[dict[str, Any]] = ()
+
+    def __len__(self) -> int:
+        return int(self.targets.shape[0])
+
+    @property
+    def first_input(self) -> torch.Tensor:
+        """`(B, ...)` the input tensor, or the first of a mapping's (the one whose shape is recorded)."""
+        return next(iter(self.inputs.values())) if isinstance(self.inputs, dict) else self.inputs
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the parts of a collated batch are.
+
+    A tuple or list batch is ``(input, target)`` or ``(input, target, mask)``. A dict batch gives the model
+    the keys ``input_keys`` as keyword arguments (all keys but the target, mask-free ones included, when
+    None), the target under ``target_key``, the padding mask under ``mask_key`` (optional; it is also
+    passed to the model when it is one of the input keys), and per-example metadata under
+    ``metadata_key`` (optional, a list of dicts).
+
+    Attributes:
+        input_keys: dict batches: the model's keyword arguments (None: every key but target and metadata).
+        target_key: dict batches: the targets' key.
+        mask_key: dict batches: the `(B, T)` padding mask's key (absent: no mask).
+        metadata_key: dict batches: the metadata's key (absent: none).
+    """
+
+    input_keys: tuple[str, ...] | None = None
+    target_key: str = "labels"
+    mask_key: str = "attention_mask"
+    metadata_key: str = "metadata"
+
+    def read(self, batch: Any) -> Batch:
+        """The :class:`Batch` of one collated batch.
+
+        Raises:
+            ValueError: a batch of another structure, or without targets; the message says what was expected.
+        """
+        if isinstance(batch, list | tuple):
+            if len(batch) not in (2, 3):
+                raise ValueError(
+                    f"a tuple batch must be (input, target) or (input, target, mask); got {len(batch)}"
+                )
+            return Batch(
+                batch[0], torch.as_tensor(batch[1]), torch.as_tensor(batch[2]) if len(batch) == 3 else None
+            )
+        if isinstance(batch, dict):
+            if self.target_key not in batch:
+                raise ValueError(
+                    f"a dict batch needs its targets under {self.target_key!r}; it has {sorted(batch)}"
+                )
+            keys = self.input_keys or tuple(k for k in batch if k not in (self.target_key, self.metadata_key))
+            missing = [k for k in keys if k not in batch]
+            if missing:
+                raise ValueError(f"the batch lacks the model's input(s) {missing}; it has {sorted(batch)}")
+            mask = batch.get(self.mask_key)
+            targets = torch.as_tensor(batch[self.target_key])
+            return Batch(
+                {k: batch[k] for k in keys},
+                targets,
+                None if mask is None else torch.as_tensor(mask),
+                _rows(batch.get(self.metadata_key, ()), len(targets)),
+            )
+        raise ValueError(
+            f"a batch must be a tuple (input, target[, mask]) or a dict; got {type(batch).__name__}"
+        )
+
+
+def _rows(metadata: Any, n: int) -> list[dict[str, Any]]:
+    """Per-example metadata dicts from a batch's metadata: a list of dicts, or the columns torch's default
+    collate makes of them (a dict of `(n,)` tensors or lists)."""
+    if isinstance(metadata, dict):
+        columns = {
+            key: value.tolist() if isinstance(value, torch.Tensor) else list(value)
+            for key, value in metadata.items()
+        }
+        rows = [{key: column[i] for key, column in columns.items()} for i in range(n)]
+    else:
+        rows = list(metadata)
+    if rows and len(rows) != n:
+        raise ValueError(f"a batch of {n} examples has {len(rows)} metadata rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class StreamedDataset:
+    """Examples read from a torch dataset batch by batch; nothing but the current batch is in memory.
+
+    Attributes:
+        source: a ``torch.utils.data.Dataset`` or ``IterableDataset`` (read in its own order, which must be
+            the same on every pass for a build to resume).
+        layout: where the parts of each batch are.
+        collate_fn: the ``DataLoader``'s collate function (None: torch's default).
+        num_workers: ``DataLoader`` worker processes.
+        image_shape: `(height, width)` when each input is an image, else None.
+    """
+
+    source: Any
+    layout: BatchLayout = field(default_factory=BatchLayout)
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    num_workers: int = 0
+    image_shape: tuple[int, int] | None = None
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """The examples in order, ``batch_size`` at a time (the last batch may be shorter).
+
+        Raises:
+            ValueError: a batch the layout cannot read.
+        """
+        loader = DataLoader(
+            self.source,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+        )
+        for batch in loader:
+            yield self.layout.read(batch)
+
+    def __len__(self) -> int:
+        """The source's length (a ``TypeError`` for an iterable dataset without one)."""
+        return len(self.source)
 
 
 @dataclass(frozen=True)
@@ -54,6 +202,16 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """The examples in order, ``batch_size`` at a time (slices of the tensors, no copies)."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield Batch(self.inputs[start:stop], self.targets[start:stop], None, self.metadata[start:stop])
+
+
+Examples = Dataset | StreamedDataset
+"""What :func:`indexer.build.build_index` indexes: in-memory tensors or a streamed torch dataset."""
 
 
 def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:

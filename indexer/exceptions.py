@@ -11,7 +11,7 @@ __all__ = [
     "InvalidQueryError",
     "UnknownExampleError",
     "ModelMismatchError",
-    "NotAnImageError",
+    "NotStoredError",
 ]
 
 
@@ -50,5 +50,6 @@ class ModelMismatchError(InfotraceError, ValueError):
     """A model, checkpoint or feature dimension that differs from the one the index was built with."""
 
 
-class NotAnImageError(InfotraceError, LookupError):
-    """An image rendering was asked of an index whose inputs are not images (no ``image_shape``)."""
+class NotStoredError(InfotraceError, LookupError):
+    """Something the index does not hold was asked for: the inputs of an index built without them, or a
+    rendering of inputs that are not images (no ``image_shape``)."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from indexer.data import Dataset
 from indexer.enums import Score
 from indexer.features.featurize import DenseFeaturizer, count_parameters, tangent_features
 from indexer.features.projection import DenseProjection
@@ -72,7 +73,7 @@ class InfotraceFeatures:
         """
         self._model = model.eval()
         self._featurizer = DenseFeaturizer(model, DenseProjection(count_parameters(model), self.k, self.seed))
-        feats = tangent_features(self._featurizer, self.output_fn, train_inputs, train_targets)
+        feats = tangent_features(self._featurizer, self.output_fn, Dataset(train_inputs, train_targets))
         self._train = _Train(
             phi=feats.phi,
             phi64=feats.phi.astype(np.float64),
@@ -121,7 +122,7 @@ class InfotraceFeatures:
         if digest not in self._queries:
             if self._model is None or self._featurizer is None:
                 raise RuntimeError("call fit() before scoring")
-            feats = tangent_features(self._featurizer, self.output_fn, inputs, targets)
+            feats = tangent_features(self._featurizer, self.output_fn, Dataset(inputs, targets))
             self._queries[digest] = feats.phi
         return self._queries[digest]
 

@@ -4,7 +4,6 @@ per-example projected tangent features."""
 from __future__ import annotations
 
 from indexer.features.featurize import (
-    Batch,
     BufferCache,
     BufferFeatures,
     DenseFeaturizer,
@@ -16,7 +15,7 @@ from indexer.features.featurize import (
     per_example_gradients,
     tangent_features,
 )
-from indexer.features.hooks import HookFeaturizer, fired_modules, layer_kind, plan_kronecker
+from indexer.features.hooks import HookFeaturizer, layer_kind
 from indexer.features.models import (
     ModelSpec,
     build_model,
@@ -26,6 +25,7 @@ from indexer.features.models import (
     register_model,
     save_checkpoint,
 )
+from indexer.features.plan import fired_modules, plan_kronecker
 from indexer.features.projection import (
     PROJECTION_BLOCK_ROWS,
     DenseProjection,
@@ -49,7 +49,6 @@ __all__ = [
     "ClassificationMargin",
     "Features",
     "ModelSpec",
-    "Batch",
     "DenseFeaturizer",
     "Featurizer",
     "HookFeaturizer",

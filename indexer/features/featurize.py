@@ -16,8 +16,9 @@ interrupted build resumes from the buffers it already finished.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,12 +27,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from indexer.data import Batch, Dataset, Examples, StreamedDataset
 from indexer.features.projection import DenseProjection
 from indexer.features.tasks import OutputFunction
 
 __all__ = [
-    "Batch",
     "BufferCache",
+    "batch_digest",
     "BufferFeatures",
     "DenseFeaturizer",
     "Featurizer",
@@ -48,19 +50,27 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Features:
-    """Projected tangent features of a set of examples.
+    """Projected tangent features of a set of examples, and what was read of them on the way.
 
     Attributes:
         phi: `(n, k)` float32 projected tangent features.
         outputs: `(n,)` float64 output-function values m_i at theta*.
         model_outputs: `(n, n_outputs)` float32 raw model outputs (logits).
         targets: `(n, ...)` the targets the output function was evaluated at.
+        metadata: n dicts from the source (empty when it has none).
+        inputs: `(n, *input_shape)` the inputs, when they were kept (for rendering); else None.
+        input_shape: the shape of one input (the first tensor of a mapping).
+        input_dtype: its torch dtype name.
     """
 
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
     targets: np.ndarray
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    inputs: np.ndarray | None = None
+    input_shape: tuple[int, ...] = ()
+    input_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -87,24 +97,6 @@ class BufferFeatures:
         )
 
 
-@dataclass(frozen=True)
-class Batch:
-    """One batch as a featurizer reads it.
-
-    Attributes:
-        inputs: the model's input: a `(B, ...)` tensor, or a mapping of them (keyword arguments).
-        targets: `(B, ...)` targets of the output function.
-        mask: `(B, T)` 1 for positions that count and 0 for padding, or None.
-    """
-
-    inputs: Any
-    targets: torch.Tensor
-    mask: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
-
-
 class BufferCache(Protocol):
     """Keeps finished buffers of :func:`tangent_features` (e.g. :class:`indexer.store.shards.SplitShards`).
 
@@ -112,12 +104,13 @@ class BufferCache(Protocol):
     hand back buffers computed with the same model, output function, projection, data and buffer layout.
     """
 
-    def load(self, buffer: int, rows: int) -> BufferFeatures | None:
-        """The stored, verified buffer ``buffer`` of ``rows`` examples, or None to compute it."""
+    def load(self, buffer: int, rows: int, digest: str) -> BufferFeatures | None:
+        """The stored, verified buffer ``buffer`` of ``rows`` examples whose data had the sha256 ``digest``,
+        or None to compute it."""
         ...
 
-    def save(self, buffer: int, features: BufferFeatures) -> None:
-        """Store buffer ``buffer`` once it is complete."""
+    def save(self, buffer: int, features: BufferFeatures, digest: str) -> None:
+        """Store buffer ``buffer`` (of data with the sha256 ``digest``) once it is complete."""
         ...
 
 
@@ -281,57 +274,108 @@ def example_gradient(
     return torch.cat([g.reshape(-1) for g in grads]), out.detach(), raw.detach()
 
 
+def batch_digest(batches: Sequence[Batch]) -> str:
+    """Hex sha256 of the inputs and targets of consecutive batches (dtype, shape and bytes of each tensor):
+    a buffer's shard is reused only for the same data."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        tensors = [*batch.inputs.values()] if isinstance(batch.inputs, dict) else [batch.inputs]
+        for tensor in [*tensors, batch.targets]:
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _buffers(batches: Iterable[Batch], rows: int) -> Iterator[list[Batch]]:
+    """Consecutive batches grouped into buffers of ``rows`` examples (the last one may be shorter)."""
+    group: list[Batch] = []
+    count = 0
+    for batch in batches:
+        group.append(batch)
+        count += len(batch)
+        if count >= rows:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
 def tangent_features(
     featurizer: Featurizer,
     output_fn: OutputFunction,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
+    batches: Examples | Iterable[Batch],
     batch_size: int = 128,
     buffer_bytes: int = 256 * 2**20,
     progress: str | None = None,
     cache: BufferCache | None = None,
+    keep_inputs: bool = False,
+    total: int | None = None,
 ) -> Features:
     """Projected tangent features of every example, in buffers of consecutive batches (DESIGN.md 1.1, 1.7).
+
+    The batches are read once, in order; only the current buffer's batches are held, plus the `(n, k)`
+    features, the outputs and the targets (and the inputs only when ``keep_inputs``).
 
     Args:
         featurizer: a :class:`DenseFeaturizer` or a ``HookFeaturizer``; its model is in eval mode.
         output_fn: the output function m.
-        inputs: `(n, *input_shape)` inputs, on the model's device.
-        targets: `(n, ...)` targets to evaluate m at.
-        batch_size: examples per forward (and backward) pass.
+        batches: the examples: a :class:`~indexer.data.Dataset` or :class:`~indexer.data.StreamedDataset`
+            (read ``batch_size`` at a time), or batches of ``batch_size`` (the last may be shorter).
+        batch_size: the size of every batch but the last (it sets the buffer layout).
         buffer_bytes: the featurizer's memory budget per buffer, in bytes (see its ``buffer_rows``).
         progress: a tqdm description, or None for no progress bar.
-        cache: where finished buffers are kept: buffers it already holds are taken from it, every
+        cache: where finished buffers are kept: a buffer it holds for the same data is taken from it, every
             buffer computed is saved to it. None: no cache.
+        keep_inputs: also return the inputs (the first tensor of a mapping), e.g. to store them for rendering.
+        total: the number of examples, for the progress bar (None: unknown).
 
     Returns:
         :class:`Features` with `(n, k)` float32 ``phi``.
 
     Raises:
-        ValueError: ``inputs`` and ``targets`` disagree in length.
+        ValueError: a batch whose inputs and targets disagree in length.
     """
-    if len(inputs) != len(targets):
-        raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) must have the same length")
-    n = len(inputs)
+    if isinstance(batches, Dataset | StreamedDataset):
+        total = len(batches) if isinstance(batches, Dataset) else total
+        batches = batches.batches(batch_size)
     rows_per_buffer = featurizer.buffer_rows(batch_size, buffer_bytes)
-    phi = np.zeros((n, featurizer.k), dtype=np.float32)
-    outputs = np.zeros(n, dtype=np.float64)
-    raw_chunks: list[np.ndarray] = []
-    with tqdm(total=n, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
-        for buffer, start in enumerate(range(0, n, rows_per_buffer)):
-            stop = min(start + rows_per_buffer, n)
-            done = cache.load(buffer, stop - start) if cache is not None else None
+    parts: list[BufferFeatures] = []
+    targets: list[np.ndarray] = []
+    metadata: list[dict[str, Any]] = []
+    inputs: list[np.ndarray] = []
+    first: torch.Tensor | None = None
+    with tqdm(total=total, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
+        for buffer, group in enumerate(_buffers(batches, rows_per_buffer)):
+            for batch in group:
+                if len(batch.first_input) != len(batch):
+                    n_inputs = len(batch.first_input)
+                    raise ValueError(f"a batch of {len(batch)} targets has {n_inputs} inputs")
+            rows = sum(len(b) for b in group)
+            digest = batch_digest(group) if cache is not None else ""
+            done = cache.load(buffer, rows, digest) if cache is not None else None
             if done is None:
-                batches = [
-                    Batch(inputs[b : min(b + batch_size, stop)], targets[b : min(b + batch_size, stop)])
-                    for b in range(start, stop, batch_size)
-                ]
-                done = featurizer.featurize_buffer(output_fn, batches)
+                done = featurizer.featurize_buffer(output_fn, group)
                 if cache is not None:
-                    cache.save(buffer, done)
-            bar.update(stop - start)
-            phi[start:stop] = done.phi
-            outputs[start:stop] = done.outputs
-            raw_chunks.append(done.model_outputs)
-    raw_all = np.concatenate(raw_chunks) if raw_chunks else np.zeros((0, 0), dtype=np.float32)
-    return Features(phi=phi, outputs=outputs, model_outputs=raw_all, targets=targets.cpu().numpy())
+                    cache.save(buffer, done, digest)
+            bar.update(rows)
+            parts.append(done)
+            first = group[0].first_input if first is None else first
+            for batch in group:
+                targets.append(batch.targets.cpu().numpy())
+                metadata.extend(batch.metadata)
+                if keep_inputs:
+                    inputs.append(batch.first_input.cpu().numpy())
+    if first is None:  # no examples (an empty query split)
+        empty = np.zeros(0)
+        return Features(np.zeros((0, featurizer.k), np.float32), empty, np.zeros((0, 0), np.float32), empty)
+    return Features(
+        phi=np.concatenate([p.phi for p in parts]),
+        outputs=np.concatenate([p.outputs for p in parts]),
+        model_outputs=np.concatenate([p.model_outputs for p in parts]),
+        targets=np.concatenate(targets),
+        metadata=metadata,
+        inputs=np.concatenate(inputs) if keep_inputs else None,
+        input_shape=tuple(int(d) for d in first.shape[1:]),
+        input_dtype=str(first.dtype).removeprefix("torch."),
+    )

@@ -1,5 +1,5 @@
-"""Per-layer capture for the Kronecker projection (DESIGN.md 1.7): plan the blocks of a model, then featurize
-a batch with one forward and one backward pass.
+"""Per-layer capture for the Kronecker projection (DESIGN.md 1.7): featurize a batch with one forward and one
+backward pass (the plan of blocks is made by :mod:`indexer.features.plan`).
 
 For a weight matrix used at positions t (tokens, spatial locations, or one position for a plain vector),
 the per-example gradient of the output m is ``G = sum_t u_t v_t^T`` in the weight's own `(rows, cols)`
@@ -26,8 +26,6 @@ batch-first (dimension 0 of every layer input is the example).
 
 from __future__ import annotations
 
-import fnmatch
-import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -37,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from indexer.enums import Distribution, Uncovered, parse_enum
-from indexer.features.featurize import Batch, BufferFeatures, model_outputs, per_example_gradients, to_device
-from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock, RestBlock
+from indexer.data import Batch
+from indexer.features.featurize import BufferFeatures, model_outputs, per_example_gradients, to_device
+from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.tasks import OutputFunction
 
-__all__ = ["layer_kind", "fired_modules", "plan_kronecker", "HookFeaturizer"]
+__all__ = ["layer_kind", "layer_bias", "gradient_shape", "model_device", "HookFeaturizer"]
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -58,41 +56,18 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
-def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
-    """Names of the supported modules whose forward runs when ``model`` is called on ``inputs`` (a probe).
-
-    Args:
-        model: the network; inputs: a batch it accepts (tensor or mapping), on its device.
-
-    Returns:
-        ``model.named_modules()`` names; a supported module missing here is bypassed by its parent (e.g.
-        ``MultiheadAttention`` uses ``out_proj.weight`` directly), so hooks cannot see its gradient.
-    """
-    fired: set[str] = set()
-    handles = [
-        module.register_forward_hook(lambda *_, name=name: fired.add(name))
-        for name, module in model.named_modules()
-        if layer_kind(module) is not None
-    ]
-    try:
-        with torch.no_grad():
-            model_outputs(model, to_device(inputs, _device_of(model)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return fired
-
-
-def _device_of(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _bias(module: nn.Module) -> nn.Parameter | None:
+def layer_bias(module: nn.Module) -> nn.Parameter | None:
+    """The layer's trainable bias, or None."""
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, nn.Parameter) and bias.requires_grad else None
 
 
-def _shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
+def gradient_shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
     """`(rows, cols)` of the layer's gradient matrix G, the bias one more input-side row or column."""
     weight = module.weight
     if kind == "embedding":
@@ -100,126 +75,6 @@ def _shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
     if kind == "gpt2_conv1d":  # weight (d_in, d_out): inputs on the rows
         return int(weight.shape[0]) + int(has_bias), int(weight.shape[1])
     return int(weight.shape[0]), int(np.prod(weight.shape[1:])) + int(has_bias)
-
-
-def _factor(share: float, rows: int, cols: int) -> tuple[int, int]:
-    """`(k_row, k_col)` within the gradient's shape whose product is close to ``share``: among the sizes
-    within 5% of the largest product not above it, the most balanced (a side of 1 or 2 would make the
-    block's estimate of inner products noisy)."""
-    target = max(1, int(share))
-    if rows * cols <= target:
-        return rows, cols
-    options = [(k_row, min(cols, target // k_row)) for k_row in range(1, min(rows, target) + 1)]
-    best = max(r * c for r, c in options)
-    near = [(r, c) for r, c in options if r * c >= 0.95 * best]
-    return min(near, key=lambda rc: (max(rc) / min(rc), -rc[0] * rc[1], rc[0]))
-
-
-def plan_kronecker(
-    model: nn.Module,
-    k: int,
-    seed: int = 0,
-    distribution: Distribution | str = Distribution.GAUSSIAN,
-    layers: Sequence[str] = ("*",),
-    dims: dict[str, tuple[int, int]] | None = None,
-    uncovered: Uncovered | str = Uncovered.DENSE,
-    fired: set[str] | None = None,
-) -> KroneckerProjection:
-    """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
-
-    Every supported layer whose module name matches one of ``layers`` gets a block for its weight (and
-    bias); a total budget of ``k`` features is shared among the blocks (balanced ``k_row`` x ``k_col``,
-    water-filled so that small layers give their unused share to large ones) after the rest block's share,
-    ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes.
-
-    Args:
-        model: the network (its trainable parameters are projected).
-        k: the total number of features wanted (the plan's ``k`` may differ slightly: at least one feature
-            per side and block).
-        seed: projection seed; distribution: entries of the matrices.
-        layers: fnmatch patterns of module names to project per layer (``model.named_modules()`` names).
-        dims: module-name pattern -> ``(k_row, k_col)`` for the matching blocks.
-        uncovered: ``"dense"`` or ``"omit"`` for the parameters outside the blocks.
-        fired: names of the modules whose forward ran on a probe batch (see :class:`HookFeaturizer`); a
-            supported module outside it (its forward is bypassed, e.g. ``MultiheadAttention.out_proj``)
-            gets no block. None: every supported module is trusted to run.
-
-    Returns:
-        The :class:`~indexer.features.projection.KroneckerProjection`.
-
-    Raises:
-        ValueError: ``k`` below 1, a weight shared by layers of different shapes, or a ``dims`` entry
-            outside its layer's shape.
-    """
-    if k < 1:
-        raise ValueError(f"k must be positive; got {k}")
-    treatment = parse_enum(Uncovered, uncovered)
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    name_of = {id(p): name for name, p in named}
-    n_params = sum(p.numel() for _, p in named)
-    found: dict[str, tuple[LayerBlock, str]] = {}  # weight name -> (block with k = 0, module name)
-    for module_name, module in model.named_modules():
-        kind = layer_kind(module)
-        if kind is None or not any(fnmatch.fnmatchcase(module_name, pattern) for pattern in layers):
-            continue
-        if fired is not None and module_name not in fired:
-            continue
-        weight_name = name_of.get(id(module.weight))
-        if weight_name is None:  # frozen
-            continue
-        bias = _bias(module)
-        rows, cols = _shape(kind, module, bias is not None)
-        params = (weight_name,) + ((name_of[id(bias)],) if bias is not None else ())
-        if weight_name in found:
-            first = found[weight_name][0]
-            if (first.rows, first.cols) != (rows, cols) or len(first.params) != len(params):
-                raise ValueError(
-                    f"the weight {weight_name!r} is shared by {found[weight_name][1]!r} and {module_name!r} "
-                    f"with different gradient shapes ({first.rows}, {first.cols}) and ({rows}, {cols}) "
-                    "(a bias on one of them only): such a tie is not supported"
-                )
-            continue
-        found[weight_name] = (LayerBlock(weight_name, kind, params, rows, cols, 0, 0), module_name)
-    covered = {p for block, _ in found.values() for p in block.params}
-    rest_named = [(name, p) for name, p in named if name not in covered]
-    rest_numel = sum(p.numel() for _, p in rest_named)
-    k_rest = 0
-    if rest_named and treatment is Uncovered.DENSE:
-        k_rest = min(rest_numel, max(1, round(k * rest_numel / n_params)))
-    blocks = _allocate(found, k - k_rest, dims or {})
-    rest = RestBlock(tuple(n for n, _ in rest_named), tuple(int(p.numel()) for _, p in rest_named), k_rest)
-    return KroneckerProjection(int(seed), parse_enum(Distribution, distribution), blocks, rest, n_params)
-
-
-def _allocate(
-    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]]
-) -> tuple[LayerBlock, ...]:
-    sizes: dict[str, tuple[int, int]] = {}
-    for name, (block, module_name) in found.items():
-        for pattern, (k_row, k_col) in dims.items():
-            if fnmatch.fnmatchcase(module_name, pattern):
-                if not (1 <= k_row <= block.rows and 1 <= k_col <= block.cols):
-                    raise ValueError(
-                        f"dims {pattern!r} = ({k_row}, {k_col}) must lie within the gradient shape "
-                        f"({block.rows}, {block.cols}) of {module_name!r}"
-                    )
-                sizes[name] = (k_row, k_col)
-                break
-    budget -= sum(r * c for r, c in sizes.values())
-    # water-filling: the smallest layers first, each taking at most its equal share of what is left
-    free = sorted(
-        (n for n in found if n not in sizes), key=lambda n: (found[n][0].rows * found[n][0].cols, n)
-    )
-    for i, name in enumerate(free):
-        block = found[name][0]
-        sizes[name] = _factor(max(budget, 0) / (len(free) - i), block.rows, block.cols)
-        budget -= sizes[name][0] * sizes[name][1]
-    order = list(found)  # model order, whatever order the sizes were chosen in
-    return tuple(
-        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n])
-        for n in order
-        for b in (found[n][0],)
-    )
 
 
 class _Binding:
@@ -230,7 +85,7 @@ class _Binding:
         self.block_index = block_index
         self.kind = kind
         self.module = module
-        self.has_bias = _bias(module) is not None
+        self.has_bias = layer_bias(module) is not None
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         f = self.featurizer.state  # this thread's batch, if it is featurizing one
@@ -312,7 +167,7 @@ class HookFeaturizer:
         self.model = model
         self.plan = plan
         self.k = plan.k
-        self.device = device or _device_of(model)
+        self.device = device or model_device(model)
         # per thread: several threads may featurize through the same hooks at once (the service's pool)
         self.state = threading.local()
         params = dict(model.named_parameters())
@@ -331,7 +186,7 @@ class HookFeaturizer:
                 continue
             block = plan.blocks[index[name]]
             # a tied weight may be used by layers of another kind (an embedding and its output head)
-            if (block.rows, block.cols) != _shape(kind, module, _bias(module) is not None):
+            if (block.rows, block.cols) != gradient_shape(kind, module, layer_bias(module) is not None):
                 raise ValueError(
                     f"block {name!r} is for a gradient of shape ({block.rows}, {block.cols}); the model's "
                     f"{kind} layer has another"

@@ -110,8 +110,9 @@ class IndexData:
             its ``phi`` are the `(n_train, k)` float32 stored features.
         examples: per-example vectors of ``examples.npz``, each `(n_train, ...)`.
         query_phi: `(n_query, k)` float32 stored query features.
-        inputs: `(n_train, *input_shape)` training inputs (memory-mapped, read-only).
-        query_inputs: `(n_query, *input_shape)` stored queries' inputs (memory-mapped, read-only).
+        inputs: `(n_train, *input_shape)` training inputs (memory-mapped, read-only), or None when the
+            index was built without them (``store_inputs=False``).
+        query_inputs: `(n_query, *input_shape)` stored queries' inputs (memory-mapped, read-only), or None.
         queries: per-query vectors of ``queries.npz``, each `(n_query, ...)`.
         faiss_indexes: score -> FAISS index over the vectors z_i of DESIGN.md 1.3.
         metadata: the :class:`MetadataStore`.
@@ -122,8 +123,8 @@ class IndexData:
     surrogate: Surrogate
     examples: dict[str, np.ndarray]
     query_phi: np.ndarray
-    inputs: np.ndarray
-    query_inputs: np.ndarray
+    inputs: np.ndarray | None
+    query_inputs: np.ndarray | None
     queries: dict[str, np.ndarray]
     faiss_indexes: dict[Score, faiss.Index]
     metadata: MetadataStore
@@ -257,8 +258,9 @@ def load_index(index_dir: Path) -> IndexData:
     examples = _load_npz(index_dir / EXAMPLE_STATS_FILE, n)
     query_phi = _load_npy(index_dir / QUERY_PHI_FILE, (n_query, k), np.float32)
     input_shape = manifest.model.input_shape
-    inputs = _load_inputs(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape))
-    query_inputs = _load_inputs(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape))
+    stored = TRAIN_INPUTS_FILE in manifest.files
+    inputs = _load_inputs(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape)) if stored else None
+    query_inputs = _load_inputs(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape)) if stored else None
     queries = _load_npz(index_dir / QUERY_STATS_FILE, n_query)
     faiss_indexes = {score: read_faiss_index(index_dir / faiss_file(score.value), n, k) for score in Score}
     surrogate = Surrogate(

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from indexer.features.featurize import BufferFeatures
@@ -51,9 +51,10 @@ __all__ = [
 
 log = logging.getLogger("infotrace.indexer")
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
 """Version of the shard layout; part of the work key, so shards of another layout are never read."""
 
+_DATA_KEY = "data_sha256"  # shard metadata: the sha256 of the buffer's inputs and targets
 _KEY_CHARS = 16  # hex characters of the key in the folder name: 64 bits, ample for one output folder
 _SHARD_NAME = re.compile(r"^(?P<split>[a-z]+)-(?P<buffer>\d{6})-(?P<sha256>[0-9a-f]{64})\.safetensors$")
 
@@ -94,12 +95,14 @@ class SplitShards:
         self.computed = 0
         self.corrupt = 0
 
-    def load(self, buffer: int, rows: int) -> BufferFeatures | None:
-        """Buffer ``buffer`` if a shard of it exists and its bytes, keys and shapes check out.
+    def load(self, buffer: int, rows: int, digest: str) -> BufferFeatures | None:
+        """Buffer ``buffer`` if a shard of it exists, its bytes, keys and shapes check out, and it was made
+        from the same data.
 
         Args:
             buffer: the buffer number.
             rows: its number of examples.
+            digest: sha256 of the buffer's inputs and targets (:func:`~indexer.features.batch_digest`).
 
         Returns:
             :class:`~indexer.features.BufferFeatures` with `(rows, k)` ``phi``, `(rows,)` ``outputs``,
@@ -108,21 +111,23 @@ class SplitShards:
         """
         for path in sorted(self.folder.glob(f"{self.split}-{buffer:06d}-*.safetensors")):
             match = _SHARD_NAME.match(path.name)
-            features = _read_shard(path, rows) if match and sha256_file(path) == match["sha256"] else None
+            valid = match and sha256_file(path) == match["sha256"]
+            features = _read_shard(path, rows, digest) if valid else None
             if features is not None:
                 self.reused += 1
                 return features
-            log.warning("shard %s does not match its checksum or layout; computing it again", path)
+            log.warning("shard %s does not match its checksum, layout or data; computing it again", path)
             self.corrupt += 1
             path.unlink(missing_ok=True)
         return None
 
-    def save(self, buffer: int, features: BufferFeatures) -> None:
+    def save(self, buffer: int, features: BufferFeatures, digest: str) -> None:
         """Write buffer ``buffer`` as a shard: temporary file, checksum, atomic rename.
 
         Args:
             buffer: the buffer number.
             features: its features (arrays of :class:`~indexer.features.featurize.BufferFeatures`).
+            digest: sha256 of the buffer's inputs and targets, kept in the shard's metadata.
         """
         tmp = self.folder / f".{self.split}-{buffer:06d}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -133,6 +138,7 @@ class SplitShards:
                     "model_outputs": np.ascontiguousarray(features.model_outputs, dtype=np.float32),
                 },
                 str(tmp),
+                metadata={_DATA_KEY: digest},
             )
             # no fsync: a shard that a power cut leaves incomplete fails its checksum and is recomputed
             os.replace(tmp, self.folder / f"{self.split}-{buffer:06d}-{sha256_file(tmp)}.safetensors")
@@ -141,8 +147,11 @@ class SplitShards:
         self.computed += 1
 
 
-def _read_shard(path: Path, rows: int) -> BufferFeatures | None:
+def _read_shard(path: Path, rows: int, digest: str) -> BufferFeatures | None:
     try:
+        with safe_open(str(path), framework="np") as shard:
+            if (shard.metadata() or {}).get(_DATA_KEY) != digest:
+                return None
         arrays = load_file(str(path))
     except (SafetensorError, OSError, ValueError):
         return None

@@ -35,7 +35,7 @@ from indexer.store.sections import FileEntry
 
 __all__ = ["MetadataRow", "write_index_dir"]
 
-MetadataRow = tuple[str, int, int | float, dict[str, Any]]
+MetadataRow = tuple[str, int, int | float | list, dict[str, Any]]
 """One row of ``metadata.sqlite``: ``(split, row, label, metadata)``."""
 
 
@@ -113,7 +113,15 @@ def _write_metadata(path: Path, rows: list[MetadataRow]) -> None:
         )
         db.executemany(
             f"INSERT INTO {SQLITE_TABLE} VALUES (?, ?, ?, ?)",
-            [(split, row, label, json.dumps(meta, sort_keys=True)) for split, row, label, meta in rows],
+            [
+                (
+                    split,
+                    row,
+                    json.dumps(label) if isinstance(label, list) else label,
+                    json.dumps(meta, sort_keys=True),
+                )
+                for split, row, label, meta in rows
+            ],
         )
     # a closed connection in rollback-journal mode leaves one self-contained file
     sqlite3.connect(path).close()

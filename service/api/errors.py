@@ -16,7 +16,7 @@ from indexer.exceptions import (
     IndexNotReadyError,
     InvalidQueryError,
     ModelMismatchError,
-    NotAnImageError,
+    NotStoredError,
     UnknownExampleError,
 )
 
@@ -26,7 +26,7 @@ STATUS_OF: dict[type[Exception], int] = {
     InvalidQueryError: 422,
     ValidationError: 422,  # a request model built inside a route (the GET forms) from bad parameters
     UnknownExampleError: status.HTTP_404_NOT_FOUND,
-    NotAnImageError: status.HTTP_404_NOT_FOUND,
+    NotStoredError: status.HTTP_404_NOT_FOUND,
     IndexNotFoundError: status.HTTP_404_NOT_FOUND,
     ModelMismatchError: status.HTTP_409_CONFLICT,
     IndexNotReadyError: status.HTTP_503_SERVICE_UNAVAILABLE,

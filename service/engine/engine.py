@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from indexer.enums import Direction, Objective, Score
-from indexer.exceptions import NotAnImageError
+from indexer.exceptions import NotStoredError
 from indexer.features.tasks import gaussian_entropy
 from indexer.store.layout import (
     KEY_H,
@@ -277,12 +277,12 @@ class AttributionEngine:
             ``(png, scaling)``: the PNG bytes and ``"unit"`` or ``"minmax"`` (:mod:`service.render`).
 
         Raises:
-            NotAnImageError: the index has no ``image_shape`` (checked before the id).
+            NotStoredError: the index has no ``image_shape`` (checked before the id).
             UnknownExampleError: no such id in ``split``.
         """
         image_shape = self.data.manifest.model.image_shape
         if image_shape is None:
-            raise NotAnImageError(
+            raise NotStoredError(
                 f"index {self.name!r} has no image_shape in its manifest, so its inputs are not images and "
                 "have no rendering; GET the example without /image.png (include_input=true for the raw input)"
             )
@@ -293,6 +293,10 @@ class AttributionEngine:
 
         Raises:
             UnknownExampleError: no such id in ``split``.
+            NotStoredError: the index holds no inputs.
         """
         self.data.check_ids(split, [example_id])
-        return np.asarray((self.data.inputs if split == SPLIT_TRAIN else self.data.query_inputs)[example_id])
+        inputs = self.data.inputs if split == SPLIT_TRAIN else self.data.query_inputs
+        if inputs is None:
+            raise NotStoredError(f"index {self.name!r} was built without its inputs (store_inputs=False)")
+        return np.asarray(inputs[example_id])

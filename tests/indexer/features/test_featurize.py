@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from indexer.data import Dataset
 from indexer.features.featurize import (
     DenseFeaturizer,
     count_parameters,
@@ -117,7 +118,7 @@ def test_tangent_features_equal_projected_autograd_loop(kind):
     model, output_fn, inputs, targets = _case(kind)
     n_params = count_parameters(model)
     projection = DenseProjection(n_params, 16, seed=3)
-    features = tangent_features(DenseFeaturizer(model, projection), output_fn, inputs, targets)
+    features = tangent_features(DenseFeaturizer(model, projection), output_fn, Dataset(inputs, targets))
     want_grads, want_outputs = reference_gradients(model, output_fn, inputs, targets)
     want_phi = want_grads @ projection.matrix().astype(np.float64)
     n_outputs = N_CLASSES if kind == "classification" else 1
@@ -140,19 +141,20 @@ def test_small_batches_and_buffers_equal_one_big_batch(kind):
     model, output_fn, inputs, targets = _case(kind)
     n_params = count_parameters(model)
     projection = DenseProjection(n_params, 16, seed=4)
-    big = tangent_features(DenseFeaturizer(model, projection), output_fn, inputs, targets, batch_size=64)
+    big = tangent_features(
+        DenseFeaturizer(model, projection), output_fn, Dataset(inputs, targets), batch_size=64
+    )
     # buffer_bytes holds 4 gradients of 2 examples' batches: buffers of 4, 4 and 3 examples
     small = tangent_features(
         DenseFeaturizer(model, projection),
         output_fn,
-        inputs,
-        targets,
+        Dataset(inputs, targets),
         batch_size=2,
         buffer_bytes=4 * 4 * n_params,
     )
     # a buffer smaller than one batch still works (it is raised to one batch)
     tiny = tangent_features(
-        DenseFeaturizer(model, projection), output_fn, inputs, targets, batch_size=3, buffer_bytes=1
+        DenseFeaturizer(model, projection), output_fn, Dataset(inputs, targets), batch_size=3, buffer_bytes=1
     )
     for other in (small, tiny):
         np.testing.assert_allclose(other.phi, big.phi, rtol=1e-5, atol=1e-6 * np.abs(big.phi).max())
@@ -177,8 +179,7 @@ def test_small_buffers_are_used(monkeypatch):
     tangent_features(
         DenseFeaturizer(model, projection),
         output_fn,
-        inputs,
-        targets,
+        Dataset(inputs, targets),
         batch_size=2,
         buffer_bytes=4 * 4 * n_params,
     )
@@ -189,10 +190,12 @@ def test_tangent_features_reject_mismatches():
     model, output_fn, inputs, targets = _case("classification")
     n_params = count_parameters(model)
     with pytest.raises(ValueError, match="parameters"):
-        tangent_features(DenseFeaturizer(model, DenseProjection(n_params + 1, 8)), output_fn, inputs, targets)
-    with pytest.raises(ValueError, match="same length"):
         tangent_features(
-            DenseFeaturizer(model, DenseProjection(n_params, 8)), output_fn, inputs, targets[:-1]
+            DenseFeaturizer(model, DenseProjection(n_params + 1, 8)), output_fn, Dataset(inputs, targets)
+        )
+    with pytest.raises(ValueError, match="differ in length"):
+        tangent_features(
+            DenseFeaturizer(model, DenseProjection(n_params, 8)), output_fn, Dataset(inputs, targets[:-1])
         )
 
 
@@ -215,7 +218,9 @@ def test_margin_definition():
 def test_margin_of_the_model_gives_the_softmax_probability():
     model, output_fn, inputs, targets = _case("classification")
     features = tangent_features(
-        DenseFeaturizer(model, DenseProjection(count_parameters(model), 4)), output_fn, inputs, targets
+        DenseFeaturizer(model, DenseProjection(count_parameters(model), 4)),
+        output_fn,
+        Dataset(inputs, targets),
     )
     z = features.model_outputs.astype(np.float64)
     p = np.exp(z - z.max(axis=1, keepdims=True))

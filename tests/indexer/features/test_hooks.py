@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from indexer.enums import Distribution, Uncovered
-from indexer.features.hooks import HookFeaturizer, plan_kronecker
+from indexer.features.hooks import HookFeaturizer
+from indexer.features.plan import plan_kronecker
 from indexer.features.projection import KroneckerProjection, LayerBlock
 from indexer.features.tasks import ClassificationMargin, OutputFunction
 

@@ -22,7 +22,7 @@ import indexer.store.shards as shards
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.features.featurize import BufferFeatures
+from indexer.features.featurize import BufferFeatures, batch_digest
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import ClassificationMargin
 from indexer.store.layout import MANIFEST_FILE
@@ -86,8 +86,8 @@ if __name__ == "__main__":
     if pause:
         save = shards.SplitShards.save
 
-        def slow_save(self, buffer, features):
-            save(self, buffer, features)
+        def slow_save(self, buffer, features, digest):
+            save(self, buffer, features, digest)
             time.sleep(pause)
 
         shards.SplitShards.save = slow_save
@@ -193,8 +193,8 @@ TINY = IndexConfig(k=8, batch_size=8, buffer_bytes=4 * 53 * 16, projection="dens
 def _interrupt_after_first_shard(monkeypatch: pytest.MonkeyPatch) -> None:
     save = shards.SplitShards.save
 
-    def save_then_stop(self: shards.SplitShards, buffer: int, features: BufferFeatures) -> None:
-        save(self, buffer, features)
+    def save_then_stop(self: shards.SplitShards, buffer: int, features: BufferFeatures, digest: str) -> None:
+        save(self, buffer, features, digest)
         raise Interrupted
 
     monkeypatch.setattr(shards.SplitShards, "save", save_then_stop)
@@ -276,8 +276,11 @@ def test_corrupt_shard_of_wrong_layout_is_recomputed(
     (work,) = tmp_path.glob(".tiny.work-*")
     (shard,) = work.glob("train-000000-*.safetensors")
     shard.unlink()
+    first_buffer = batch_digest(list(data.batches(TINY.batch_size))[:2])  # the right data, the wrong rows
     shards.SplitShards(work, "train").save(
-        0, BufferFeatures(np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32))
+        0,
+        BufferFeatures(np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32)),
+        first_buffer,
     )
     build_index(model, ClassificationMargin(), data, out, config=TINY, progress=False)
     assert "featurize train: 0 shard(s) reused, 3 computed (1 corrupt recomputed)" in caplog.text
@@ -329,3 +332,21 @@ def test_an_interrupted_kronecker_build_resumes_to_the_same_files(
     assert "featurize train: 1 shard(s) reused, 2 computed (0 corrupt recomputed)" in caplog.text
     assert _files(out) == _files(reference)
     assert load_index(out).manifest.projection.kind == "kronecker"
+
+
+def test_a_shard_of_other_data_is_recomputed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Each shard records the sha256 of its buffer's data: a streamed source that changed between attempts
+    (same work key) never gets another buffer's features."""
+    caplog.set_level(logging.INFO, logger="infotrace.indexer")
+    model, data = _tiny_problem()
+    out = tmp_path / "tiny"
+    with monkeypatch.context() as patch:
+        _interrupt_after_first_shard(patch)
+        with pytest.raises(Interrupted):
+            build_index(model, ClassificationMargin(), data, out, config=TINY, progress=False)
+    (work,) = tmp_path.glob(".tiny.work-*")
+    (shard,) = work.glob("train-000000-*.safetensors")
+    features = shards.SplitShards(work, "train").load(0, 16, batch_digest(list(data.batches(8))[:2]))
+    assert features is not None  # the shard is valid for its own data
+    assert shards.SplitShards(work, "train").load(0, 16, "0" * 64) is None  # and for no other
+    assert not shard.exists()  # refused shards are deleted

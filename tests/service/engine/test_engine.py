@@ -165,3 +165,26 @@ def test_registry_names_unknown_and_broken_indexes(index_root: Path, tmp_path: P
         registry.get("broken")
     with pytest.raises(IndexNotFoundError, match=r"no index named 'nope'; served indexes: \['digits'\]"):
         registry.get("nope")
+
+
+def test_an_index_without_its_inputs_says_so(tmp_path: Path) -> None:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from indexer.build import build_index
+    from indexer.data import StreamedDataset
+    from indexer.exceptions import NotStoredError
+    from indexer.features.models import ModelSpec, build_model
+    from indexer.features.tasks import ClassificationMargin
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("mlp", {"in_features": 4, "hidden": [3], "out_features": 2}))
+    source = StreamedDataset(
+        TensorDataset(torch.randn(12, 4), torch.randint(0, 2, (12,))), image_shape=(2, 2)
+    )
+    engine = AttributionEngine(load_index(build_index(model, ClassificationMargin(), source, tmp_path / "s")))
+    assert engine.example("train", 3).input_shape == (4,)
+    with pytest.raises(NotStoredError, match="built without its inputs"):
+        engine.example_input("train", 3)
+    with pytest.raises(NotStoredError, match="built without its inputs"):
+        engine.render("train", 3, 1)

@@ -1,0 +1,169 @@
+"""The plan of a Kronecker projection (DESIGN.md 1.7): which layers get a block and how large, from the model
+and a total budget of k features.
+
+Blocks go to every supported layer (:func:`~indexer.features.hooks.layer_kind`) whose module name matches
+the configured patterns and whose forward really runs (a probe, :func:`fired_modules`); the sizes are shared
+out of k by water-filling; every other trainable parameter is the rest block. The plan is recorded in the
+manifest (its coverage record), so the service rebuilds the same projection without a probe.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from indexer.enums import Distribution, Uncovered, parse_enum
+from indexer.features.featurize import model_outputs, to_device
+from indexer.features.hooks import gradient_shape, layer_bias, layer_kind, model_device
+from indexer.features.projection import KroneckerProjection, LayerBlock, RestBlock
+
+__all__ = ["fired_modules", "plan_kronecker"]
+
+
+def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
+    """Names of the supported modules whose forward runs when ``model`` is called on ``inputs`` (a probe).
+
+    Args:
+        model: the network; inputs: a batch it accepts (tensor or mapping), on its device.
+
+    Returns:
+        ``model.named_modules()`` names; a supported module missing here is bypassed by its parent (e.g.
+        ``MultiheadAttention`` uses ``out_proj.weight`` directly), so hooks cannot see its gradient.
+    """
+    fired: set[str] = set()
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: fired.add(name))
+        for name, module in model.named_modules()
+        if layer_kind(module) is not None
+    ]
+    try:
+        with torch.no_grad():
+            model_outputs(model, to_device(inputs, model_device(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return fired
+
+
+def _factor(share: float, rows: int, cols: int) -> tuple[int, int]:
+    """`(k_row, k_col)` within the gradient's shape whose product is close to ``share``: among the sizes
+    within 5% of the largest product not above it, the most balanced (a side of 1 or 2 would make the
+    block's estimate of inner products noisy)."""
+    target = max(1, int(share))
+    if rows * cols <= target:
+        return rows, cols
+    options = [(k_row, min(cols, target // k_row)) for k_row in range(1, min(rows, target) + 1)]
+    best = max(r * c for r, c in options)
+    near = [(r, c) for r, c in options if r * c >= 0.95 * best]
+    return min(near, key=lambda rc: (max(rc) / min(rc), -rc[0] * rc[1], rc[0]))
+
+
+def plan_kronecker(
+    model: nn.Module,
+    k: int,
+    seed: int = 0,
+    distribution: Distribution | str = Distribution.GAUSSIAN,
+    layers: Sequence[str] = ("*",),
+    dims: dict[str, tuple[int, int]] | None = None,
+    uncovered: Uncovered | str = Uncovered.DENSE,
+    fired: set[str] | None = None,
+) -> KroneckerProjection:
+    """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
+
+    Every supported layer whose module name matches one of ``layers`` gets a block for its weight (and
+    bias); a total budget of ``k`` features is shared among the blocks (balanced ``k_row`` x ``k_col``,
+    water-filled so that small layers give their unused share to large ones) after the rest block's share,
+    ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes.
+
+    Args:
+        model: the network (its trainable parameters are projected).
+        k: the total number of features wanted (the plan's ``k`` may differ slightly: at least one feature
+            per side and block).
+        seed: projection seed; distribution: entries of the matrices.
+        layers: fnmatch patterns of module names to project per layer (``model.named_modules()`` names).
+        dims: module-name pattern -> ``(k_row, k_col)`` for the matching blocks.
+        uncovered: ``"dense"`` or ``"omit"`` for the parameters outside the blocks.
+        fired: names of the modules whose forward ran on a probe batch (see :class:`HookFeaturizer`); a
+            supported module outside it (its forward is bypassed, e.g. ``MultiheadAttention.out_proj``)
+            gets no block. None: every supported module is trusted to run.
+
+    Returns:
+        The :class:`~indexer.features.projection.KroneckerProjection`.
+
+    Raises:
+        ValueError: ``k`` below 1, a weight shared by layers of different shapes, or a ``dims`` entry
+            outside its layer's shape.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive; got {k}")
+    treatment = parse_enum(Uncovered, uncovered)
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    name_of = {id(p): name for name, p in named}
+    n_params = sum(p.numel() for _, p in named)
+    found: dict[str, tuple[LayerBlock, str]] = {}  # weight name -> (block with k = 0, module name)
+    for module_name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is None or not any(fnmatch.fnmatchcase(module_name, pattern) for pattern in layers):
+            continue
+        if fired is not None and module_name not in fired:
+            continue
+        weight_name = name_of.get(id(module.weight))
+        if weight_name is None:  # frozen
+            continue
+        bias = layer_bias(module)
+        rows, cols = gradient_shape(kind, module, bias is not None)
+        params = (weight_name,) + ((name_of[id(bias)],) if bias is not None else ())
+        if weight_name in found:
+            first = found[weight_name][0]
+            if (first.rows, first.cols) != (rows, cols) or len(first.params) != len(params):
+                raise ValueError(
+                    f"the weight {weight_name!r} is shared by {found[weight_name][1]!r} and {module_name!r} "
+                    f"with different gradient shapes ({first.rows}, {first.cols}) and ({rows}, {cols}) "
+                    "(a bias on one of them only): such a tie is not supported"
+                )
+            continue
+        found[weight_name] = (LayerBlock(weight_name, kind, params, rows, cols, 0, 0), module_name)
+    covered = {p for block, _ in found.values() for p in block.params}
+    rest_named = [(name, p) for name, p in named if name not in covered]
+    rest_numel = sum(p.numel() for _, p in rest_named)
+    k_rest = 0
+    if rest_named and treatment is Uncovered.DENSE:
+        k_rest = min(rest_numel, max(1, round(k * rest_numel / n_params)))
+    blocks = _allocate(found, k - k_rest, dims or {})
+    rest = RestBlock(tuple(n for n, _ in rest_named), tuple(int(p.numel()) for _, p in rest_named), k_rest)
+    return KroneckerProjection(int(seed), parse_enum(Distribution, distribution), blocks, rest, n_params)
+
+
+def _allocate(
+    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]]
+) -> tuple[LayerBlock, ...]:
+    sizes: dict[str, tuple[int, int]] = {}
+    for name, (block, module_name) in found.items():
+        for pattern, (k_row, k_col) in dims.items():
+            if fnmatch.fnmatchcase(module_name, pattern):
+                if not (1 <= k_row <= block.rows and 1 <= k_col <= block.cols):
+                    raise ValueError(
+                        f"dims {pattern!r} = ({k_row}, {k_col}) must lie within the gradient shape "
+                        f"({block.rows}, {block.cols}) of {module_name!r}"
+                    )
+                sizes[name] = (k_row, k_col)
+                break
+    budget -= sum(r * c for r, c in sizes.values())
+    # water-filling: the smallest layers first, each taking at most its equal share of what is left
+    free = sorted(
+        (n for n in found if n not in sizes), key=lambda n: (found[n][0].rows * found[n][0].cols, n)
+    )
+    for i, name in enumerate(free):
+        block = found[name][0]
+        sizes[name] = _factor(max(budget, 0) / (len(free) - i), block.rows, block.cols)
+        budget -= sizes[name][0] * sizes[name][1]
+    order = list(found)  # model order, whatever order the sizes were chosen in
+    return tuple(
+        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n])
+        for n in order
+        for b in (found[n][0],)
+    )

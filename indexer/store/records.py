@@ -1,0 +1,144 @@
+"""What an index stores of its examples, made from their features: the per-example arrays of
+``examples.npz`` and ``queries.npz`` and the rows of ``metadata.sqlite`` (DESIGN.md 2.1)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from indexer.config import IndexConfig
+from indexer.features.featurize import Features
+from indexer.features.models import ModelSpec
+from indexer.features.tasks import OutputFunction
+from indexer.gp.surrogate import Surrogate
+from indexer.store.layout import (
+    KEY_BETA,
+    KEY_GRAD_TERM,
+    KEY_H,
+    KEY_LABEL,
+    KEY_MODEL_OUTPUT,
+    KEY_OUTPUT,
+    KEY_PHI_NORM,
+    KEY_PREDICTION,
+    KEY_PROBABILITIES,
+    KEY_S,
+    SPLIT_QUERY,
+    SPLIT_TRAIN,
+)
+from indexer.store.manifest import Manifest
+from indexer.store.sections import Counts, FaissInfo, ModelInfo, ProjectionInfo, SurrogateInfo
+from indexer.store.writer import MetadataRow
+
+__all__ = ["build_manifest", "example_stats", "query_stats", "metadata_rows"]
+
+
+def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+    prediction, probabilities = output_fn.predict(features.model_outputs)
+    stats = {
+        KEY_OUTPUT: features.outputs,
+        KEY_LABEL: features.targets,
+        KEY_PREDICTION: prediction,
+        KEY_PHI_NORM: np.linalg.norm(features.phi.astype(np.float64), axis=1),
+        KEY_MODEL_OUTPUT: features.model_outputs,
+    }
+    if probabilities is not None:
+        stats[KEY_PROBABILITIES] = probabilities
+    return stats
+
+
+def example_stats(
+    features: Features, output_fn: OutputFunction, surrogate: Surrogate
+) -> dict[str, np.ndarray]:
+    """``examples.npz``: what the model says of each training example, and the surrogate's caches.
+
+    Returns:
+        key -> `(n_train, ...)` array (keys in :mod:`indexer.store.layout`).
+    """
+    return {
+        **_stats(features, output_fn),
+        KEY_BETA: surrogate.beta,
+        KEY_GRAD_TERM: surrogate.grad_term,
+        KEY_H: surrogate.h,
+        KEY_S: surrogate.s,
+    }
+
+
+def query_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+    """``queries.npz``: what the model says of each stored query (empty arrays when there are none).
+
+    Returns:
+        key -> `(n_query, ...)` array.
+    """
+    if len(features.phi):
+        return _stats(features, output_fn)
+    empty = np.zeros(0)
+    return {KEY_OUTPUT: empty, KEY_LABEL: empty, KEY_PREDICTION: empty, KEY_PHI_NORM: empty}
+
+
+def _label(target: np.ndarray) -> int | float | list:
+    """A target as SQLite stores it: a Python number, or a JSON list for a sequence target."""
+    if np.ndim(target):
+        return np.asarray(target).tolist()
+    value = np.asarray(target).item()
+    return int(value) if isinstance(value, int | bool) else float(value)
+
+
+def metadata_rows(train: Features, queries: Features) -> list[MetadataRow]:
+    """``(split, row, label, metadata)`` for every training example and stored query."""
+    return [
+        (split, row, _label(features.targets[row]), features.metadata[row] if features.metadata else {})
+        for split, features in ((SPLIT_TRAIN, train), (SPLIT_QUERY, queries))
+        for row in range(len(features.phi))
+    ]
+
+
+def build_manifest(
+    name: str,
+    model_spec: ModelSpec | None,
+    checkpoint_sha256: str,
+    source_checkpoint_sha256: str | None,
+    n_params: int,
+    output_fn: OutputFunction,
+    image_shape: tuple[int, int] | None,
+    tangent: Features,
+    surrogate: Surrogate,
+    config: IndexConfig,
+    projection: ProjectionInfo,
+    n_query: int,
+    timings: dict[str, float],
+    extra: dict[str, Any],
+) -> Manifest:
+    """The manifest of a new index from what its build made (DESIGN.md 2.1); ``files`` are added by the
+    writer."""
+    return Manifest(
+        name=name,
+        created_unix=time.time(),
+        model=ModelInfo(
+            spec=model_spec,
+            checkpoint_sha256=checkpoint_sha256,
+            source_checkpoint_sha256=source_checkpoint_sha256,
+            n_params=n_params,
+            output_function=output_fn.name,
+            output_params=output_fn.params(),
+            input_shape=tangent.input_shape,
+            input_dtype=tangent.input_dtype,
+            n_outputs=int(tangent.model_outputs.shape[1]),
+            image_shape=image_shape,
+        ),
+        projection=projection,
+        surrogate=SurrogateInfo(
+            prior_precision=surrogate.prior_precision,
+            prior_precision_source="given" if config.prior_precision is not None else "mean_eigenvalue",
+            likelihood=output_fn.name,
+            s_floor=surrogate.s_floor,
+            n_clamped=surrogate.n_clamped,
+            n_train=len(tangent.phi),
+        ),
+        faiss=FaissInfo(factory=config.faiss_factory),
+        counts=Counts(n_train=len(tangent.phi), n_query=n_query, k=projection.k),
+        config=config.to_json(),
+        timings_seconds=timings,
+        extra=extra,
+    )

@@ -197,6 +197,14 @@ class Surrogate:
         return summed_information_gain(self.phi[rows], self.beta[rows], self.prior_precision, query_phi)
 
 
+FIT_CHUNK_ROWS = 65536
+"""Rows of features converted to float64 at a time by :func:`fit_surrogate` (the data term is a sum)."""
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(start, min(start + FIT_CHUNK_ROWS, n)) for start in range(0, n, FIT_CHUNK_ROWS)]
+
+
 def default_prior_precision(phi: np.ndarray, beta: np.ndarray) -> float:
     """tau = trace(Phi^T B Phi) / k, the mean eigenvalue of the data term (DESIGN.md 1.1).
 
@@ -227,7 +235,8 @@ def fit_surrogate(
     """Fit the surrogate's posterior (DESIGN.md 1.2).
 
     A = tau I + sum_i beta_i phi_i phi_i^T, A = L L^T, u_i = L^-1 phi_i, h_i = |u_i|^2,
-    s_i = max(1 - beta_i h_i, s_floor).
+    s_i = max(1 - beta_i h_i, s_floor). The data term is summed over chunks of :data:`FIT_CHUNK_ROWS` rows
+    converted to float64, so the features are never converted whole.
 
     Args:
         phi: `(n_train, k)` projected tangent features (float32 or float64; used in float64 and kept as
@@ -243,7 +252,7 @@ def fit_surrogate(
     Raises:
         ValueError: inconsistent shapes, negative or non-finite beta, non-finite features, tau <= 0.
     """
-    phi64 = np.asarray(phi, dtype=np.float64)
+    phi64 = np.asarray(phi)  # converted to float64 a chunk at a time
     beta = np.asarray(beta, dtype=np.float64)
     grad_term = np.asarray(grad_term, dtype=np.float64)
     if phi64.ndim != 2:
@@ -255,12 +264,19 @@ def fit_surrogate(
         raise ValueError("phi contains NaN or infinity")
     if not (np.all(np.isfinite(beta)) and np.all(beta >= 0)):
         raise ValueError("beta must be finite and non-negative")
-    tau = default_prior_precision(phi64, beta) if prior_precision is None else float(prior_precision)
+    data_term = np.zeros((k, k))
+    for rows in _chunks(n):  # sum_i beta_i phi_i phi_i^T, a chunk of rows in float64 at a time
+        chunk = phi64[rows]
+        data_term += (chunk * beta[rows, None]).T @ chunk
+    tau = float(np.trace(data_term) / k) if prior_precision is None else float(prior_precision)
     if not (np.isfinite(tau) and tau > 0):
+        if prior_precision is None:
+            raise ValueError("trace(Phi^T B Phi) is zero or not finite; pass an explicit prior precision tau")
         raise ValueError(f"prior precision tau must be positive and finite; got {tau}")
-    precision = tau * np.eye(k) + (phi64 * beta[:, None]).T @ phi64
-    cholesky = np.linalg.cholesky(precision)
-    whitened = solve_triangular(cholesky, phi64.T, lower=True).T.copy()
+    cholesky = np.linalg.cholesky(tau * np.eye(k) + data_term)
+    whitened = np.empty((n, k))
+    for rows in _chunks(n):
+        whitened[rows] = solve_triangular(cholesky, phi64[rows].T, lower=True).T
     h = np.einsum("nk,nk->n", whitened, whitened)
     s_raw = 1.0 - beta * h
     s = np.maximum(s_raw, s_floor)

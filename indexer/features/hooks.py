@@ -145,6 +145,48 @@ class _Binding:
         return self.kind in ("embedding", "gpt2_conv1d")
 
 
+class _NormTap:
+    """A batch norm (running statistics) or layer norm in the rest block: the per-example gradients of its
+    scale and shift from hooks, ``sum_t delta_t * xhat_t`` and ``sum_t delta_t`` (no vmap pass)."""
+
+    def __init__(self, featurizer: HookFeaturizer, module: Any, weight: str | None, bias: str | None) -> None:
+        self.featurizer = featurizer
+        self.weight = weight
+        self.bias = bias
+        self.layer = isinstance(module, nn.LayerNorm)
+        self.n_params = int(np.prod(module.normalized_shape)) if self.layer else 0
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        state = self.featurizer.state
+        if not getattr(state, "capturing", False):
+            return None
+        x = args[0].float()
+        if self.layer:
+            dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
+            mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+            xhat = (x - mean) / torch.sqrt(var + module.eps)
+        else:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            mean, var = module.running_mean.float().reshape(shape), module.running_var.float().reshape(shape)
+            xhat = (x - mean) / torch.sqrt(var + module.eps)
+        eps = torch.zeros_like(output, requires_grad=True)
+        state.norm_calls.append((self, xhat.detach(), eps))
+        return output + eps
+
+    def grads(self, xhat: torch.Tensor, delta: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        """Add this call's per-example `(B, numel)` gradients of the scale and shift to ``out``."""
+        b, delta = delta.shape[0], delta.float()
+        if self.layer:  # the parameters span the trailing dims: sum over every other position
+            w = (delta * xhat).reshape(b, -1, self.n_params).sum(1)
+            bias = delta.reshape(b, -1, self.n_params).sum(1)
+        else:  # one parameter per channel (dim 1)
+            c = delta.shape[1]
+            w, bias = (delta * xhat).reshape(b, c, -1).sum(2), delta.reshape(b, c, -1).sum(2)
+        for grad, name in ((w, self.weight), (bias, self.bias)):
+            if name is not None:
+                out[name] = out[name] + grad if name in out else grad
+
+
 class HookFeaturizer:
     """Featurizes batches with a :class:`~indexer.features.projection.KroneckerProjection` (DESIGN.md 1.7).
 
@@ -206,6 +248,28 @@ class HookFeaturizer:
             if plan.rest.k
             else None
         )
+        self._norm_params: set[str] = set()
+        if self._rest is not None:
+            self._tap_norms(params)
+
+    def _tap_norms(self, params: dict[str, nn.Parameter]) -> None:
+        """Hooks on the rest block's batch norms (with running statistics) and layer norms, so that their
+        scales' and shifts' per-example gradients need no vmap pass."""
+        rest = set(self.plan.rest.params)
+        name_of = {id(p): n for n, p in params.items()}
+        for module in self.model.modules():
+            batch_norm = (
+                isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+            )
+            layer_norm = isinstance(module, nn.LayerNorm)
+            if not (batch_norm or layer_norm):
+                continue
+            names = [name_of.get(id(getattr(module, attr, None))) for attr in ("weight", "bias")]
+            if not any(n in rest for n in names):
+                continue
+            weight, bias = (n if n in rest else None for n in names)
+            self._handles.append(module.register_forward_hook(_NormTap(self, module, weight, bias)))
+            self._norm_params |= {n for n in (weight, bias) if n is not None}
 
     def close(self) -> None:
         """Remove the hooks."""
@@ -258,13 +322,18 @@ class HookFeaturizer:
         inputs, targets = to_device(inputs, self.device), targets.to(self.device)
         mask = None if mask is None else mask.to(self.device)
         state = self.state
-        state.batch_size, state.calls, state.capturing = b, [], True
+        state.batch_size, state.calls, state.norm_calls, state.capturing = b, [], [], True
+        norm_grads: dict[str, torch.Tensor] = {}
         try:
             raw = model_outputs(self.model, inputs)
             flat = raw.reshape(b, -1)
             m = torch.func.vmap(output_fn.output)(flat, targets)
-            eps = [e for _, _, e in state.calls]
-            grads = torch.autograd.grad(m.sum(), eps, allow_unused=True) if eps else ()
+            eps = [e for _, _, e in state.calls] + [e for _, _, e in state.norm_calls]
+            all_grads = torch.autograd.grad(m.sum(), eps, allow_unused=True) if eps else ()
+            grads, norm_deltas = all_grads[: len(state.calls)], all_grads[len(state.calls) :]
+            for (tap, xhat, _), delta in zip(state.norm_calls, norm_deltas, strict=True):
+                if delta is not None:
+                    tap.grads(xhat, delta, norm_grads)
             blocks: list[torch.Tensor | None] = [None] * len(self.plan.blocks)
             for (binding, side, _), grad in zip(state.calls, grads, strict=True):
                 if grad is None:
@@ -281,25 +350,39 @@ class HookFeaturizer:
                 previous = blocks[i]
                 blocks[i] = part if previous is None else previous + part
         finally:
-            state.capturing, state.calls = False, []
+            state.capturing, state.calls, state.norm_calls = False, [], []
         pieces = [
             (blk.reshape(b, -1) if blk is not None else torch.zeros(b, block.k, device=self.device))
             for blk, block in zip(blocks, self.plan.blocks, strict=True)
         ]
         phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
         if self._rest is not None:
-            phi = np.concatenate([phi, self._rest_features(output_fn, inputs, targets)], axis=1)
+            phi = np.concatenate([phi, self._rest_features(output_fn, inputs, targets, norm_grads)], axis=1)
         return BufferFeatures(
             phi=np.ascontiguousarray(phi, dtype=np.float32),
             outputs=m.detach().double().cpu().numpy(),
             model_outputs=flat.detach().float().cpu().numpy(),
         )
 
-    def _rest_features(self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor) -> np.ndarray:
-        """`(B, k_rest)`: the rest block's per-example gradients (torch.func, these parameters only),
-        dense-projected."""
+    def _rest_features(
+        self,
+        output_fn: OutputFunction,
+        inputs: Any,
+        targets: torch.Tensor,
+        norm_grads: dict[str, torch.Tensor],
+    ) -> np.ndarray:
+        """`(B, k_rest)`: the rest block's per-example gradients, dense-projected: the norms' from their
+        hooks, any other parameters' from torch.func (those parameters only)."""
         assert self._rest is not None  # only called with a rest block
-        grads, _, _ = per_example_gradients(
-            self.model, output_fn, inputs, targets, names=self.plan.rest.params
-        )
-        return self._rest.project(grads.float().cpu().numpy())
+        b = int(targets.shape[0])
+        others = [n for n in self.plan.rest.params if n not in self._norm_params]
+        pieces: dict[str, torch.Tensor] = {}
+        if others:
+            grads, _, _ = per_example_gradients(self.model, output_fn, inputs, targets, names=others)
+            offsets = np.cumsum([0] + [self.plan.rest.sizes[self.plan.rest.params.index(n)] for n in others])
+            pieces = {n: grads[:, offsets[i] : offsets[i + 1]] for i, n in enumerate(others)}
+        rows = []
+        for name, size in zip(self.plan.rest.params, self.plan.rest.sizes, strict=True):
+            piece = pieces.get(name, norm_grads.get(name))
+            rows.append(piece.reshape(b, -1).float() if piece is not None else torch.zeros(b, size))
+        return self._rest.project(torch.cat([r.cpu() for r in rows], dim=1).numpy())

@@ -15,7 +15,7 @@ from torch import nn
 from indexer.enums import Distribution, Uncovered
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.plan import plan_kronecker
-from indexer.features.projection import KroneckerProjection, LayerBlock
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
 from indexer.features.tasks import ClassificationMargin, OutputFunction
 
 MARGIN = ClassificationMargin()
@@ -239,8 +239,6 @@ def test_coverage_names_every_parameter_and_the_rest_block() -> None:
         phi = f.featurize(MARGIN, x, y).phi
     grads = per_example_param_grads(model, MARGIN, x, y)
     rest = np.stack([np.concatenate([g[n].reshape(-1).numpy() for n in plan.rest.params]) for g in grads])
-    from indexer.features.projection import DenseProjection
-
     want = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(rest)
     np.testing.assert_allclose(phi[:, -plan.rest.k :], want, rtol=1e-4, atol=1e-6)
     omitted = plan_kronecker(model, 64, seed=1, uncovered=Uncovered.OMIT)
@@ -248,6 +246,27 @@ def test_coverage_names_every_parameter_and_the_rest_block() -> None:
     assert omitted.coverage_json()["covered_fraction"] == pytest.approx(
         1 - plan.rest.n_params / plan.n_params
     )
+
+
+def test_norm_scales_come_from_their_own_hooks_exactly() -> None:
+    """A LayerNorm on a sequence and a BatchNorm1d: the rest block, from the norms' own hooks (no vmap
+    pass), is the dense projection of their exact per-example gradients."""
+    torch.manual_seed(13)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), Flatten(), nn.Linear(18, 4), nn.BatchNorm1d(4)
+    ).eval()
+    model[5].running_mean.normal_()
+    model[5].running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(7, 3, 5), torch.randint(0, 4, (7,))
+    plan = plan_kronecker(model, 40, seed=2)
+    assert plan.rest.params == ("1.weight", "1.bias", "5.weight", "5.bias")
+    with HookFeaturizer(model, plan) as f:
+        phi = f.featurize(MARGIN, x, y).phi
+        assert f._norm_params == set(plan.rest.params)  # nothing is left for a vmap pass
+    grads = per_example_param_grads(model, MARGIN, x, y)
+    rest = np.stack([np.concatenate([g[n].reshape(-1).numpy() for n in plan.rest.params]) for g in grads])
+    want = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(rest)
+    np.testing.assert_allclose(phi[:, -plan.rest.k :], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
 def test_a_layer_whose_forward_is_bypassed_gets_no_block() -> None:

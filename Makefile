@@ -7,7 +7,7 @@ PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
 .PHONY: install install-bench run index-demo test lint typecheck bench bench-quick bench-speed bench-load clean browser \
-	dashboard-screenshot
+	dashboard-screenshot bench-featurize
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,27 @@ bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTT
 
 bench-load: index-demo  ## 32 concurrent clients for 60 s against a live service: errors, p50/p99, throughput
 	$(PY) -m benchmarks.load --index-root $(INDEX_ROOT) --clients 32 --duration 60 --out benchmarks/results/load.json
+
+# bergson for bench-featurize, in a venv of its own over .venv's packages (nothing in .venv changes). Unpinned,
+# pip would replace the CPU torch with a CUDA build (bergson needs torchvision, whose newest release pins a newer
+# torch); with torch held it gets PyPI's torchvision and torchaudio, CUDA builds whose C ops cannot load against
+# the CPU torch, so they are removed: bergson's collectors never import them, transformers would.
+BERGSON_VENV ?= var/bergson-venv
+$(BERGSON_VENV)/.installed: $(VENV)/.installed-bench
+	rm -rf $(BERGSON_VENV)
+	$(PYTHON) -m venv $(BERGSON_VENV)
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	own=$$($(BERGSON_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > "$$own/infotrace-venv.pth"
+	echo 'torch==2.13.0' > $(BERGSON_VENV)/constraints.txt
+	$(BERGSON_VENV)/bin/python -m pip install -q -c $(BERGSON_VENV)/constraints.txt bergson==2.5.1
+	$(BERGSON_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio
+	$(BERGSON_VENV)/bin/python -c 'import bergson, torch; assert torch.__version__ == "2.13.0+cpu", torch.__version__'
+	touch $@
+
+bench-featurize: install-bench  ## featurization examples/s and peak memory vs traker, dattri, bergson (~25 min): benchmarks/results/FEATURIZE.md
+	@$(MAKE) --no-print-directory $(BERGSON_VENV)/.installed || echo "bergson did not install: its cells say so"
+	$(PY) -m benchmarks.featurize $(if $(QUICK),--quick)
 
 browser:  ## Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -90,8 +90,8 @@ def build_index(
     ``<parent>/.<name>.work-<key>/`` (:mod:`indexer.store.shards`), with the sha256 of its data. A build that
     is interrupted (an exception, Ctrl-C, SIGKILL) and started again with the same arguments reuses the
     verified shards of the same data and computes the rest; its files are byte-identical to those of an
-    uninterrupted build. The work folder is removed once the index is in place; other arguments give
-    another key and never reuse these shards.
+    uninterrupted build (the manifest but for its build time and timings). The work folder is removed once
+    the index is in place; other arguments give another key and never reuse these shards.
 
     Args:
         model: the network. Its weights are taken from ``checkpoint`` when given, else used as they are; it
@@ -126,7 +126,9 @@ def build_index(
     probe = _prepare(model, output_fn, train, out_dir, checkpoint, config.batch_size)
     check_factory(config.k, config.faiss_factory)
     n_params = count_parameters(model)
-    featurizer, projection = make_featurizer(model, config, probe)
+    featurizer, projection = make_featurizer(model, config, probe, output_fn)
+    if projection.k != config.k:  # the plan's k: the FAISS index is over vectors of this dimension
+        check_factory(projection.k, config.faiss_factory)
     query_set: Examples = (
         queries if queries is not None else Dataset(probe.first_input[:0], probe.targets[:0])
     )
@@ -249,17 +251,21 @@ def _check_independent(model: nn.Module, probe: Batch) -> None:
     """Refuse a model whose outputs for one example change with the other examples of its batch."""
     if len(probe) < 2 or isinstance(probe.inputs, dict):
         return
+    interacting = ValueError(
+        "the model's output for an example changes with the other examples in its batch (batch "
+        "statistics or cross-example attention): per-example tangent features would be wrong; make each "
+        "output depend on its own input alone"
+    )
     with torch.no_grad():
         together = probe_outputs(model, Batch(probe.inputs[:2], probe.targets[:2]))
-        alone = torch.cat(
-            [probe_outputs(model, Batch(probe.inputs[i : i + 1], probe.targets[:1])) for i in (0, 1)]
-        )
+        try:
+            alone = torch.cat(
+                [probe_outputs(model, Batch(probe.inputs[i : i + 1], probe.targets[:1])) for i in (0, 1)]
+            )
+        except ValueError as exc:  # e.g. batch norm on batch statistics refuses a batch of one
+            raise interacting from exc
     if not torch.allclose(together, alone, rtol=1e-4, atol=1e-5 * float(alone.abs().max()) + 1e-12):
-        raise ValueError(
-            "the model's output for an example changes with the other examples in its batch (batch "
-            "statistics or cross-example attention): per-example tangent features would be wrong; make each "
-            "output depend on its own input alone"
-        )
+        raise interacting
 
 
 def _featurize(
@@ -277,8 +283,13 @@ def _featurize(
     checked before it is featurized."""
 
     def checked() -> Iterator[Batch]:
+        start = 0
         for batch in data.batches(config.batch_size):
-            output_fn.check_targets(batch.targets, n_outputs)
+            try:
+                output_fn.check_targets(batch.targets, n_outputs)
+            except ValueError as exc:
+                raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
+            start += len(batch)
             yield batch
 
     shards = store.split(split)

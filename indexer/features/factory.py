@@ -3,6 +3,7 @@ projection (DESIGN.md 1.1, 1.7)."""
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 
 import torch
@@ -11,10 +12,11 @@ from torch import nn
 from indexer.config import IndexConfig
 from indexer.data import Batch
 from indexer.enums import Device, ProjectionKind
-from indexer.features.featurize import DenseFeaturizer, Featurizer, count_parameters
+from indexer.features.featurize import DenseFeaturizer, Featurizer, count_parameters, to_device
 from indexer.features.hooks import HookFeaturizer
-from indexer.features.plan import fired_modules, plan_kronecker
+from indexer.features.plan import fired_modules, mismatched_blocks, plan_kronecker
 from indexer.features.projection import DenseProjection
+from indexer.features.tasks import OutputFunction
 from indexer.store.sections import ProjectionInfo
 
 __all__ = ["make_featurizer", "resolve_device"]
@@ -35,17 +37,22 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_featurizer(model: nn.Module, config: IndexConfig, probe: Batch) -> tuple[Featurizer, ProjectionInfo]:
+def make_featurizer(
+    model: nn.Module, config: IndexConfig, probe: Batch, output_fn: OutputFunction
+) -> tuple[Featurizer, ProjectionInfo]:
     """Move the model to the configured device and make its featurizer.
 
     The Kronecker plan is made after a probe forward pass on ``probe`` (the first training batch), so that
-    a layer whose forward is bypassed gets no block; a warning says when less than ``min_coverage`` of the
-    parameters reaches the features.
+    a layer whose forward is bypassed gets no block, and checked on its first example against a plain
+    autograd gradient (:func:`~indexer.features.plan.mismatched_blocks`): a weight whose gradient has paths
+    the hooks do not see goes to the rest block, with a warning. A warning also says when less than
+    ``min_coverage`` of the parameters reaches the features.
 
     Args:
         model: the network, in eval mode.
         config: the build's settings.
         probe: a batch the model accepts.
+        output_fn: the output function m (for the check).
 
     Returns:
         ``(featurizer, projection)``: the featurizer (call ``close`` on a ``HookFeaturizer`` when done) and
@@ -56,19 +63,35 @@ def make_featurizer(model: nn.Module, config: IndexConfig, probe: Batch) -> tupl
     """
     model.to(resolve_device(config.device))
     if config.projection is ProjectionKind.DENSE:
+        if config.projection_dims or config.layer_patterns != ("*",):
+            log.warning("projection_dims and projection_layers apply to the Kronecker projection; ignored")
         dense = DenseProjection(count_parameters(model), config.k, config.seed, config.distribution)
         info = ProjectionInfo("dense", config.k, config.seed, config.distribution.value)
         return DenseFeaturizer(model, dense), info
-    plan = plan_kronecker(
-        model,
+    device = resolve_device(config.device)
+    inputs, targets = to_device(probe.inputs, device), probe.targets.to(device)
+    settings = (
         config.k,
         config.seed,
         config.distribution,
         config.layer_patterns,
         config.dims(),
         config.uncovered,
-        fired=fired_modules(model, probe.inputs),
     )
+    plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs))
+    unmatched = [
+        p for p in config.dims() if not any(fnmatch.fnmatchcase(n, p) for n, _ in model.named_modules())
+    ]
+    if unmatched:
+        log.warning("projection_dims patterns match no module of the model: %s", unmatched)
+    mismatched = mismatched_blocks(model, plan, output_fn, inputs, targets)
+    if mismatched:
+        log.warning(
+            "the gradients of %s have paths their layers' hooks do not see (a weight used outside its "
+            "module, scale_grad_by_freq, a bypassed forward): they are dense-projected in the rest block",
+            sorted(mismatched),
+        )
+        plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs), exclude=mismatched)
     coverage = plan.coverage_json()
     if coverage["covered_fraction"] < config.min_coverage:
         log.warning(

@@ -42,6 +42,7 @@ __all__ = [
     "count_parameters",
     "example_gradient",
     "model_outputs",
+    "select_logits",
     "per_example_gradients",
     "tangent_features",
     "to_device",
@@ -137,14 +138,36 @@ def to_device(inputs: Any, device: torch.device) -> Any:
 
 
 def model_outputs(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Call the model on a batch: a tensor positionally, a mapping as keyword arguments; a result with a
-    ``logits`` attribute (transformers) gives its logits.
+    """Call the model on a batch: a tensor positionally, a mapping as keyword arguments. A result with a
+    ``logits`` attribute or key (transformers, or a dict) gives its logits; a tuple or list its first element.
 
     Returns:
         `(B, ...)` the model's raw output.
+
+    Raises:
+        ValueError: the model returns something else (the message says what was expected).
     """
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return out.logits if hasattr(out, "logits") else out
+    return select_logits(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+
+
+def select_logits(out: Any) -> torch.Tensor:
+    """The output tensor of what a model returns (see :func:`model_outputs`).
+
+    Raises:
+        ValueError: no tensor of outputs in it.
+    """
+    if isinstance(out, dict) and "logits" in out:
+        out = out["logits"]
+    elif hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, tuple | list) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"the model returns a {type(out).__name__}; expected a tensor of outputs, a tuple whose first "
+            "element is one, or a result with logits"
+        )
+    return out
 
 
 def buffer_rows(n_params: int, batch_size: int, buffer_bytes: int) -> int:
@@ -199,7 +222,7 @@ def per_example_gradients(
         out_raw = functional_call(model, (p, fixed), kwargs=one) if isinstance(one, dict) else None
         if out_raw is None:
             out_raw = functional_call(model, (p, fixed), (one,))
-        raw = (out_raw.logits if hasattr(out_raw, "logits") else out_raw).reshape(-1)
+        raw = select_logits(out_raw).reshape(-1)
         out = output_fn.output(raw, y)
         return out, (out.detach(), raw.detach())
 

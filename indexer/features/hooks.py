@@ -191,7 +191,8 @@ class HookFeaturizer:
     """Featurizes batches with a :class:`~indexer.features.projection.KroneckerProjection` (DESIGN.md 1.7).
 
     Hooks are registered on the model for the featurizer's lifetime: call :meth:`close` (or use it as a
-    context manager) to remove them. Thread-safe: each thread's batch is captured in its own state.
+    context manager) to remove them. Thread-safe: each thread's batch is captured in its own state; a plan
+    whose rest block needs a vmap pass (parameters other than norms) featurizes one batch at a time.
 
     Args:
         model: the network, in eval mode, batch-first.
@@ -251,6 +252,8 @@ class HookFeaturizer:
         self._norm_params: set[str] = set()
         if self._rest is not None:
             self._tap_norms(params)
+        self._needs_vmap = bool(set(plan.rest.params) - self._norm_params) and self._rest is not None
+        self._vmap_lock = threading.Lock()
 
     def _tap_norms(self, params: dict[str, nn.Parameter]) -> None:
         """Hooks on the rest block's batch norms (with running statistics) and layer norms, so that their
@@ -290,27 +293,29 @@ class HookFeaturizer:
 
     def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
         """Each batch featurized on its own, concatenated in order."""
-        return BufferFeatures.concatenate(
-            [self.featurize(output_fn, b.inputs, b.targets, b.mask) for b in batches]
-        )
+        return BufferFeatures.concatenate([self.featurize(output_fn, b.inputs, b.targets) for b in batches])
 
-    def featurize(
-        self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> BufferFeatures:
+    def featurize(self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor) -> BufferFeatures:
         """Projected tangent features of one batch: one forward, one backward (DESIGN.md 1.7).
 
         Args:
             output_fn: the output function m.
             inputs: the model's batch input, `(B, ...)` tensor or a mapping of them (on the model's device).
             targets: `(B, ...)` targets.
-            mask: `(B, T)` 1 for positions that count, 0 for padding (sequence layers with T positions).
 
         Returns:
             :class:`~indexer.features.featurize.BufferFeatures` with `(B, k)` float32 ``phi``.
 
         Raises:
-            ValueError: the model is in train mode, or a layer is not batch-first.
+            ValueError: the model is in train mode, a layer is not batch-first, or a block's layer did not
+                run (its forward is bypassed).
         """
+        if self._needs_vmap:  # functional_call swaps the shared module's parameters: one batch at a time
+            with self._vmap_lock:
+                return self._featurize(output_fn, inputs, targets)
+        return self._featurize(output_fn, inputs, targets)
+
+    def _featurize(self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor) -> BufferFeatures:
         training = [name for name, m in self.model.named_modules() if m.training]
         if training:
             raise ValueError(
@@ -320,7 +325,6 @@ class HookFeaturizer:
             )
         b = int(targets.shape[0])
         inputs, targets = to_device(inputs, self.device), targets.to(self.device)
-        mask = None if mask is None else mask.to(self.device)
         state = self.state
         state.batch_size, state.calls, state.norm_calls, state.capturing = b, [], [], True
         norm_grads: dict[str, torch.Tensor] = {}
@@ -339,8 +343,6 @@ class HookFeaturizer:
                 if grad is None:
                     continue
                 out = binding.out_side(grad)
-                if mask is not None and side.shape[1] == mask.shape[1]:
-                    side = side * mask.reshape(b, -1, 1).to(side.dtype)
                 part = (
                     torch.einsum("btr,btc->brc", side, out)
                     if binding.input_on_rows
@@ -349,6 +351,14 @@ class HookFeaturizer:
                 i = binding.block_index
                 previous = blocks[i]
                 blocks[i] = part if previous is None else previous + part
+            ran = {binding.block_index for binding, _, _ in state.calls}
+            silent = [block.name for i, block in enumerate(self.plan.blocks) if i not in ran]
+            if silent:
+                raise ValueError(
+                    f"the layer of block {silent[0]!r} did not run: its forward is bypassed (e.g. "
+                    "MultiheadAttention uses out_proj.weight directly); make the plan with a probe "
+                    "(fired_modules) so that its parameters go to the rest block"
+                )
         finally:
             state.capturing, state.calls, state.norm_calls = False, [], []
         pieces = [

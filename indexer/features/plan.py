@@ -13,15 +13,17 @@ import fnmatch
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from indexer.enums import Distribution, Uncovered, parse_enum
 from indexer.features.featurize import model_outputs, to_device
-from indexer.features.hooks import gradient_shape, layer_bias, layer_kind, model_device
+from indexer.features.hooks import HookFeaturizer, gradient_shape, layer_bias, layer_kind, model_device
 from indexer.features.projection import KroneckerProjection, LayerBlock, RestBlock
+from indexer.features.tasks import OutputFunction
 
-__all__ = ["fired_modules", "plan_kronecker"]
+__all__ = ["fired_modules", "plan_kronecker", "mismatched_blocks"]
 
 
 def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
@@ -71,6 +73,7 @@ def plan_kronecker(
     dims: dict[str, tuple[int, int]] | None = None,
     uncovered: Uncovered | str = Uncovered.DENSE,
     fired: set[str] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> KroneckerProjection:
     """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
 
@@ -90,6 +93,8 @@ def plan_kronecker(
         fired: names of the modules whose forward ran on a probe batch (see :class:`HookFeaturizer`); a
             supported module outside it (its forward is bypassed, e.g. ``MultiheadAttention.out_proj``)
             gets no block. None: every supported module is trusted to run.
+        exclude: weight names that get no block (their gradient has paths the hooks do not see, found by
+            :func:`mismatched_blocks`): they go to the rest block.
 
     Returns:
         The :class:`~indexer.features.projection.KroneckerProjection`.
@@ -109,10 +114,10 @@ def plan_kronecker(
         kind = layer_kind(module)
         if kind is None or not any(fnmatch.fnmatchcase(module_name, pattern) for pattern in layers):
             continue
-        if fired is not None and module_name not in fired:
+        if (fired is not None and module_name not in fired) or getattr(module, "weight", None) is None:
             continue
         weight_name = name_of.get(id(module.weight))
-        if weight_name is None:  # frozen
+        if weight_name is None or weight_name in exclude:  # frozen, or its gradient has other paths
             continue
         bias = layer_bias(module)
         rows, cols = gradient_shape(kind, module, bias is not None)
@@ -167,3 +172,60 @@ def _allocate(
         for n in order
         for b in (found[n][0],)
     )
+
+
+def _gradient_matrix(block: LayerBlock, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """G `(rows, cols)` of a block in its own coordinates, from one example's parameter gradients."""
+    w = grads[block.params[0]].double()
+    bias = grads[block.params[1]].double() if len(block.params) > 1 else None
+    if block.layer == "embedding":
+        return w
+    if block.layer == "gpt2_conv1d":
+        return torch.cat([w, bias[None]], 0) if bias is not None else w
+    w2 = w.reshape(w.shape[0], -1)
+    return torch.cat([w2, bias[:, None]], 1) if bias is not None else w2
+
+
+def mismatched_blocks(
+    model: nn.Module, plan: KroneckerProjection, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor
+) -> frozenset[str]:
+    """The blocks whose hooks do not see their weight's whole gradient, on one probe example.
+
+    A weight used outside its module's forward (a tied head written ``h @ embedding.weight.T``, a
+    ``F.linear`` with a module's weight), an embedding with ``scale_grad_by_freq``, a layer whose forward is
+    bypassed: for each block, the features from the hooks are compared with ``R_row^T G R_col`` for G from
+    one plain autograd backward.
+
+    Args:
+        model: the network, in eval mode; plan: its plan; output_fn: the output function m.
+        inputs, targets: a batch (only its first example is used), on the model's device.
+
+    Returns:
+        The weight names of the blocks that differ by more than 1e-3 of their size (relative).
+    """
+    one = {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    raw = model_outputs(model, one).reshape(1, -1)
+    grads = torch.autograd.grad(
+        output_fn.output(raw[0], targets[0]), [p for _, p in named], allow_unused=True
+    )
+    by_name = {
+        n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(named, grads, strict=True)
+    }
+    blocks_only = KroneckerProjection(plan.seed, plan.distribution, plan.blocks, RestBlock(), plan.n_params)
+    try:
+        with HookFeaturizer(model, blocks_only) as hooks:
+            phi = hooks.featurize(output_fn, one, targets[:1]).phi[0].astype(np.float64)
+    except ValueError:  # a block's layer did not run at all: every block is suspect, check them one by one
+        phi = None
+    bad, start = set(), 0
+    for block in plan.blocks:
+        r_row, r_col = (
+            torch.from_numpy(m).double().to(raw.device) for m in block.matrices(plan.seed, plan.distribution)
+        )
+        want = (r_row.T @ _gradient_matrix(block, by_name).to(raw.device) @ r_col).reshape(-1).cpu().numpy()
+        got = phi[start : start + block.k] if phi is not None else np.zeros(block.k)
+        start += block.k
+        if np.abs(got - want).max() > 1e-3 * max(np.abs(want).max(), 1e-30):
+            bad.add(block.name)
+    return frozenset(bad)

@@ -90,14 +90,12 @@ def explicit_features(plan: KroneckerProjection, grads: list[dict[str, torch.Ten
     return np.stack(rows)
 
 
-def check_against_explicit(
-    model: nn.Module, inputs, targets: torch.Tensor, k: int = 40, mask=None, **plan_kw
-) -> None:
+def check_against_explicit(model: nn.Module, inputs, targets: torch.Tensor, k: int = 40, **plan_kw) -> None:
     model.eval()
     plan = plan_kronecker(model, k, seed=3, **plan_kw)
     assert plan.blocks, "the model should have supported layers"
     with HookFeaturizer(model, plan) as featurizer:
-        got = featurizer.featurize(MARGIN, inputs, targets, mask)
+        got = featurizer.featurize(MARGIN, inputs, targets)
     want = explicit_features(plan, per_example_param_grads(model, MARGIN, inputs, targets))
     k_blocks = sum(b.k for b in plan.blocks)
     assert got.phi.shape == (len(targets), plan.k) and got.phi.dtype == np.float32
@@ -143,12 +141,12 @@ def test_embedding_with_padding_and_a_sequence_linear_with_a_mask() -> None:
     ids[:3, 3:] = 0  # padded tails: the padding index, masked out
     mask[:3, 3:] = 0
     inputs = {"ids": ids, "mask": mask}
-    check_against_explicit(model, inputs, torch.randint(0, 3, (7,)), mask=mask)
+    check_against_explicit(model, inputs, torch.randint(0, 3, (7,)))
     plan = plan_kronecker(model.eval(), 40, seed=3)
     assert [b.layer for b in plan.blocks] == ["embedding", "linear", "linear"]
     # the padding row of the embedding never gets a contribution
     with HookFeaturizer(model, plan) as featurizer:
-        padded = featurizer.featurize(MARGIN, inputs, torch.zeros(7, dtype=torch.long), mask).phi
+        padded = featurizer.featurize(MARGIN, inputs, torch.zeros(7, dtype=torch.long)).phi
         alone = featurizer.featurize(
             MARGIN, {"ids": ids[:1, :3], "mask": mask[:1, :3]}, torch.zeros(1, dtype=torch.long)
         )
@@ -345,3 +343,108 @@ def test_features_on_the_gpu_equal_the_cpu() -> None:
     with HookFeaturizer(model, plan) as f:
         gpu = f.featurize(MARGIN, x, y).phi  # inputs moved to the model's device by the featurizer
     np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-5 * np.abs(cpu).max())
+
+
+class TiedByMatmul(nn.Module):
+    """A tied head written by hand, ``h @ embedding.weight.T``: a gradient path that no hook sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.mix(self.embed(ids).mean(1))) @ self.embed.weight.T
+
+
+@pytest.mark.parametrize("case", ["matmul_tie", "scale_grad_by_freq"])
+def test_weights_with_gradient_paths_the_hooks_miss_go_to_the_rest_block(case: str, tmp_path) -> None:
+    """The build checks every block on a probe example against plain autograd; a mismatch moves the
+    weight to the rest block (dense, exact) instead of giving silently wrong features."""
+    from indexer.build import build_index
+    from indexer.config import IndexConfig
+    from indexer.data import Dataset
+    from indexer.store.reader import load_index
+
+    torch.manual_seed(14)
+    if case == "matmul_tie":
+        model, n_classes = TiedByMatmul(), 9
+    else:
+        model = nn.Sequential(nn.Embedding(9, 4, scale_grad_by_freq=True), Flatten(), nn.Linear(12, 3))
+        n_classes = 3
+    ids, y = torch.randint(0, 9, (10, 3)), torch.randint(0, n_classes, (10,))
+    out = build_index(
+        model, MARGIN, Dataset(ids, y), tmp_path / "x", config=IndexConfig(k=24), progress=False
+    )
+    coverage = load_index(out).manifest.projection.coverage or {}
+    assert "embed.weight" in [p["name"] for p in coverage["rest"]["params"]] or "0.weight" in [
+        p["name"] for p in coverage["rest"]["params"]
+    ]
+    plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
+    with HookFeaturizer(model.eval(), plan) as f:
+        phi = f.featurize(MARGIN, ids, y).phi
+    grads = per_example_param_grads(model, MARGIN, ids, y)
+    want_blocks = explicit_features(plan, grads)
+    k_blocks = sum(b.k for b in plan.blocks)
+    np.testing.assert_allclose(
+        phi[:, :k_blocks], want_blocks, rtol=1e-5, atol=1e-6 * np.abs(want_blocks).max()
+    )
+    rest = np.stack([np.concatenate([g[n].reshape(-1).numpy() for n in plan.rest.params]) for g in grads])
+    want_rest = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(rest)
+    np.testing.assert_allclose(phi[:, k_blocks:], want_rest, rtol=1e-4, atol=1e-6 * np.abs(want_rest).max())
+
+
+def test_a_block_whose_layer_never_runs_is_an_error() -> None:
+    attention = nn.MultiheadAttention(4, 2, batch_first=True).eval()
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = attention
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, x, x)[0].mean(1))
+
+    model = SelfAttention().eval()
+    unprobed = plan_kronecker(model, 32)  # without a probe, out_proj (bypassed by its parent) gets a block
+    with (
+        HookFeaturizer(model, unprobed) as f,
+        pytest.raises(ValueError, match="out_proj.weight' did not run"),
+    ):
+        f.featurize(MARGIN, torch.randn(2, 5, 4), torch.tensor([0, 1]))
+
+
+def test_tuple_and_dict_outputs_give_their_logits() -> None:
+    class Pair(nn.Module):
+        def __init__(self, as_dict: bool) -> None:
+            super().__init__()
+            self.layer, self.as_dict = nn.Linear(3, 2), as_dict
+
+        def forward(self, x: torch.Tensor):
+            logits = self.layer(x)
+            return {"logits": logits} if self.as_dict else (logits, x)
+
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    for as_dict in (False, True):
+        model = Pair(as_dict).eval()
+        with HookFeaturizer(model, plan_kronecker(model, 6)) as f:
+            got = f.featurize(MARGIN, x, y)
+        np.testing.assert_allclose(got.model_outputs, model.layer(x).detach().numpy(), rtol=1e-6)
+
+
+def test_threads_featurizing_through_a_vmap_rest_block_get_the_single_thread_answer() -> None:
+    """A grouped convolution is in the rest block (a vmap pass, which swaps the module's parameters):
+    concurrent batches are featurized one at a time and give the single-thread features."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.ReLU(), Flatten(), nn.Linear(4 * 6, 3)).eval()
+    xs = [torch.randn(3, 2, 8) for _ in range(12)]
+    y = torch.tensor([0, 1, 2])
+    with HookFeaturizer(model, plan_kronecker(model, 24)) as f:
+        want = [f.featurize(MARGIN, x, y).phi for x in xs]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda x: f.featurize(MARGIN, x, y).phi, xs))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

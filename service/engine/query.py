@@ -21,7 +21,7 @@ import torch
 
 from indexer.enums import ProjectionKind
 from indexer.exceptions import InvalidQueryError, ModelMismatchError
-from indexer.features.featurize import count_parameters, example_gradient
+from indexer.features.featurize import count_parameters, example_gradient, model_outputs
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import build_model, load_checkpoint
 from indexer.features.projection import DenseProjection, KroneckerProjection
@@ -227,7 +227,7 @@ class QueryFeaturizer:
         started = time.perf_counter()
         inputs = self._input_tensor(raw)
         with torch.no_grad():
-            raw_out = self.model(inputs).reshape(1, -1).numpy()
+            raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
         prediction, probabilities = self.output_fn.predict(raw_out)
         target_value = self._target(target, raw_out, probabilities is not None)
         dtype = torch.int64 if probabilities is not None else torch.float32
@@ -251,7 +251,8 @@ class QueryFeaturizer:
         )
 
     def _input_tensor(self, raw: Any) -> torch.Tensor:
-        """`(1, *input_shape)` float32 tensor of a raw input, or a clear error."""
+        """`(1, *input_shape)` tensor of a raw input in the dtype the index's inputs had (integer ids stay
+        integers) or, for float inputs, the model's own float dtype; or a clear error."""
         expected = f"a rectangular array of numbers with shape {list(self.input_shape)}"
         try:
             given = np.asarray(raw)
@@ -263,13 +264,26 @@ class QueryFeaturizer:
             raise InvalidQueryError(
                 f"input must have shape {list(self.input_shape)}; got {list(given.shape)}"
             )
+        recorded = getattr(torch, self.data.manifest.model.input_dtype, torch.float32)
+        if not recorded.is_floating_point:  # token ids, class indices: integers of the recorded dtype
+            if given.dtype.kind == "f" and not (
+                np.all(np.isfinite(given)) and np.all(given == np.round(given))
+            ):
+                raise InvalidQueryError(f"input must hold integers ({self.data.manifest.model.input_dtype})")
+            info = torch.iinfo(recorded)
+            if given.size and (given.min() < info.min or given.max() > info.max):
+                raise InvalidQueryError(f"input values must fit {self.data.manifest.model.input_dtype}")
+            return torch.from_numpy(given.astype(np.int64)).to(recorded)[None]
+        params = self.model.parameters() if self.model is not None else iter(())
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         with np.errstate(over="ignore"):
-            x = given.astype(np.float32)
-        if not np.all(np.isfinite(x)):
+            x = torch.from_numpy(given.astype(np.float64)).to(dtype)
+        if not bool(torch.isfinite(x).all()):
             raise InvalidQueryError(
-                "input must be finite float32 numbers; it holds NaN, infinity or |x| > 3.4e38"
+                f"input must be finite {str(dtype).removeprefix('torch.')} numbers; it holds NaN, infinity "
+                "or values beyond that type's range"
             )
-        return torch.from_numpy(x)[None]
+        return x[None]
 
     def _target(self, target: float | int | None, raw_out: np.ndarray, classification: bool) -> float | int:
         """The target to explain: the given one, checked, or the default (the predicted class)."""

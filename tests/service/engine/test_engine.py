@@ -188,3 +188,38 @@ def test_an_index_without_its_inputs_says_so(tmp_path: Path) -> None:
         engine.example_input("train", 3)
     with pytest.raises(NotStoredError, match="built without its inputs"):
         engine.render("train", 3, 1)
+
+
+@pytest.mark.parametrize("kind", ["token_ids", "float64"])
+def test_raw_inputs_keep_the_index_dtype(tmp_path: Path, kind: str) -> None:
+    """Token ids stay int64 and a float64 model gets float64 inputs: the raw query equals the stored one."""
+    import torch
+
+    from indexer.build import build_index
+    from indexer.data import Dataset
+    from indexer.features.models import ModelSpec, register_model
+    from indexer.features.tasks import ClassificationMargin
+
+    def tokens() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
+
+    def wide() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+
+    register_model(f"test_{kind}", tokens if kind == "token_ids" else wide)
+    spec = ModelSpec(f"test_{kind}")
+    torch.manual_seed(1)
+    x = torch.randint(0, 11, (20, 3)) if kind == "token_ids" else torch.randn(20, 5, dtype=torch.float64)
+    data = Dataset(x, torch.randint(0, 3, (20,)))
+    from indexer.features.models import build_model
+
+    out = build_index(
+        build_model(spec), ClassificationMargin(), data, tmp_path / kind, queries=data, model_spec=spec
+    )
+    engine = AttributionEngine(load_index(out))
+    assert engine.data.manifest.model.input_dtype == ("int64" if kind == "token_ids" else "float64")
+    raw = engine.queries.input(x[4].tolist(), int(data.targets[4]))
+    np.testing.assert_allclose(raw.terms.phi, engine.queries.stored(4).terms.phi, rtol=1e-5, atol=1e-6)
+    if kind == "token_ids":
+        with pytest.raises(InvalidQueryError, match=r"input must hold integers \(int64\)"):
+            engine.queries.input([0.5, 1, 2])

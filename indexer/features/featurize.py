@@ -41,6 +41,7 @@ __all__ = [
     "buffer_rows",
     "count_parameters",
     "example_gradient",
+    "host_array",
     "model_outputs",
     "select_logits",
     "per_example_gradients",
@@ -294,7 +295,23 @@ def example_gradient(
     raw = model(x.unsqueeze(0)).reshape(-1)
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
-    return torch.cat([g.reshape(-1) for g in grads]), out.detach(), raw.detach()
+    return torch.cat([g.reshape(-1).float() for g in grads]), out.detach(), raw.detach()
+
+
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array on the host, for the index files.
+
+    numpy has no bfloat16, so a bfloat16 tensor becomes float32 (exact: every bfloat16 is a float32); the
+    manifest's ``input_dtype`` keeps the original, and the service casts raw queries to it.
+
+    Args:
+        tensor: any shape and dtype, on any device.
+
+    Returns:
+        The same values, same shape; dtype the tensor's, float32 for bfloat16.
+    """
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
 
 
 def batch_digest(batches: Sequence[Batch]) -> str:
@@ -385,10 +402,10 @@ def tangent_features(
             parts.append(done)
             first = group[0].first_input if first is None else first
             for batch in group:
-                targets.append(batch.targets.cpu().numpy())
+                targets.append(host_array(batch.targets))
                 metadata.extend(batch.metadata)
                 if keep_inputs:
-                    inputs.append(batch.first_input.cpu().numpy())
+                    inputs.append(host_array(batch.first_input))
     if first is None:  # no examples (an empty query split)
         empty = np.zeros(0)
         return Features(np.zeros((0, featurizer.k), np.float32), empty, np.zeros((0, 0), np.float32), empty)

@@ -201,7 +201,9 @@ def mismatched_blocks(
         inputs, targets: a batch (only its first example is used), on the model's device.
 
     Returns:
-        The weight names of the blocks that differ by more than 1e-3 of their size (relative).
+        The weight names of the blocks that differ by more than ``max(1e-3, 8 eps)`` of their size
+        (relative), eps the machine epsilon of the weight's dtype (bfloat16: 0.0625): a missed path is of
+        the order of the gradient itself, rounding in a low-precision model is a few eps.
     """
     one = {k: v[:1] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[:1]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -226,6 +228,8 @@ def mismatched_blocks(
         want = (r_row.T @ _gradient_matrix(block, by_name).to(raw.device) @ r_col).reshape(-1).cpu().numpy()
         got = phi[start : start + block.k] if phi is not None else np.zeros(block.k)
         start += block.k
-        if np.abs(got - want).max() > 1e-3 * max(np.abs(want).max(), 1e-30):
+        dtype = by_name[block.name].dtype
+        tolerance = max(1e-3, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
+        if np.abs(got - want).max() > tolerance * max(np.abs(want).max(), 1e-30):
             bad.add(block.name)
     return frozenset(bad)

@@ -251,8 +251,9 @@ class QueryFeaturizer:
         )
 
     def _input_tensor(self, raw: Any) -> torch.Tensor:
-        """`(1, *input_shape)` tensor of a raw input in the dtype the index's inputs had (integer ids stay
-        integers) or, for float inputs, the model's own float dtype; or a clear error."""
+        """`(1, *input_shape)` tensor of a raw input in the dtype the index's inputs had when it was built
+        (the manifest's ``input_dtype``: token ids stay integers, a float16 model gets float16); or a clear
+        error."""
         expected = f"a rectangular array of numbers with shape {list(self.input_shape)}"
         try:
             given = np.asarray(raw)
@@ -264,24 +265,25 @@ class QueryFeaturizer:
             raise InvalidQueryError(
                 f"input must have shape {list(self.input_shape)}; got {list(given.shape)}"
             )
-        recorded = getattr(torch, self.data.manifest.model.input_dtype, torch.float32)
+        name = self.data.manifest.model.input_dtype
+        recorded = getattr(torch, name, None)
+        if not isinstance(recorded, torch.dtype):
+            raise ModelMismatchError(f"index {self.data.name!r} records an unknown input dtype {name!r}")
         if not recorded.is_floating_point:  # token ids, class indices: integers of the recorded dtype
             if given.dtype.kind == "f" and not (
                 np.all(np.isfinite(given)) and np.all(given == np.round(given))
             ):
-                raise InvalidQueryError(f"input must hold integers ({self.data.manifest.model.input_dtype})")
+                raise InvalidQueryError(f"input must hold integers ({name})")
             info = torch.iinfo(recorded)
             if given.size and (given.min() < info.min or given.max() > info.max):
-                raise InvalidQueryError(f"input values must fit {self.data.manifest.model.input_dtype}")
+                raise InvalidQueryError(f"input values must fit {name} ({info.min}..{info.max})")
             return torch.from_numpy(given.astype(np.int64)).to(recorded)[None]
-        params = self.model.parameters() if self.model is not None else iter(())
-        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
         with np.errstate(over="ignore"):
-            x = torch.from_numpy(given.astype(np.float64)).to(dtype)
+            x = torch.from_numpy(given.astype(np.float64)).to(recorded)
         if not bool(torch.isfinite(x).all()):
             raise InvalidQueryError(
-                f"input must be finite {str(dtype).removeprefix('torch.')} numbers; it holds NaN, infinity "
-                "or values beyond that type's range"
+                f"input must be finite {name} numbers (|x| <= {torch.finfo(recorded).max:.3g}); it holds "
+                "NaN, infinity or values beyond that type's range"
             )
         return x[None]
 

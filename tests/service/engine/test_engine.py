@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import (
@@ -190,36 +192,86 @@ def test_an_index_without_its_inputs_says_so(tmp_path: Path) -> None:
         engine.render("train", 3, 1)
 
 
-@pytest.mark.parametrize("kind", ["token_ids", "float64"])
-def test_raw_inputs_keep_the_index_dtype(tmp_path: Path, kind: str) -> None:
-    """Token ids stay int64 and a float64 model gets float64 inputs: the raw query equals the stored one."""
-    import torch
+class _Cast(torch.nn.Module):
+    """A bfloat16 network behind a float32 interface: float32 inputs, float32 logits."""
 
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16)).float()
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+
+
+# kind -> (model factory, input dtype); every dtype a build accepts, featurized and queried by raw input
+DTYPE_MODELS = {
+    "token_ids": (
+        lambda: torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)),
+        torch.int64,
+    ),
+    "float64": (lambda: _mlp().double(), torch.float64),
+    "float32": (_mlp, torch.float32),
+    "float16": (lambda: _mlp().half(), torch.float16),
+    "bfloat16": (lambda: _mlp().bfloat16(), torch.bfloat16),
+    "bfloat16_behind_float32": (lambda: _Cast(_mlp()), torch.float32),
+}
+
+
+@pytest.mark.parametrize("projection", ["kronecker", "dense"])
+@pytest.mark.parametrize("kind", sorted(DTYPE_MODELS))
+def test_every_dtype_is_built_stored_and_queried_by_raw_input(
+    tmp_path: Path, kind: str, projection: str
+) -> None:
+    """Token ids stay int64, a float16/bfloat16/float64 model gets inputs of its dtype: the raw query equals
+    the stored one, the projected features are float32, and the stored inputs read back unchanged."""
     from indexer.build import build_index
+    from indexer.config import IndexConfig
     from indexer.data import Dataset
-    from indexer.features.models import ModelSpec, register_model
+    from indexer.features.models import ModelSpec, build_model, register_model
     from indexer.features.tasks import ClassificationMargin
 
-    def tokens() -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3))
-
-    def wide() -> torch.nn.Module:
-        return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
-
-    register_model(f"test_{kind}", tokens if kind == "token_ids" else wide)
-    spec = ModelSpec(f"test_{kind}")
+    factory, dtype = DTYPE_MODELS[kind]
+    register_model(f"test_dtype_{kind}", factory)
+    spec = ModelSpec(f"test_dtype_{kind}")
     torch.manual_seed(1)
-    x = torch.randint(0, 11, (20, 3)) if kind == "token_ids" else torch.randn(20, 5, dtype=torch.float64)
+    x = torch.randint(0, 11, (20, 3)) if kind == "token_ids" else torch.randn(20, 5).to(dtype)
     data = Dataset(x, torch.randint(0, 3, (20,)))
-    from indexer.features.models import build_model
-
+    config = IndexConfig(k=8, projection=projection, min_coverage=0.0)
     out = build_index(
-        build_model(spec), ClassificationMargin(), data, tmp_path / kind, queries=data, model_spec=spec
+        build_model(spec),
+        ClassificationMargin(),
+        data,
+        tmp_path / kind,
+        queries=data,
+        model_spec=spec,
+        config=config,
+        progress=False,
     )
     engine = AttributionEngine(load_index(out))
-    assert engine.data.manifest.model.input_dtype == ("int64" if kind == "token_ids" else "float64")
-    raw = engine.queries.input(x[4].tolist(), int(data.targets[4]))
-    np.testing.assert_allclose(raw.terms.phi, engine.queries.stored(4).terms.phi, rtol=1e-5, atol=1e-6)
+    assert engine.data.manifest.model.input_dtype == str(dtype).removeprefix("torch.")
+    assert engine.data.query_phi.dtype == np.float32
+    np.testing.assert_array_equal(engine.example_input("train", 3), x[3].float().numpy())
+    # a dense raw query is one autograd backward, the build's a vmap: equal to the model's precision
+    low = dtype in (torch.float16, torch.bfloat16) or kind == "bfloat16_behind_float32"
+    rtol = 8 * torch.finfo(torch.bfloat16 if kind.startswith("bf") else dtype).eps if low else 1e-5
+    for i in (0, 4):
+        raw = engine.queries.input(x[i].tolist(), int(data.targets[i]))
+        assert raw.terms.phi.dtype == np.float64 and np.all(np.isfinite(raw.terms.phi))
+        stored = engine.queries.stored(i).terms.phi
+        if projection == "kronecker":  # the same hooks at build and query time: the same numbers
+            np.testing.assert_allclose(raw.terms.phi, stored, rtol=1e-5, atol=1e-6)
+        else:
+            assert np.abs(raw.terms.phi - stored).max() <= rtol * np.abs(stored).max()
     if kind == "token_ids":
         with pytest.raises(InvalidQueryError, match=r"input must hold integers \(int64\)"):
             engine.queries.input([0.5, 1, 2])
+    elif dtype in (torch.float16, torch.bfloat16):
+        limit = f"{torch.finfo(dtype).max:.3g}"
+        with pytest.raises(
+            InvalidQueryError, match=rf"input must be finite {kind} numbers \(\|x\| <= {re.escape(limit)}\)"
+        ):
+            engine.queries.input([4 * float(torch.finfo(dtype).max)] * 5)

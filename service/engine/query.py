@@ -228,6 +228,11 @@ class QueryFeaturizer:
         inputs = self._input_tensor(raw)
         with torch.no_grad():
             raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
+        if not np.all(np.isfinite(raw_out)):
+            raise InvalidQueryError(
+                "the model's output for this input is not finite (NaN or overflow): the input is far outside "
+                "the range the model works in"
+            )
         prediction, probabilities = self.output_fn.predict(raw_out)
         target_value = self._target(target, raw_out, probabilities is not None)
         dtype = torch.int64 if probabilities is not None else torch.float32
@@ -239,6 +244,11 @@ class QueryFeaturizer:
             assert self.projection is not None  # a model comes with one of the two projections
             gradient, out_t, _ = example_gradient(self.model, self.output_fn, inputs[0], target_tensor)
             phi, out = self.projection.project(gradient.numpy()[None])[0], float(out_t)
+        if not (np.all(np.isfinite(phi)) and math.isfinite(out)):
+            raise InvalidQueryError(
+                "the tangent feature of this input is not finite (its gradient overflows float32): the input "
+                "is far outside the range the model works in"
+            )
         return Query(
             kind="input",
             terms=self.data.surrogate.query_terms(phi),

@@ -7,11 +7,12 @@ from fastapi import APIRouter, Response, status
 from service.api.deps import IndexDep, RegistryDep
 from service.api.errors import ERROR_RESPONSES
 from service.api.schemas import Health, IndexList, IndexSummary, Readiness
+from service.api.strict import StrictJSONRoute
 from service.engine.engine import AttributionEngine
 
 __all__ = ["router"]
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])

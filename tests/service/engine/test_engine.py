@@ -134,6 +134,9 @@ def test_raw_inputs_are_validated_and_equal_the_stored_feature(
         engine.queries.input([1.0, 2.0, 3.0])
     with pytest.raises(InvalidQueryError, match=r"target must be a class index in 0\.\.9; got 10"):
         engine.queries.input(test_digits.inputs[2].tolist(), 10)
+    # a valid float32 input whose activations overflow: named as the input's fault, not a feature's
+    with pytest.raises(InvalidQueryError, match=r"model's output for this input is not finite"):
+        engine.queries.input([1e38] * 784)
 
 
 def test_an_index_without_a_model_spec_serves_ids_and_refuses_raw_inputs(

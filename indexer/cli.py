@@ -6,6 +6,7 @@ with the field's help text and default), so the CLI and the Python API cannot dr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -26,6 +27,7 @@ from indexer.enums import OutputKind
 from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import output_function_from_spec
+from indexer.plugins import load_plugins
 
 __all__ = ["app", "config_options"]
 
@@ -36,7 +38,7 @@ def _user_errors() -> Iterator[None]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
-    except (ValueError, OSError, InfotraceError) as exc:  # OSError: missing, unreadable, locked files
+    except (ValueError, OSError, ImportError, InfotraceError) as exc:  # OSError: missing or unreadable files
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
 
@@ -82,6 +84,20 @@ def config_options(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _image_shape(text: str | None) -> tuple[int, int] | None:
+    """``"28x28"`` -> ``(28, 28)``; None stays None.
+
+    Raises:
+        typer.BadParameter: not two positive integers joined by ``x``.
+    """
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"--image-shape must be HEIGHTxWIDTH, e.g. 28x28; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _help(name: str) -> str:
     """The help text of the :class:`IndexConfig` field ``name``."""
     return str(next(f for f in fields(IndexConfig) if f.name == name).metadata["help"])
@@ -111,8 +127,26 @@ def build(
         ),
     ],
     model_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments of the model factory")] = "{}",
-    output: Annotated[OutputKind, typer.Option(help="output function")] = OutputKind.CLASSIFICATION_MARGIN,
+    output: Annotated[
+        str,
+        typer.Option(
+            help="output function: "
+            + ", ".join(kind.value for kind in OutputKind)
+            + ", or a name a --plugin registers"
+        ),
+    ] = OutputKind.CLASSIFICATION_MARGIN.value,
     sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
+    image_shape: Annotated[
+        str | None,
+        typer.Option(help="HEIGHTxWIDTH when each input is a grayscale image (e.g. 28x28), for rendering"),
+    ] = None,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="plugin module (name or .py path) to import first: it registers a custom output function "
+            "or model factory (repeatable)"
+        ),
+    ] = None,
     *,
     config: IndexConfig,
 ) -> None:
@@ -121,12 +155,17 @@ def build(
         kwargs = json.loads(model_kwargs)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
+    shape = _image_shape(image_shape)
     with _user_errors():
+        load_plugins(plugin or [])
         spec = ModelSpec(model, kwargs)
         output_fn = output_function_from_spec(
-            output.value, {"sigma": sigma} if output is OutputKind.REGRESSION else {}
+            output, {"sigma": sigma} if output == OutputKind.REGRESSION.value else {}
         )
         train, queries = load_arrays(data)
+        if shape is not None:
+            train = dataclasses.replace(train, image_shape=shape)
+            queries = None if queries is None else dataclasses.replace(queries, image_shape=shape)
         path = build_index(
             build_model(spec),
             output_fn,

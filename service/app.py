@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from swagger_ui_bundle import swagger_ui_path
 
+from indexer.plugins import load_plugins
 from service.api.errors import install_error_handlers
 from service.api.routes import attributions, dashboard, examples, indexes
 from service.core.observability import BodyGuard, Metrics, install_request_middleware
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Raises:
         pydantic.ValidationError: required settings (``INFOTRACE_INDEX_ROOT``) are missing or invalid.
+        indexer.plugins.PluginError: (when the lifespan starts) a module of ``settings.plugins`` does not
+            import.
     """
     settings = settings or Settings()  # type: ignore[call-arg]  # read from the environment
 
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.compute_threads is not None:
             limit_threads(settings.compute_threads)
+        load_plugins(settings.plugins)  # before the indexes: their manifests may name what plugins register
         registry = IndexRegistry.load(
             settings.index_root,
             settings.projection_cache_bytes,

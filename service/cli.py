@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from indexer.plugins import PluginError, load_plugins
 from service.app import create_app
 from service.core.observability import configure_logging
 from service.core.settings import Settings
@@ -93,6 +94,11 @@ def run(
             err=True,
         )
         raise typer.Exit(code=2)
+    try:
+        load_plugins(settings.plugins)
+    except PluginError as exc:
+        typer.echo(f"INFOTRACE_PLUGINS: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
     api = create_app(settings)
     config = uvicorn.Config(
         api,

@@ -96,7 +96,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
             raise ValueError(f"cannot import model factory {spec.factory!r}: {exc}") from exc
     else:
         if spec.factory not in _FACTORIES:
-            raise ValueError(f"unknown model factory {spec.factory!r}; registered: {sorted(_FACTORIES)}")
+            raise ValueError(
+                f"unknown model factory {spec.factory!r}; registered: {sorted(_FACTORIES)} (a custom one "
+                "is registered by its plugin module: list it in INFOTRACE_PLUGINS, or --plugin for "
+                "infotrace-index)"
+            )
         factory = _FACTORIES[spec.factory]
     try:
         model = factory(**spec.kwargs)

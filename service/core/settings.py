@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="import-path model factories ('pkg.module:fn', JSON list) that index manifests may name; "
         "registered names (mlp, logistic_regression) are always allowed",
     )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="plugin modules imported at start, before any index loads (JSON list of module names or "
+        ".py paths): they register custom output functions and model factories; nothing else is imported",
+    )
     use_gpu: bool | None = Field(
         None, description="search FAISS on the GPUs (needs the gpu extra, faiss-gpu); unset: when one is seen"
     )

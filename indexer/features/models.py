@@ -2,7 +2,8 @@
 
 A :class:`ModelSpec` names a factory and its keyword arguments; the manifest records it and the service
 calls it to featurize raw queries with the same architecture (weights come from the index's checkpoint).
-Built-in factories: ``mlp``, ``logistic_regression`` and ``cnn``; others register with :func:`register_model`
+Built-in factories: ``mlp``, ``logistic_regression``, ``cnn`` and ``gpt`` (a small causal language model,
+:mod:`indexer.features.transformer`); others register with :func:`register_model`
 or are named as an import path ``"package.module:function"``.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from indexer.features.transformer import gpt
 
 __all__ = [
     "ModelSpec",
@@ -88,6 +91,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "logistic_regression": logistic_regression,
     "cnn": cnn,
+    "gpt": gpt,
 }
 
 

@@ -162,9 +162,10 @@ def build_index(
             )
         featurize_seconds = time.perf_counter() - started
 
-        beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
-        grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
-        surrogate = fit_surrogate(tangent.phi, beta, grad_term, config.prior_precision, config.s_floor)
+        # beta_i and beta_i r_i come from the featurizer's forward pass (per-token margins, DESIGN.md 1.8)
+        surrogate = fit_surrogate(
+            tangent.phi, tangent.beta, tangent.grad_term, config.prior_precision, config.s_floor
+        )
         faiss_indexes = {
             score: make_faiss_index(surrogate.score_vectors(score), config.faiss_factory) for score in Score
         }

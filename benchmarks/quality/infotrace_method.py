@@ -83,8 +83,8 @@ class InfotraceFeatures:
         self._train = _Train(
             phi=feats.phi,
             phi64=feats.phi.astype(np.float64),
-            beta=self.output_fn.likelihood_weight(feats.outputs, feats.targets),
-            grad_term=self.output_fn.grad_term(feats.outputs, feats.targets),
+            beta=feats.beta,
+            grad_term=feats.grad_term,
         )
         self._surrogates.clear()
         self._queries.clear()

@@ -57,22 +57,30 @@ class Features:
     Attributes:
         phi: `(n, k)` float32 projected tangent features.
         outputs: `(n,)` float64 output-function values m_i at theta*.
-        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits).
-        targets: `(n, ...)` the targets the output function was evaluated at.
+        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits), flattened per example.
+        targets: `(n, ...)` the targets the output function was evaluated at (`(n, T)` token ids for a
+            language model).
+        beta: `(n,)` float64 likelihood weights beta_i (DESIGN.md 1.1, 1.8), from the same forward pass.
+        grad_term: `(n,)` float64 beta_i r_i (DESIGN.md 1.3, 1.8).
         metadata: n dicts from the source (empty when it has none).
         inputs: `(n, *input_shape)` the inputs, when they were kept (for rendering); else None.
         input_shape: the shape of one input (the first tensor of a mapping).
         input_dtype: its torch dtype name.
+        input_dtypes: for a mapping input (keyword arguments), each keyword's torch dtype name, in the
+            mapping's order; None for a single tensor.
     """
 
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
     targets: np.ndarray
+    beta: np.ndarray
+    grad_term: np.ndarray
     metadata: list[dict[str, Any]] = field(default_factory=list)
     inputs: np.ndarray | None = None
     input_shape: tuple[int, ...] = ()
     input_dtype: str = "float32"
+    input_dtypes: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,11 +91,16 @@ class BufferFeatures:
         phi: `(rows, k)` float32 projected tangent features.
         outputs: `(rows,)` float64 output-function values.
         model_outputs: `(rows, n_outputs)` float32 raw model outputs.
+        beta: `(rows,)` float64 likelihood weights beta_i
+            (:meth:`~indexer.features.tasks.OutputFunction.likelihood_terms`).
+        grad_term: `(rows,)` float64 beta_i r_i.
     """
 
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
+    beta: np.ndarray
+    grad_term: np.ndarray
 
     @staticmethod
     def concatenate(parts: Sequence[BufferFeatures]) -> BufferFeatures:
@@ -96,6 +109,8 @@ class BufferFeatures:
             phi=np.concatenate([p.phi for p in parts]),
             outputs=np.concatenate([p.outputs for p in parts]),
             model_outputs=np.concatenate([p.model_outputs for p in parts]),
+            beta=np.concatenate([p.beta for p in parts]),
+            grad_term=np.concatenate([p.grad_term for p in parts]),
         )
 
 
@@ -259,17 +274,22 @@ class DenseFeaturizer:
 
     def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
         """The buffer's gradients, gathered batch by batch, then projected in one pass over R's blocks."""
-        grads, outputs, raw = [], [], []
+        grads, outputs, raw, beta, grad_term = [], [], [], [], []
         for batch in batches:
             inputs, targets = to_device(batch.inputs, self.device), batch.targets.to(self.device)
             g, out, r = per_example_gradients(self.model, output_fn, inputs, targets)
+            terms = output_fn.likelihood_terms(r, targets, out)
             grads.append(g.float().cpu().numpy())
             outputs.append(out.double().cpu().numpy())
             raw.append(r.float().cpu().numpy())
+            beta.append(terms[0])
+            grad_term.append(terms[1])
         return BufferFeatures(
             phi=self.projection.project(np.concatenate(grads)),
             outputs=np.concatenate(outputs),
             model_outputs=np.concatenate(raw),
+            beta=np.concatenate(beta),
+            grad_term=np.concatenate(grad_term),
         )
 
 
@@ -292,7 +312,7 @@ def example_gradient(
         order, `()` output value, `(n_outputs,)` raw outputs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    raw = model(x.unsqueeze(0)).reshape(-1)
+    raw = model_outputs(model, x.unsqueeze(0)).reshape(-1)
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
     return torch.cat([g.reshape(-1).float() for g in grads]), out.detach(), raw.detach()
@@ -374,7 +394,8 @@ def tangent_features(
         :class:`Features` with `(n, k)` float32 ``phi``.
 
     Raises:
-        ValueError: a batch whose inputs and targets disagree in length.
+        ValueError: a batch whose inputs and targets disagree in length, or whose inputs or targets have
+            another shape per example than the first batch's (sequences padded to each batch's longest).
     """
     if isinstance(batches, Dataset | StreamedDataset):
         total = len(batches) if isinstance(batches, Dataset) else total
@@ -384,13 +405,12 @@ def tangent_features(
     targets: list[np.ndarray] = []
     metadata: list[dict[str, Any]] = []
     inputs: list[np.ndarray] = []
-    first: torch.Tensor | None = None
+    first: Batch | None = None
     with tqdm(total=total, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
         for buffer, group in enumerate(_buffers(batches, rows_per_buffer)):
+            first = group[0] if first is None else first
             for batch in group:
-                if len(batch.first_input) != len(batch):
-                    n_inputs = len(batch.first_input)
-                    raise ValueError(f"a batch of {len(batch)} targets has {n_inputs} inputs")
+                _check_batch(batch, first)
             rows = sum(len(b) for b in group)
             digest = batch_digest(group) if cache is not None else ""
             done = cache.load(buffer, rows, digest) if cache is not None else None
@@ -400,7 +420,6 @@ def tangent_features(
                     cache.save(buffer, done, digest)
             bar.update(rows)
             parts.append(done)
-            first = group[0].first_input if first is None else first
             for batch in group:
                 targets.append(host_array(batch.targets))
                 metadata.extend(batch.metadata)
@@ -408,14 +427,46 @@ def tangent_features(
                     inputs.append(host_array(batch.first_input))
     if first is None:  # no examples (an empty query split)
         empty = np.zeros(0)
-        return Features(np.zeros((0, featurizer.k), np.float32), empty, np.zeros((0, 0), np.float32), empty)
+        return Features(
+            np.zeros((0, featurizer.k), np.float32), empty, np.zeros((0, 0), np.float32), empty, empty, empty
+        )
+    done = BufferFeatures.concatenate(parts)
     return Features(
-        phi=np.concatenate([p.phi for p in parts]),
-        outputs=np.concatenate([p.outputs for p in parts]),
-        model_outputs=np.concatenate([p.model_outputs for p in parts]),
+        phi=done.phi,
+        outputs=done.outputs,
+        model_outputs=done.model_outputs,
         targets=np.concatenate(targets),
+        beta=done.beta,
+        grad_term=done.grad_term,
         metadata=metadata,
         inputs=np.concatenate(inputs) if keep_inputs else None,
-        input_shape=tuple(int(d) for d in first.shape[1:]),
-        input_dtype=str(first.dtype).removeprefix("torch."),
+        input_shape=tuple(int(d) for d in first.first_input.shape[1:]),
+        input_dtype=_dtype_name(first.first_input.dtype),
+        input_dtypes=(
+            {key: _dtype_name(value.dtype) for key, value in first.inputs.items()}
+            if isinstance(first.inputs, dict)
+            else None
+        ),
     )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``"int64"`` for ``torch.int64``: the name the manifest records."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_batch(batch: Batch, first: Batch) -> None:
+    """Refuse a batch whose inputs and targets disagree in length, or whose shapes per example differ from
+    the first batch's: the features, outputs and targets of all batches are stacked into one array each."""
+    if len(batch.first_input) != len(batch):
+        raise ValueError(f"a batch of {len(batch)} targets has {len(batch.first_input)} inputs")
+    for what, got, want in (
+        ("inputs", batch.first_input, first.first_input),
+        ("targets", batch.targets, first.targets),
+    ):
+        if got.shape[1:] != want.shape[1:]:
+            raise ValueError(
+                f"a batch's {what} have shape {list(got.shape[1:])} per example, the first batch's "
+                f"{list(want.shape[1:])}: every batch must have the same shape per example (pad sequences to "
+                "one fixed length, e.g. the collator's padding='max_length', not to each batch's longest)"
+            )

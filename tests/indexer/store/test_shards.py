@@ -279,7 +279,9 @@ def test_corrupt_shard_of_wrong_layout_is_recomputed(
     first_buffer = batch_digest(list(data.batches(TINY.batch_size))[:2])  # the right data, the wrong rows
     shards.SplitShards(work, "train").save(
         0,
-        BufferFeatures(np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32)),
+        BufferFeatures(
+            np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32), np.zeros(3), np.zeros(3)
+        ),
         first_buffer,
     )
     build_index(model, ClassificationMargin(), data, out, config=TINY, progress=False)

@@ -113,6 +113,10 @@ def build(
     model_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments of the model factory")] = "{}",
     output: Annotated[OutputKind, typer.Option(help="output function")] = OutputKind.CLASSIFICATION_MARGIN,
     sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option(help="width of the logits at each position, for --output lm_margin (required there)"),
+    ] = None,
     *,
     config: IndexConfig,
 ) -> None:
@@ -123,9 +127,7 @@ def build(
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
     with _user_errors():
         spec = ModelSpec(model, kwargs)
-        output_fn = output_function_from_spec(
-            output.value, {"sigma": sigma} if output is OutputKind.REGRESSION else {}
-        )
+        output_fn = output_function_from_spec(output.value, _output_params(output, sigma, vocab_size))
         train, queries = load_arrays(data)
         path = build_index(
             build_model(spec),
@@ -138,6 +140,23 @@ def build(
             config=config,
         )
     typer.echo(f"wrote index {path}")
+
+
+def _output_params(output: OutputKind, sigma: float, vocab_size: int | None) -> dict[str, Any]:
+    """The constructor arguments of the built-in output function ``output`` from the CLI's options.
+
+    Raises:
+        ValueError: ``--vocab-size`` missing for ``lm_margin``.
+    """
+    if output is OutputKind.REGRESSION:
+        return {"sigma": sigma}
+    if output is OutputKind.LM_MARGIN:
+        if vocab_size is None:
+            raise ValueError(
+                "--output lm_margin needs --vocab-size (the width of the logits at each position)"
+            )
+        return {"vocab_size": vocab_size}
+    return {}
 
 
 @app.command()

@@ -16,6 +16,10 @@ from indexer.features.featurize import (
     tangent_features,
 )
 from indexer.features.hooks import HookFeaturizer, layer_kind
+
+# the sequence output function registers itself: importing it here puts it in the registry wherever output
+# functions are looked up (every import of indexer.features.tasks runs this package's __init__ first)
+from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets, shift_labels
 from indexer.features.models import (
     ModelSpec,
     build_model,
@@ -39,6 +43,7 @@ from indexer.features.tasks import (
     OutputFunction,
     RegressionOutput,
     gaussian_entropy,
+    label_margin,
     output_function_from_spec,
     register_output_function,
 )
@@ -52,6 +57,10 @@ __all__ = [
     "DenseFeaturizer",
     "Featurizer",
     "HookFeaturizer",
+    "IGNORE_INDEX",
+    "LanguageModelMargin",
+    "causal_lm_targets",
+    "shift_labels",
     "KroneckerProjection",
     "LayerBlock",
     "RestBlock",
@@ -68,6 +77,7 @@ __all__ = [
     "count_parameters",
     "example_gradient",
     "gaussian_entropy",
+    "label_margin",
     "load_checkpoint",
     "logistic_regression",
     "mlp",

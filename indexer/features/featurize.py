@@ -39,6 +39,7 @@ __all__ = [
     "Featurizer",
     "Features",
     "buffer_rows",
+    "check_batch",
     "count_parameters",
     "example_gradient",
     "host_array",
@@ -410,7 +411,7 @@ def tangent_features(
         for buffer, group in enumerate(_buffers(batches, rows_per_buffer)):
             first = group[0] if first is None else first
             for batch in group:
-                _check_batch(batch, first)
+                check_batch(batch, first)
             rows = sum(len(b) for b in group)
             digest = batch_digest(group) if cache is not None else ""
             done = cache.load(buffer, rows, digest) if cache is not None else None
@@ -455,9 +456,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_batch(batch: Batch, first: Batch) -> None:
+def check_batch(batch: Batch, first: Batch) -> None:
     """Refuse a batch whose inputs and targets disagree in length, or whose shapes per example differ from
-    the first batch's: the features, outputs and targets of all batches are stacked into one array each."""
+    the first batch's: the features, outputs and targets of all batches are stacked into one array each.
+
+    Args:
+        batch: the batch to check; first: the first batch of the same examples.
+
+    Raises:
+        ValueError: says which shapes differ and how to pad.
+    """
     if len(batch.first_input) != len(batch):
         raise ValueError(f"a batch of {len(batch)} targets has {len(batch.first_input)} inputs")
     for what, got, want in (

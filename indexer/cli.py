@@ -10,6 +10,8 @@ import functools
 import inspect
 import json
 import logging
+import os
+import traceback
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from indexer.build import build_index
@@ -30,15 +33,38 @@ from indexer.features.tasks import output_function_from_spec
 __all__ = ["app", "config_options"]
 
 
+TRACEBACK_ENV = "INFOTRACE_TRACEBACK"
+"""Set this environment variable to 1 to see the traceback of an unexpected error as well."""
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause (bad files, shapes, names) into one line on stderr and exit code 2."""
+    """Turn every error of a command into one line on stderr, never a traceback.
+
+    The errors a user can cause (bad files, shapes, names: ValueError, OSError, the project's own) give
+    ``error: <message>`` and exit code 2; anything else (a RuntimeError of torch or safetensors, a bug) gives
+    ``error: <type>: <message>`` and exit code 1, with the traceback only when ``INFOTRACE_TRACEBACK=1``.
+    A message of several lines is joined into one.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise  # typer's own exits and usage errors (click.exceptions.Exit is a RuntimeError)
     except (ValueError, OSError, InfotraceError) as exc:  # OSError: missing, unreadable, locked files
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(code=2) from exc
+    except Exception as exc:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exc()
+        hint = "" if os.environ.get(TRACEBACK_ENV) == "1" else f" (set {TRACEBACK_ENV}=1 for the traceback)"
+        typer.echo(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (torch and safetensors write several), or its type's name."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def config_options(command: Callable[..., None]) -> Callable[..., None]:

@@ -27,18 +27,11 @@ from indexer.data import Batch, Dataset, Examples
 from indexer.enums import ProjectionKind, Score
 from indexer.exceptions import InvalidTargetsError
 from indexer.features.factory import make_featurizer
-from indexer.features.featurize import (
-    Features,
-    Featurizer,
-    check_batch,
-    count_parameters,
-    model_outputs,
-    tangent_features,
-    to_device,
-)
+from indexer.features.featurize import Features, Featurizer, count_parameters, model_outputs, to_device
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS
+from indexer.features.stream import check_batch, tangent_features
 from indexer.features.tasks import OutputFunction
 from indexer.gp.surrogate import fit_surrogate
 from indexer.store.faiss_index import check_factory, make_faiss_index

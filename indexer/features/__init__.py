@@ -4,7 +4,6 @@ per-example projected tangent features."""
 from __future__ import annotations
 
 from indexer.features.featurize import (
-    BufferCache,
     BufferFeatures,
     DenseFeaturizer,
     Features,
@@ -13,7 +12,6 @@ from indexer.features.featurize import (
     count_parameters,
     example_gradient,
     per_example_gradients,
-    tangent_features,
 )
 from indexer.features.hooks import HookFeaturizer, layer_kind
 
@@ -38,6 +36,7 @@ from indexer.features.projection import (
     RestBlock,
     seeded_matrix,
 )
+from indexer.features.stream import BufferCache, tangent_features
 from indexer.features.tasks import (
     ClassificationMargin,
     OutputFunction,

@@ -1,7 +1,7 @@
 """Resumable index builds: finished featurization buffers kept as checksummed shards (DESIGN.md 2.1).
 
 Featurizing dominates a build, so :func:`~indexer.build.build_index` keeps every finished buffer of
-:func:`~indexer.features.featurize.tangent_features` as one shard file in a work folder beside the output,
+:func:`~indexer.features.stream.tangent_features` as one shard file in a work folder beside the output,
 ``<parent>/.<name>.work-<key>/``. The key is a sha256 of everything that determines the features (the
 stored weights, the architecture, the output function, the projection, the buffer layout, the bytes of the
 train and query inputs and targets, the torch/numpy versions and the device), so a build with other

@@ -22,8 +22,9 @@ import indexer.store.shards as shards
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.features.featurize import BufferFeatures, batch_digest
+from indexer.features.featurize import BufferFeatures
 from indexer.features.models import ModelSpec, build_model
+from indexer.features.stream import batch_digest
 from indexer.features.tasks import ClassificationMargin
 from indexer.store.layout import MANIFEST_FILE
 from indexer.store.reader import load_index

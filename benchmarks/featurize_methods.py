@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from indexer.features import models
+
 __all__ = [
     "METHODS",
     "METHOD_LABELS",
@@ -72,23 +74,9 @@ DEFAULT_BUFFER_BYTES = 256 * 2**20
 
 
 def cnn(channels: tuple[int, int], hidden: int, batch_norm: bool = True) -> nn.Module:
-    """A digits CNN on flat `(n, 784)` inputs: two 3 x 3 convolutions (each with BatchNorm, ReLU and 2 x 2
-    max-pooling), then a hidden Linear layer and the 10 logits."""
-    c1, c2 = channels
-
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        norm: list[nn.Module] = [nn.BatchNorm2d(c_out)] if batch_norm else []
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), *norm, nn.ReLU(), nn.MaxPool2d(2)]
-
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 28, 28)),
-        *block(1, c1),
-        *block(c1, c2),
-        nn.Flatten(),
-        nn.Linear(c2 * 7 * 7, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
+    """The digits CNN of the demo (:func:`indexer.features.models.cnn`) on flat `(n, 784)` inputs: two 3 x 3
+    convolutions (each with BatchNorm, ReLU and 2 x 2 max-pooling), a hidden Linear layer, 10 logits."""
+    return models.cnn(28, channels, hidden, 10, batch_norm)
 
 
 def n_params(model: nn.Module) -> int:

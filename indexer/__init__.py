@@ -51,10 +51,13 @@ from indexer.gp import (
     default_prior_precision,
     fit_surrogate,
 )
+from indexer.plugins import PluginError, load_plugins
 from indexer.store import IndexData, Manifest, load_index, make_faiss_index, read_manifest
 
 __all__ = [
     "ClassificationMargin",
+    "PluginError",
+    "load_plugins",
     "CoresetResult",
     "Dataset",
     "Direction",

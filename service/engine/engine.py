@@ -68,8 +68,8 @@ class AttributionEngine:
         use_gpu: search FAISS on the GPUs; None: when FAISS sees one.
 
     Raises:
-        ValueError: the model spec cannot be built, or ``use_gpu`` without a GPU.
-        ModelMismatchError: the stored checkpoint's parameter count differs from the manifest's.
+        ValueError: the output function is unknown, or ``use_gpu`` without a GPU. A model that cannot be
+            rebuilt is not an error: raw inputs are then refused with the reason (:attr:`model_error`).
     """
 
     def __init__(

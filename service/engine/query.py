@@ -94,12 +94,11 @@ class QueryFeaturizer:
         model: the rebuilt network in eval mode, or None when raw inputs cannot be featurized.
         projection: the index's dense projection (None for a Kronecker index, or without ``model``).
         hooks: the index's Kronecker featurizer hooked into ``model`` (None for a dense index).
-        model_error: why raw inputs are refused, or None.
+        model_error: why raw inputs are refused (no spec, an untrusted factory, another checkpoint, or a
+            model that cannot be rebuilt: a missing module, weights that do not fit), or None.
 
     Raises:
-        ValueError: the output function is unknown, or the stored model spec cannot be built or its
-            checkpoint does not fit it.
-        ModelMismatchError: the rebuilt model's parameter count differs from the manifest's.
+        ValueError: the output function is unknown (a custom one whose plugin module is not loaded).
     """
 
     def __init__(
@@ -118,24 +117,43 @@ class QueryFeaturizer:
         self.hooks: HookFeaturizer | None = None
         self.model_error = self._refusal(checkpoint, trusted_factories)
         if info.spec is not None and self.model_error is None:
-            model = build_model(info.spec)
-            load_checkpoint(model, data.path / CHECKPOINT_FILE if checkpoint is None else Path(checkpoint))
-            n_params = count_parameters(model)
-            if n_params != info.n_params:
-                raise ModelMismatchError(
-                    f"{data.path / CHECKPOINT_FILE}: model has {n_params} parameters, "
-                    f"the manifest expects {info.n_params}"
+            try:
+                self._rebuild(checkpoint, projection_cache_bytes)
+            except Exception as exc:  # a missing module, a factory that fails, weights that do not fit
+                self.model, self.projection, self.hooks = None, None, None
+                self.model_error = (
+                    f"index {data.name!r}: its model cannot be rebuilt, so raw inputs cannot be featurized "
+                    f"(stored-id and feature queries are served): {type(exc).__name__}: {exc}"
                 )
-            self.model = model.eval()
-            proj = data.manifest.projection
-            if proj.structure is ProjectionKind.KRONECKER:
-                self.hooks = self._hooks(model, n_params)
-            else:
-                self.projection = DenseProjection(
-                    n_params, proj.k, proj.seed, proj.entries, cache_bytes=projection_cache_bytes
-                )
-                for _ in self.projection.blocks():  # fill the cache now, not on the first request
-                    pass
+
+    def _rebuild(self, checkpoint: Path | None, projection_cache_bytes: int) -> None:
+        """Rebuild the index's model with its weights and hook up its projection.
+
+        Raises:
+            ValueError: the spec cannot be built, or the checkpoint does not fit it.
+            ModelMismatchError: the rebuilt model's parameter count or layers differ from the manifest's.
+            Exception: whatever the model factory raises.
+        """
+        info, data = self.data.manifest.model, self.data
+        assert info.spec is not None  # only called for an index with a model spec
+        model = build_model(info.spec)
+        load_checkpoint(model, data.path / CHECKPOINT_FILE if checkpoint is None else Path(checkpoint))
+        n_params = count_parameters(model)
+        if n_params != info.n_params:
+            raise ModelMismatchError(
+                f"{data.path / CHECKPOINT_FILE}: model has {n_params} parameters, "
+                f"the manifest expects {info.n_params}"
+            )
+        proj = data.manifest.projection
+        if proj.structure is ProjectionKind.KRONECKER:
+            self.hooks = self._hooks(model, n_params)
+        else:
+            self.projection = DenseProjection(
+                n_params, proj.k, proj.seed, proj.entries, cache_bytes=projection_cache_bytes
+            )
+            for _ in self.projection.blocks():  # fill the cache now, not on the first request
+                pass
+        self.model = model.eval()
 
     def _hooks(self, model: torch.nn.Module, n_params: int) -> HookFeaturizer:
         """The index's Kronecker plan (from its manifest) hooked into the rebuilt model.
@@ -228,6 +246,11 @@ class QueryFeaturizer:
         inputs = self._input_tensor(raw)
         with torch.no_grad():
             raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
+        if not np.all(np.isfinite(raw_out)):
+            raise InvalidQueryError(
+                "the model's output for this input is not finite (NaN or overflow): the input is far outside "
+                "the range the model works in"
+            )
         prediction, probabilities = self.output_fn.predict(raw_out)
         target_value = self._target(target, raw_out, probabilities is not None)
         dtype = torch.int64 if probabilities is not None else torch.float32
@@ -239,6 +262,11 @@ class QueryFeaturizer:
             assert self.projection is not None  # a model comes with one of the two projections
             gradient, out_t, _ = example_gradient(self.model, self.output_fn, inputs[0], target_tensor)
             phi, out = self.projection.project(gradient.numpy()[None])[0], float(out_t)
+        if not (np.all(np.isfinite(phi)) and math.isfinite(out)):
+            raise InvalidQueryError(
+                "the tangent feature of this input is not finite (its gradient overflows float32): the input "
+                "is far outside the range the model works in"
+            )
         return Query(
             kind="input",
             terms=self.data.surrogate.query_terms(phi),

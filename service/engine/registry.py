@@ -71,7 +71,7 @@ class IndexRegistry:
                 failures[folder.name] = f"{type(exc).__name__}: {exc}"
                 log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
                 continue
-            if not engine.raw_inputs and folder.name in (checkpoints or {}):
+            if engine.model_error is not None and engine.data.manifest.model.spec is not None:
                 log.warning("index %s: raw-input queries refused: %s", folder.name, engine.model_error)
             engines[folder.name] = engine
         for name in sorted(set(checkpoints or {}) - set(engines) - set(failures)):

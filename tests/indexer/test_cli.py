@@ -295,3 +295,26 @@ def test_a_language_model_index_from_the_cli(tmp_path: Path, tiny_lm) -> None:
         progress=False,
     )
     assert np.array_equal(index.phi, load_index(via_api).phi)
+
+
+def test_the_cnn_demo_builds_a_convolutional_index(tmp_path: Path) -> None:
+    """``infotrace-index demo --demo digits-cnn``: the built-in CNN with BatchNorm, trained and indexed
+    (tiny here: 200 digits, one epoch); every weight is covered, the norms by the rest block."""
+    from indexer.demo.mnist import CNN_SPEC, build_demo_index
+    from indexer.features.models import build_model, cnn
+
+    assert sum(p.numel() for p in build_model(CNN_SPEC).parameters()) == 207_018
+    assert cnn(side=16, channels=[4], hidden=8, out_features=3)(torch.zeros(2, 256)).shape == (2, 3)
+    with pytest.raises(ValueError, match="side 30 must be divisible by 2 \\*\\* 2"):
+        cnn(side=30)
+    path = build_demo_index(
+        tmp_path / "indexes", k=64, n_train=200, epochs=1, progress=False, name="digits-cnn"
+    )
+    data = load_index(path)
+    coverage = data.manifest.projection.coverage or {}
+    assert [b["layer"] for b in coverage["blocks"]] == ["conv2d", "conv2d", "linear", "linear"]
+    assert coverage["covered_fraction"] == 1.0 and coverage["rest"]["treatment"] == "dense"
+    assert {p["name"] for p in coverage["rest"]["params"]} == {"2.weight", "2.bias", "6.weight", "6.bias"}
+    assert data.n_train == 200 and data.manifest.model.image_shape == (28, 28)
+    with pytest.raises(ValueError, match="unknown digits demo 'nope'"):
+        build_demo_index(tmp_path / "indexes", name="nope")

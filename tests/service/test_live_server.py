@@ -45,3 +45,32 @@ def test_live_server_answers_like_the_library(live_url: str, index_root: Path, t
         bad = client.post("/v1/indexes/digits/attributions", json={"query": {"input": [1.0, 2.0]}})
         assert bad.status_code == 422 and "shape [784]" in bad.json()["detail"]
         assert client.get("/readyz").status_code == 200
+
+
+def test_a_client_that_sends_less_than_it_announces_is_cut_off(
+    index_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue #16 case 6: a Content-Length longer than the body held the connection with no time limit; now
+    it gets 408 after INFOTRACE_BODY_TIMEOUT_S and the connection is closed. The service keeps serving."""
+    import socket
+    import time
+
+    log = tmp_path_factory.mktemp("slow") / "server.log"
+    with running_service(index_root, log, env={"INFOTRACE_BODY_TIMEOUT_S": "1"}) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
+            sock.sendall(
+                b"POST /v1/indexes/digits/attributions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"query": {"id"'
+            )
+            started = time.monotonic()
+            received = b""
+            while chunk := sock.recv(65536):  # b"" once the server closes the connection
+                received += chunk
+            waited = time.monotonic() - started
+        assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+        assert b"request body not received within 1.0 s (INFOTRACE_BODY_TIMEOUT_S)" in received
+        assert 0.5 < waited < 15  # cut off after about the timeout, not held open
+        assert (
+            httpx.post(f"{service.url}/v1/indexes/digits/attributions", json={"query": {"id": 0}}).status_code
+            == 200
+        )

@@ -35,6 +35,7 @@ from service.api.schemas import (
     SubsetResponse,
     Timings,
 )
+from service.api.strict import StrictJSONRoute
 from service.engine.engine import AttributionEngine
 from service.engine.query import Query
 from service.engine.results import QueryDescription
@@ -42,7 +43,7 @@ from service.engine.results import Timings as EngineTimings
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["attributions"])
+router = APIRouter(tags=["attributions"], route_class=StrictJSONRoute)
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
 

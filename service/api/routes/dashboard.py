@@ -10,12 +10,14 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.api.strict import StrictJSONRoute
+
 __all__ = ["router", "mount_dashboard", "STATIC_DIR"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 """The dashboard's files, shipped as package data (``service/static``)."""
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.get("/", include_in_schema=False)

@@ -16,12 +16,13 @@ from indexer.store.layout import SPLIT_QUERY, SPLIT_TRAIN
 from service.api.deps import IndexDep
 from service.api.errors import EXAMPLE_ERRORS, PNG_RESPONSE
 from service.api.schemas import ExampleInfo, Split
+from service.api.strict import StrictJSONRoute
 from service.engine.engine import AttributionEngine
 from service.render import DEFAULT_SCALE, MAX_SCALE
 
 __all__ = ["router", "SCALING_HEADER"]
 
-router = APIRouter(tags=["examples"])
+router = APIRouter(tags=["examples"], route_class=StrictJSONRoute)
 
 SCALING_HEADER = "X-Infotrace-Scaling"
 """Response header of an image rendering: ``unit`` ([0, 1] -> 0..255) or ``minmax`` (per image)."""

@@ -7,11 +7,12 @@ from fastapi import APIRouter, Response, status
 from service.api.deps import IndexDep, RegistryDep
 from service.api.errors import ERROR_RESPONSES
 from service.api.schemas import Health, IndexList, IndexSummary, Readiness
+from service.api.strict import StrictJSONRoute
 from service.engine.engine import AttributionEngine
 
 __all__ = ["router"]
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])
@@ -22,7 +23,9 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
 async def readyz(registry: RegistryDep, response: Response) -> Readiness:
-    """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise."""
+    """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise. A served
+    index that cannot featurize raw inputs is ready (stored-id and feature queries work); ``missing`` says
+    why."""
     states = dict.fromkeys(registry.engines, "ready") | dict(registry.failures)
     ready = bool(registry.engines) and not registry.failures
     detail = None
@@ -30,7 +33,12 @@ async def readyz(registry: RegistryDep, response: Response) -> Readiness:
         detail = f"no index folders (subfolders holding manifest.json) under {registry.root}"
     if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return Readiness(ready=ready, indexes=states, detail=detail)
+    missing = {
+        name: {"raw_input_queries": engine.model_error}
+        for name, engine in sorted(registry.engines.items())
+        if engine.model_error is not None
+    }
+    return Readiness(ready=ready, indexes=states, detail=detail, missing=missing)
 
 
 def _summary(engine: AttributionEngine) -> IndexSummary:

@@ -134,6 +134,9 @@ def test_raw_inputs_are_validated_and_equal_the_stored_feature(
         engine.queries.input([1.0, 2.0, 3.0])
     with pytest.raises(InvalidQueryError, match=r"target must be a class index in 0\.\.9; got 10"):
         engine.queries.input(test_digits.inputs[2].tolist(), 10)
+    # a valid float32 input whose activations overflow: named as the input's fault, not a feature's
+    with pytest.raises(InvalidQueryError, match=r"model's output for this input is not finite"):
+        engine.queries.input([1e38] * 784)
 
 
 def test_an_index_without_a_model_spec_serves_ids_and_refuses_raw_inputs(
@@ -275,3 +278,34 @@ def test_every_dtype_is_built_stored_and_queried_by_raw_input(
             InvalidQueryError, match=rf"input must be finite {kind} numbers \(\|x\| <= {re.escape(limit)}\)"
         ):
             engine.queries.input([4 * float(torch.finfo(dtype).max)] * 5)
+
+
+def test_an_index_whose_model_cannot_be_rebuilt_serves_ids_and_features(
+    index_root: Path, tmp_path: Path
+) -> None:
+    """Issue #16 case 4: a model factory that cannot be imported took the whole index down; now stored-id
+    and feature queries are served, raw inputs get 409 with the reason, /readyz names what is missing."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.core.settings import Settings
+
+    shutil.copytree(index_root / "digits", tmp_path / "orphan")
+    path = tmp_path / "orphan" / MANIFEST_FILE
+    document = json.loads(path.read_text())
+    document["model"]["spec"]["factory"] = "no_such_package.models:net"
+    document[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(document)
+    path.write_text(json.dumps(document))
+    settings = Settings(index_root=tmp_path, trusted_model_factories=["no_such_package.models:net"])
+    with TestClient(create_app(settings)) as client:
+        ready = client.get("/readyz")
+        stored = client.post("/v1/indexes/orphan/attributions", json={"query": {"id": 3}})
+        phi = load_index(tmp_path / "orphan").query_phi[3].tolist()
+        feature = client.post("/v1/indexes/orphan/attributions", json={"query": {"feature": phi}})
+        raw = client.post("/v1/indexes/orphan/attributions", json={"query": {"input": [0.0] * 784}})
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    reason = ready.json()["missing"]["orphan"]["raw_input_queries"]
+    assert "its model cannot be rebuilt" in reason and "no_such_package" in reason
+    assert stored.status_code == 200 and feature.status_code == 200
+    assert [r["id"] for r in stored.json()["results"]] == [r["id"] for r in feature.json()["results"]]
+    assert raw.status_code == 409 and raw.json()["detail"] == reason

@@ -25,18 +25,13 @@ from torch import nn
 from indexer.config import IndexConfig
 from indexer.data import Batch, Dataset, Examples
 from indexer.enums import ProjectionKind, Score
+from indexer.exceptions import InvalidTargetsError
 from indexer.features.factory import make_featurizer
-from indexer.features.featurize import (
-    Features,
-    Featurizer,
-    count_parameters,
-    model_outputs,
-    tangent_features,
-    to_device,
-)
+from indexer.features.featurize import Features, Featurizer, count_parameters, model_outputs, to_device
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS
+from indexer.features.stream import check_batch, tangent_features
 from indexer.features.tasks import OutputFunction
 from indexer.gp.surrogate import fit_surrogate
 from indexer.store.faiss_index import check_factory, make_faiss_index
@@ -61,7 +56,7 @@ from indexer.store.sections import ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
 from indexer.store.writer import write_index_dir
 
-__all__ = ["build_index"]
+__all__ = ["build_index", "check_targets", "probe_outputs"]
 
 log = logging.getLogger("infotrace.indexer")
 
@@ -162,9 +157,10 @@ def build_index(
             )
         featurize_seconds = time.perf_counter() - started
 
-        beta = output_fn.likelihood_weight(tangent.outputs, tangent.targets)
-        grad_term = output_fn.grad_term(tangent.outputs, tangent.targets)
-        surrogate = fit_surrogate(tangent.phi, beta, grad_term, config.prior_precision, config.s_floor)
+        # beta_i and beta_i r_i come from the featurizer's forward pass (per-token margins, DESIGN.md 1.8)
+        surrogate = fit_surrogate(
+            tangent.phi, tangent.beta, tangent.grad_term, config.prior_precision, config.s_floor
+        )
         faiss_indexes = {
             score: make_faiss_index(surrogate.score_vectors(score), config.faiss_factory) for score in Score
         }
@@ -242,9 +238,34 @@ def _prepare(
     probe = next(iter(train.batches(batch_size)), None)
     if probe is None or len(probe) == 0:
         raise ValueError("the training set is empty")
-    output_fn.check_targets(probe.targets, int(probe_outputs(model, probe).shape[1]))
+    check_targets(output_fn, probe.targets, int(probe_outputs(model, probe).shape[1]), SPLIT_TRAIN, 0)
     _check_independent(model, probe)
     return probe
+
+
+def check_targets(
+    output_fn: OutputFunction, targets: torch.Tensor, n_outputs: int, split: str, start: int
+) -> None:
+    """The output function's check of one batch's targets, its error naming the examples of the split.
+
+    Args:
+        output_fn: the output function; targets: `(B, ...)` the batch's targets; n_outputs: the model's
+            output width per example; split: ``"train"`` or ``"query"``; start: the batch's first example.
+
+    Raises:
+        ValueError: the targets break a rule; the message names the examples (``train example(s) [19]``,
+            from an :class:`~indexer.exceptions.InvalidTargetsError`'s rows) or the batch's range.
+    """
+    try:
+        output_fn.check_targets(targets, n_outputs)
+    except InvalidTargetsError as exc:
+        if not exc.rows:
+            raise ValueError(f"{split} examples {start}..{start + len(targets) - 1}: {exc}") from exc
+        named = [start + row for row in exc.rows[:10]]
+        more = f" and {len(exc.rows) - 10} more" if len(exc.rows) > 10 else ""
+        raise ValueError(f"{split} example(s) {named}{more}: {exc.reason}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{split} examples {start}..{start + len(targets) - 1}: {exc}") from exc
 
 
 def _check_independent(model: nn.Module, probe: Batch) -> None:
@@ -283,12 +304,14 @@ def _featurize(
     checked before it is featurized."""
 
     def checked() -> Iterator[Batch]:
-        start = 0
+        start, first = 0, None
         for batch in data.batches(config.batch_size):
-            try:
-                output_fn.check_targets(batch.targets, n_outputs)
+            first = batch if first is None else first
+            try:  # the shapes first: targets of another length would be checked against the wrong width
+                check_batch(batch, first)
             except ValueError as exc:
                 raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
+            check_targets(output_fn, batch.targets, n_outputs, split, start)
             start += len(batch)
             yield batch
 

@@ -11,6 +11,8 @@ import functools
 import inspect
 import json
 import logging
+import os
+import traceback
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from indexer.build import build_index
@@ -32,15 +35,38 @@ from indexer.plugins import load_plugins
 __all__ = ["app", "config_options"]
 
 
+TRACEBACK_ENV = "INFOTRACE_TRACEBACK"
+"""Set this environment variable to 1 to see the traceback of an unexpected error as well."""
+
+
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause (bad files, shapes, names) into one line on stderr and exit code 2."""
+    """Turn every error of a command into one line on stderr, never a traceback.
+
+    The errors a user can cause (bad files, shapes, names, plugins: ValueError, OSError, ImportError, the
+    project's own) give ``error: <message>`` and exit code 2; anything else (a RuntimeError of torch or
+    safetensors, a bug) gives ``error: <type>: <message>`` and exit code 1, with the traceback only when
+    ``INFOTRACE_TRACEBACK=1``. A message of several lines is joined into one.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise  # typer's own exits and usage errors (click.exceptions.Exit is a RuntimeError)
     except (ValueError, OSError, ImportError, InfotraceError) as exc:  # OSError: missing or unreadable files
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         raise typer.Exit(code=2) from exc
+    except Exception as exc:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exc()
+        hint = "" if os.environ.get(TRACEBACK_ENV) == "1" else f" (set {TRACEBACK_ENV}=1 for the traceback)"
+        typer.echo(f"error: {type(exc).__name__}: {_one_line(exc)}{hint}", err=True)
+        raise typer.Exit(code=1) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (torch and safetensors write several), or its type's name."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 def config_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -136,6 +162,10 @@ def build(
         ),
     ] = OutputKind.CLASSIFICATION_MARGIN.value,
     sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
+    vocab_size: Annotated[
+        int | None,
+        typer.Option(help="width of the logits at each position, for --output lm_margin (required there)"),
+    ] = None,
     image_shape: Annotated[
         str | None,
         typer.Option(help="HEIGHTxWIDTH when each input is a grayscale image (e.g. 28x28), for rendering"),
@@ -159,9 +189,7 @@ def build(
     with _user_errors():
         load_plugins(plugin or [])
         spec = ModelSpec(model, kwargs)
-        output_fn = output_function_from_spec(
-            output, {"sigma": sigma} if output == OutputKind.REGRESSION.value else {}
-        )
+        output_fn = output_function_from_spec(output, _output_params(output, sigma, vocab_size))
         train, queries = load_arrays(data)
         if shape is not None:
             train = dataclasses.replace(train, image_shape=shape)
@@ -177,6 +205,24 @@ def build(
             config=config,
         )
     typer.echo(f"wrote index {path}")
+
+
+def _output_params(output: str, sigma: float, vocab_size: int | None) -> dict[str, Any]:
+    """The constructor arguments of the output function named ``output`` from the CLI's options (a
+    plugin's takes none).
+
+    Raises:
+        ValueError: ``--vocab-size`` missing for ``lm_margin``.
+    """
+    if output == OutputKind.REGRESSION.value:
+        return {"sigma": sigma}
+    if output == OutputKind.LM_MARGIN.value:
+        if vocab_size is None:
+            raise ValueError(
+                "--output lm_margin needs --vocab-size (the width of the logits at each position)"
+            )
+        return {"vocab_size": vocab_size}
+    return {}
 
 
 @app.command()

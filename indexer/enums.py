@@ -91,12 +91,15 @@ class Device(str, Enum):
 
 
 class OutputKind(str, Enum):
-    """Built-in output functions (DESIGN.md 1.1)."""
+    """Built-in output functions (DESIGN.md 1.1, 1.8)."""
 
     CLASSIFICATION_MARGIN = "classification_margin"
     """m = z_y - logsumexp_{c != y} z_c, so sigmoid(m) is the softmax probability of the label."""
     REGRESSION = "regression"
     """The scalar model output itself, Gaussian likelihood with noise variance sigma^2."""
+    LM_MARGIN = "lm_margin"
+    """Language models: the sum of the target tokens' margins over the vocabulary, with `(T, vocab)` logits
+    per example aligned with `(T,)` target token ids (DESIGN.md 1.8)."""
 
 
 class Objective(str, Enum):

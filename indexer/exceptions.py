@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "InfotraceError",
     "IndexNotFoundError",
@@ -9,6 +11,7 @@ __all__ = [
     "IndexFormatError",
     "IndexNotReadyError",
     "InvalidQueryError",
+    "InvalidTargetsError",
     "UnknownExampleError",
     "ModelMismatchError",
     "NotStoredError",
@@ -37,6 +40,26 @@ class IndexNotReadyError(InfotraceError, RuntimeError):
 
 class InvalidQueryError(InfotraceError, ValueError):
     """A query is malformed: wrong shape, dtype, non-finite values or out-of-range options."""
+
+
+class InvalidTargetsError(InfotraceError, ValueError):
+    """Targets an output function cannot explain (raised by ``check_targets`` before any work is done).
+
+    Args:
+        reason: the rule the targets break, and what was expected.
+        rows: the offending rows of the batch that was checked, so that a caller who knows where the batch
+            starts can name the examples; empty when the rule concerns the batch as a whole.
+
+    Attributes:
+        reason: as given; rows: as given, a tuple of ints.
+    """
+
+    def __init__(self, reason: str, rows: Sequence[int] = ()) -> None:
+        self.reason = reason
+        self.rows = tuple(int(r) for r in rows)
+        shown = list(self.rows[:10])
+        where = f"rows {shown}{' ...' if len(self.rows) > 10 else ''} of the batch: " if self.rows else ""
+        super().__init__(f"{where}{reason}")
 
 
 class UnknownExampleError(InfotraceError, KeyError):

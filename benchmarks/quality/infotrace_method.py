@@ -1,7 +1,7 @@
 """infotrace as a benchmarked method: every score of DESIGN.md 1.3, from the library's own functions.
 
 :class:`InfotraceFeatures` featurizes the training set once per model (tangent features of the margin,
-seeded projection, likelihood weights: :func:`indexer.features.featurize.tangent_features`), fits the
+seeded projection, likelihood weights: :func:`indexer.features.stream.tangent_features`), fits the
 surrogate (:func:`indexer.gp.surrogate.fit_surrogate`) once per prior precision tau, and scores queries
 with :meth:`indexer.gp.surrogate.Surrogate.scores`. :class:`InfotraceMethod` exposes one score with the
 interface of the peer adapters (:mod:`benchmarks.quality.peers`): ``fit``, ``scores``, ``self_scores``. The
@@ -25,10 +25,11 @@ from torch import nn
 
 from indexer.data import Dataset
 from indexer.enums import ProjectionKind, Score
-from indexer.features.featurize import DenseFeaturizer, Features, count_parameters, tangent_features
+from indexer.features.featurize import DenseFeaturizer, Features, count_parameters
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.plan import plan_kronecker
 from indexer.features.projection import DenseProjection, KroneckerProjection
+from indexer.features.stream import tangent_features
 from indexer.features.tasks import ClassificationMargin
 from indexer.gp.scores import signed_score
 from indexer.gp.surrogate import Surrogate, fit_surrogate
@@ -83,8 +84,8 @@ class InfotraceFeatures:
         self._train = _Train(
             phi=feats.phi,
             phi64=feats.phi.astype(np.float64),
-            beta=self.output_fn.likelihood_weight(feats.outputs, feats.targets),
-            grad_term=self.output_fn.grad_term(feats.outputs, feats.targets),
+            beta=feats.beta,
+            grad_term=feats.grad_term,
         )
         self._surrogates.clear()
         self._queries.clear()

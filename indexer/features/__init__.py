@@ -4,7 +4,6 @@ per-example projected tangent features."""
 from __future__ import annotations
 
 from indexer.features.featurize import (
-    BufferCache,
     BufferFeatures,
     DenseFeaturizer,
     Features,
@@ -13,9 +12,12 @@ from indexer.features.featurize import (
     count_parameters,
     example_gradient,
     per_example_gradients,
-    tangent_features,
 )
 from indexer.features.hooks import HookFeaturizer, layer_kind
+
+# the sequence output function registers itself: importing it here puts it in the registry wherever output
+# functions are looked up (every import of indexer.features.tasks runs this package's __init__ first)
+from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets, shift_labels
 from indexer.features.models import (
     ModelSpec,
     build_model,
@@ -34,11 +36,13 @@ from indexer.features.projection import (
     RestBlock,
     seeded_matrix,
 )
+from indexer.features.stream import BufferCache, tangent_features
 from indexer.features.tasks import (
     ClassificationMargin,
     OutputFunction,
     RegressionOutput,
     gaussian_entropy,
+    label_margin,
     output_function_from_spec,
     register_output_function,
 )
@@ -52,6 +56,10 @@ __all__ = [
     "DenseFeaturizer",
     "Featurizer",
     "HookFeaturizer",
+    "IGNORE_INDEX",
+    "LanguageModelMargin",
+    "causal_lm_targets",
+    "shift_labels",
     "KroneckerProjection",
     "LayerBlock",
     "RestBlock",
@@ -68,6 +76,7 @@ __all__ = [
     "count_parameters",
     "example_gradient",
     "gaussian_entropy",
+    "label_margin",
     "load_checkpoint",
     "logistic_regression",
     "mlp",

@@ -9,15 +9,13 @@ Two featurizers share one interface (:class:`Featurizer`):
 - :class:`~indexer.features.hooks.HookFeaturizer`: the per-layer Kronecker projection from hooks, one forward
   and one backward pass per batch, no per-example gradient ever formed. The default.
 
-:func:`tangent_features` runs either over a dataset in buffers of consecutive examples; each finished buffer
-can be handed to a :class:`BufferCache` (the indexer's shard store, :mod:`indexer.store.shards`), so that an
-interrupted build resumes from the buffers it already finished.
+:func:`~indexer.features.stream.tangent_features` runs either over a dataset in buffers of consecutive
+examples (:mod:`indexer.features.stream`).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,15 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
 
-from indexer.data import Batch, Dataset, Examples, StreamedDataset
+from indexer.data import Batch
 from indexer.features.projection import DenseProjection
 from indexer.features.tasks import OutputFunction
 
 __all__ = [
-    "BufferCache",
-    "batch_digest",
     "BufferFeatures",
     "DenseFeaturizer",
     "Featurizer",
@@ -45,7 +40,6 @@ __all__ = [
     "model_outputs",
     "select_logits",
     "per_example_gradients",
-    "tangent_features",
     "to_device",
 ]
 
@@ -57,22 +51,30 @@ class Features:
     Attributes:
         phi: `(n, k)` float32 projected tangent features.
         outputs: `(n,)` float64 output-function values m_i at theta*.
-        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits).
-        targets: `(n, ...)` the targets the output function was evaluated at.
+        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits), flattened per example.
+        targets: `(n, ...)` the targets the output function was evaluated at (`(n, T)` token ids for a
+            language model).
+        beta: `(n,)` float64 likelihood weights beta_i (DESIGN.md 1.1, 1.8), from the same forward pass.
+        grad_term: `(n,)` float64 beta_i r_i (DESIGN.md 1.3, 1.8).
         metadata: n dicts from the source (empty when it has none).
         inputs: `(n, *input_shape)` the inputs, when they were kept (for rendering); else None.
         input_shape: the shape of one input (the first tensor of a mapping).
         input_dtype: its torch dtype name.
+        input_dtypes: for a mapping input (keyword arguments), each keyword's torch dtype name, in the
+            mapping's order; None for a single tensor.
     """
 
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
     targets: np.ndarray
+    beta: np.ndarray
+    grad_term: np.ndarray
     metadata: list[dict[str, Any]] = field(default_factory=list)
     inputs: np.ndarray | None = None
     input_shape: tuple[int, ...] = ()
     input_dtype: str = "float32"
+    input_dtypes: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,16 @@ class BufferFeatures:
         phi: `(rows, k)` float32 projected tangent features.
         outputs: `(rows,)` float64 output-function values.
         model_outputs: `(rows, n_outputs)` float32 raw model outputs.
+        beta: `(rows,)` float64 likelihood weights beta_i
+            (:meth:`~indexer.features.tasks.OutputFunction.likelihood_terms`).
+        grad_term: `(rows,)` float64 beta_i r_i.
     """
 
     phi: np.ndarray
     outputs: np.ndarray
     model_outputs: np.ndarray
+    beta: np.ndarray
+    grad_term: np.ndarray
 
     @staticmethod
     def concatenate(parts: Sequence[BufferFeatures]) -> BufferFeatures:
@@ -96,24 +103,9 @@ class BufferFeatures:
             phi=np.concatenate([p.phi for p in parts]),
             outputs=np.concatenate([p.outputs for p in parts]),
             model_outputs=np.concatenate([p.model_outputs for p in parts]),
+            beta=np.concatenate([p.beta for p in parts]),
+            grad_term=np.concatenate([p.grad_term for p in parts]),
         )
-
-
-class BufferCache(Protocol):
-    """Keeps finished buffers of :func:`tangent_features` (e.g. :class:`indexer.store.shards.SplitShards`).
-
-    Buffer ``b`` holds examples ``[b * buffer_rows, min((b + 1) * buffer_rows, n))``; the cache must only
-    hand back buffers computed with the same model, output function, projection, data and buffer layout.
-    """
-
-    def load(self, buffer: int, rows: int, digest: str) -> BufferFeatures | None:
-        """The stored, verified buffer ``buffer`` of ``rows`` examples whose data had the sha256 ``digest``,
-        or None to compute it."""
-        ...
-
-    def save(self, buffer: int, features: BufferFeatures, digest: str) -> None:
-        """Store buffer ``buffer`` (of data with the sha256 ``digest``) once it is complete."""
-        ...
 
 
 class Featurizer(Protocol):
@@ -259,17 +251,22 @@ class DenseFeaturizer:
 
     def featurize_buffer(self, output_fn: OutputFunction, batches: Sequence[Batch]) -> BufferFeatures:
         """The buffer's gradients, gathered batch by batch, then projected in one pass over R's blocks."""
-        grads, outputs, raw = [], [], []
+        grads, outputs, raw, beta, grad_term = [], [], [], [], []
         for batch in batches:
             inputs, targets = to_device(batch.inputs, self.device), batch.targets.to(self.device)
             g, out, r = per_example_gradients(self.model, output_fn, inputs, targets)
+            terms = output_fn.likelihood_terms(r, targets, out)
             grads.append(g.float().cpu().numpy())
             outputs.append(out.double().cpu().numpy())
             raw.append(r.float().cpu().numpy())
+            beta.append(terms[0])
+            grad_term.append(terms[1])
         return BufferFeatures(
             phi=self.projection.project(np.concatenate(grads)),
             outputs=np.concatenate(outputs),
             model_outputs=np.concatenate(raw),
+            beta=np.concatenate(beta),
+            grad_term=np.concatenate(grad_term),
         )
 
 
@@ -292,7 +289,7 @@ def example_gradient(
         order, `()` output value, `(n_outputs,)` raw outputs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    raw = model(x.unsqueeze(0)).reshape(-1)
+    raw = model_outputs(model, x.unsqueeze(0)).reshape(-1)
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
     return torch.cat([g.reshape(-1).float() for g in grads]), out.detach(), raw.detach()
@@ -312,110 +309,3 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
     """
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
-
-
-def batch_digest(batches: Sequence[Batch]) -> str:
-    """Hex sha256 of the inputs and targets of consecutive batches (dtype, shape and bytes of each tensor):
-    a buffer's shard is reused only for the same data."""
-    digest = hashlib.sha256()
-    for batch in batches:
-        tensors = [*batch.inputs.values()] if isinstance(batch.inputs, dict) else [batch.inputs]
-        for tensor in [*tensors, batch.targets]:
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
-
-
-def _buffers(batches: Iterable[Batch], rows: int) -> Iterator[list[Batch]]:
-    """Consecutive batches grouped into buffers of ``rows`` examples (the last one may be shorter)."""
-    group: list[Batch] = []
-    count = 0
-    for batch in batches:
-        group.append(batch)
-        count += len(batch)
-        if count >= rows:
-            yield group
-            group, count = [], 0
-    if group:
-        yield group
-
-
-def tangent_features(
-    featurizer: Featurizer,
-    output_fn: OutputFunction,
-    batches: Examples | Iterable[Batch],
-    batch_size: int = 128,
-    buffer_bytes: int = 256 * 2**20,
-    progress: str | None = None,
-    cache: BufferCache | None = None,
-    keep_inputs: bool = False,
-    total: int | None = None,
-) -> Features:
-    """Projected tangent features of every example, in buffers of consecutive batches (DESIGN.md 1.1, 1.7).
-
-    The batches are read once, in order; only the current buffer's batches are held, plus the `(n, k)`
-    features, the outputs and the targets (and the inputs only when ``keep_inputs``).
-
-    Args:
-        featurizer: a :class:`DenseFeaturizer` or a ``HookFeaturizer``; its model is in eval mode.
-        output_fn: the output function m.
-        batches: the examples: a :class:`~indexer.data.Dataset` or :class:`~indexer.data.StreamedDataset`
-            (read ``batch_size`` at a time), or batches of ``batch_size`` (the last may be shorter).
-        batch_size: the size of every batch but the last (it sets the buffer layout).
-        buffer_bytes: the featurizer's memory budget per buffer, in bytes (see its ``buffer_rows``).
-        progress: a tqdm description, or None for no progress bar.
-        cache: where finished buffers are kept: a buffer it holds for the same data is taken from it, every
-            buffer computed is saved to it. None: no cache.
-        keep_inputs: also return the inputs (the first tensor of a mapping), e.g. to store them for rendering.
-        total: the number of examples, for the progress bar (None: unknown).
-
-    Returns:
-        :class:`Features` with `(n, k)` float32 ``phi``.
-
-    Raises:
-        ValueError: a batch whose inputs and targets disagree in length.
-    """
-    if isinstance(batches, Dataset | StreamedDataset):
-        total = len(batches) if isinstance(batches, Dataset) else total
-        batches = batches.batches(batch_size)
-    rows_per_buffer = featurizer.buffer_rows(batch_size, buffer_bytes)
-    parts: list[BufferFeatures] = []
-    targets: list[np.ndarray] = []
-    metadata: list[dict[str, Any]] = []
-    inputs: list[np.ndarray] = []
-    first: torch.Tensor | None = None
-    with tqdm(total=total, desc=progress, unit="ex", disable=progress is None, leave=False) as bar:
-        for buffer, group in enumerate(_buffers(batches, rows_per_buffer)):
-            for batch in group:
-                if len(batch.first_input) != len(batch):
-                    n_inputs = len(batch.first_input)
-                    raise ValueError(f"a batch of {len(batch)} targets has {n_inputs} inputs")
-            rows = sum(len(b) for b in group)
-            digest = batch_digest(group) if cache is not None else ""
-            done = cache.load(buffer, rows, digest) if cache is not None else None
-            if done is None:
-                done = featurizer.featurize_buffer(output_fn, group)
-                if cache is not None:
-                    cache.save(buffer, done, digest)
-            bar.update(rows)
-            parts.append(done)
-            first = group[0].first_input if first is None else first
-            for batch in group:
-                targets.append(host_array(batch.targets))
-                metadata.extend(batch.metadata)
-                if keep_inputs:
-                    inputs.append(host_array(batch.first_input))
-    if first is None:  # no examples (an empty query split)
-        empty = np.zeros(0)
-        return Features(np.zeros((0, featurizer.k), np.float32), empty, np.zeros((0, 0), np.float32), empty)
-    return Features(
-        phi=np.concatenate([p.phi for p in parts]),
-        outputs=np.concatenate([p.outputs for p in parts]),
-        model_outputs=np.concatenate([p.model_outputs for p in parts]),
-        targets=np.concatenate(targets),
-        metadata=metadata,
-        inputs=np.concatenate(inputs) if keep_inputs else None,
-        input_shape=tuple(int(d) for d in first.shape[1:]),
-        input_dtype=str(first.dtype).removeprefix("torch."),
-    )

@@ -21,7 +21,9 @@ free tensors, grouped convolutions, a layer whose forward is bypassed) is the re
 per-example gradients dense-projected, or left out (:class:`~indexer.enums.Uncovered`).
 
 Per example exact only when each m_i depends on its own input alone: the model must be in eval mode and
-batch-first (dimension 0 of every layer input is the example).
+batch-first (dimension 0 of every layer input is the example). A layer called once on an input of batch size
+1 that the whole batch shares (GPT-2's position embedding of ``position_ids`` `(1, T)`) has its input and
+output expanded to the batch, which leaves the forward unchanged wherever its output is broadcast.
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ class _Binding:
             return None
         r_row, r_col = self.featurizer.matrices[self.block_index]
         x = args[0]
+        if x.shape[0] == 1 and output.shape[0] == 1 and f.batch_size > 1:
+            # one input shared by the whole batch (GPT-2's position ids, (1, T)), its output broadcast
+            # downstream: expanded to the batch, so that each example's gradient reaches its own row
+            x = x.expand(f.batch_size, *x.shape[1:])
+            output = output.expand(f.batch_size, *output.shape[1:])
         if x.shape[0] != f.batch_size:
             raise ValueError(
                 f"layer {type(module).__name__} receives inputs of shape {list(x.shape)} whose first "
@@ -368,10 +375,13 @@ class HookFeaturizer:
         phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
         if self._rest is not None:
             phi = np.concatenate([phi, self._rest_features(output_fn, inputs, targets, norm_grads)], axis=1)
+        beta, grad_term = output_fn.likelihood_terms(flat.detach(), targets, m.detach())
         return BufferFeatures(
             phi=np.ascontiguousarray(phi, dtype=np.float32),
             outputs=m.detach().double().cpu().numpy(),
             model_outputs=flat.detach().float().cpu().numpy(),
+            beta=beta,
+            grad_term=grad_term,
         )
 
     def _rest_features(

@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "save_checkpoint",
+    "tied_names",
 ]
 
 
@@ -158,7 +159,9 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     """Load weights into ``model`` without unpickling anything.
 
     ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``,
-    which refuses arbitrary pickled objects.
+    which refuses arbitrary pickled objects. A file that holds one name of weights the model ties (shares)
+    under several names (:func:`save_checkpoint`, safetensors' ``save_model``, transformers'
+    ``save_pretrained``: the tied input and output embeddings of a language model) loads them all.
 
     Args:
         model: the architecture; its state dict keys and shapes must match.
@@ -166,7 +169,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a loadable state dict, or keys/shapes do not match the model.
+        ValueError: the file is not a loadable state dict, keys/shapes do not match the model, or it holds
+            different values for weights the model ties; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -182,12 +186,77 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         ) from exc
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a state dict")
+    state = dict(state)
+    for group in tied_names(model):
+        present = [name for name in group if name in state]
+        if not present:
+            continue  # missing altogether: load_state_dict names it
+        first = state[present[0]]
+        for name in present[1:]:
+            if not (isinstance(state[name], torch.Tensor) and torch.equal(state[name], first)):
+                raise ValueError(
+                    f"checkpoint {path} holds different values for {present[0]!r} and {name!r}, which the "
+                    "model ties (one shared tensor)"
+                )
+        for name in group:
+            state.setdefault(name, first)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path} does not match the model: {exc}") from exc
 
 
+def tied_names(model: nn.Module) -> list[tuple[str, ...]]:
+    """The groups of state-dict names under which ``model`` holds one shared tensor (tied weights).
+
+    Returns:
+        Each group of two or more names, in state-dict order (the first is the one
+        :func:`save_checkpoint` keeps).
+    """
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(_identity(tensor), []).append(name)
+    return [tuple(names) for names in groups.values() if len(names) > 1]
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two state-dict entries the same tensor: the same memory, viewed the same way."""
+    return (
+        tensor.device,
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+    )
+
+
 def save_checkpoint(model: nn.Module, path: Path) -> None:
-    """Write ``model``'s state dict as safetensors (contiguous CPU tensors)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    """Write ``model``'s state dict as safetensors (contiguous CPU tensors).
+
+    A tensor the model holds under several names (tied input and output embeddings) is written once, under
+    its first name, the others recorded in the file's metadata as safetensors' ``save_model`` does
+    (``{dropped_name: kept_name}``); :func:`load_checkpoint` restores them. Tensors that overlap in memory
+    without being the same (views of one buffer) are written as copies.
+
+    Args:
+        model: the network (on any device).
+        path: the ``.safetensors`` file to write.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    kept: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, ...]] = set()
+    for name, tensor in model.state_dict().items():
+        identity = _identity(tensor)
+        if identity in kept:
+            aliases[name] = kept[identity]
+            continue
+        kept[identity] = name
+        storage = identity[:2]
+        value = tensor.detach().cpu().contiguous()
+        # a second view of memory already written would share it in the file, which safetensors refuses
+        shares = storage in storages and value.data_ptr() == tensor.data_ptr()
+        tensors[name] = value.clone() if shares else value
+        storages.add(storage)
+    save_file(tensors, str(path), metadata=aliases or None)

@@ -3,8 +3,9 @@
 An :class:`OutputFunction` turns the model's raw output for one example into the scalar ``m(x, y)``
 whose tangent features are indexed, and gives the likelihood weight ``beta_i`` and gradient term
 ``beta_i r_i`` of the Gaussian-process surrogate. The indexer never guesses a loss: built-ins cover
-classification (the margin) and regression; custom ones subclass the base and are registered by name
-so that the manifest can name them and the service can rebuild them.
+classification (the margin), regression and language models (the summed token margins,
+:mod:`indexer.features.language`); custom ones subclass the base and are registered by name so that the
+manifest can name them and the service can rebuild them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
     "register_output_function",
     "output_function_from_spec",
     "gaussian_entropy",
+    "label_margin",
+    "sigmoid",
 ]
 
 
@@ -42,11 +45,33 @@ def gaussian_entropy(variance: np.ndarray | float) -> np.ndarray:
         return 0.5 * np.log(2 * math.pi * math.e * v)
 
 
+def label_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The margin of each label over the other classes, ``z_y - logsumexp_{c != y} z_c`` (DESIGN.md 1.1).
+
+    Differentiable and vmap-safe; the one formula of :class:`ClassificationMargin` and of the per-token
+    margins of :class:`~indexer.features.language.LanguageModelMargin`.
+
+    Args:
+        logits: `(..., n_classes)` float logits z.
+        labels: `(...)` integer labels y. A label outside ``0 .. n_classes - 1`` (an ignored position)
+            gives ``-logsumexp(z)``: finite, for the caller to mask out.
+
+    Returns:
+        `(...)` margins, in the logits' dtype.
+    """
+    is_label = torch.arange(logits.shape[-1], device=logits.device) == labels.unsqueeze(-1)
+    z_y = torch.where(is_label, logits, torch.zeros_like(logits)).sum(-1)
+    others = torch.where(is_label, torch.full_like(logits, -math.inf), logits)
+    return z_y - torch.logsumexp(others, dim=-1)
+
+
 class OutputFunction(ABC):
     """Base class of output functions.
 
     Subclasses implement :meth:`output` (differentiable, per example, vmap-safe), :meth:`likelihood_weight`
-    and :meth:`grad_term`; :meth:`predict` and :meth:`default_target` have classification defaults.
+    and :meth:`grad_term`; :meth:`predict` and :meth:`default_target` have classification defaults. One
+    whose beta_i and beta_i r_i need more of the forward pass than m_i (the per-token margins of a sequence,
+    DESIGN.md 1.8) overrides :meth:`likelihood_terms`.
     """
 
     name: ClassVar[str]
@@ -87,6 +112,29 @@ class OutputFunction(ABC):
         Returns:
             `(n,)` float64.
         """
+
+    def likelihood_terms(
+        self, model_outputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """beta_i and beta_i r_i of a batch, from the forward pass that the featurizer differentiates.
+
+        The featurizers call this once per batch on the detached results of their one forward pass, so
+        that an output function whose surrogate terms need more than m_i (the language-model margin needs
+        its per-token margins, DESIGN.md 1.8) computes them without a second pass. The default is
+        :meth:`likelihood_weight` and :meth:`grad_term` of the outputs m_i.
+
+        Args:
+            model_outputs: `(n, n_outputs)` raw model outputs (logits), flattened per example, detached.
+            targets: `(n, ...)` targets.
+            outputs: `(n,)` output-function values m_i.
+
+        Returns:
+            ``(beta, grad_term)``: `(n,)` float64 beta_i >= 0 and `(n,)` float64 beta_i r_i.
+        """
+        del model_outputs  # m_i is all the default needs
+        m = outputs.detach().double().cpu().numpy()
+        y = targets.detach().cpu().numpy()
+        return self.likelihood_weight(m, y), self.grad_term(m, y)
 
     def params(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments, written to the manifest."""
@@ -178,19 +226,16 @@ class ClassificationMargin(OutputFunction):
 
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`()` the margin z_y - logsumexp_{c != y} z_c of `(n_classes,)` logits at class ``target``."""
-        is_label = torch.arange(model_output.shape[-1], device=model_output.device) == target
-        z_y = torch.where(is_label, model_output, torch.zeros_like(model_output)).sum(-1)
-        others = torch.where(is_label, torch.full_like(model_output, -math.inf), model_output)
-        return z_y - torch.logsumexp(others, dim=-1)
+        return label_margin(model_output, target)
 
     def likelihood_weight(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """`(n,)` float64 beta_i = p_i (1 - p_i) with p_i = sigmoid(m_i) (DESIGN.md 1.1)."""
         # p (1 - p) written via the two tails so that saturated examples give a tiny positive, not 1 - 1
-        return _sigmoid(outputs) * _sigmoid(-outputs)
+        return sigmoid(outputs) * sigmoid(-outputs)
 
     def grad_term(self, outputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """`(n,)` float64 beta_i r_i = 1 - p_i (DESIGN.md 1.3)."""
-        return _sigmoid(-outputs)
+        return sigmoid(-outputs)
 
 
 class RegressionOutput(OutputFunction):
@@ -252,7 +297,15 @@ class RegressionOutput(OutputFunction):
         return gaussian_entropy(self.sigma**2 + np.asarray(posterior_variance, dtype=np.float64))
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function in float64, written as ``exp(-log(1 + exp(-x)))`` so that no |x| overflows.
+
+    Args:
+        x: `(...)` numbers.
+
+    Returns:
+        `(...)` float64 values in [0, 1].
+    """
     x = np.asarray(x, dtype=np.float64)
     return np.exp(-np.logaddexp(0.0, -x))
 

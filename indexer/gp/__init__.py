@@ -5,7 +5,7 @@ Which function implements which formula (DESIGN.md section: function):
 
 - 1.1 the output m, beta_i and beta_i r_i: :class:`indexer.features.tasks.ClassificationMargin` and
   ``RegressionOutput`` (``output``, ``likelihood_weight``, ``grad_term``); phi = R^T g:
-  :mod:`indexer.features.projection` applied by :func:`indexer.features.featurize.tangent_features`;
+  :mod:`indexer.features.projection` applied by :func:`indexer.features.stream.tangent_features`;
   tau = trace(Phi^T B Phi) / k: :func:`surrogate.default_prior_precision`.
 - 1.2 A = tau I + Phi^T B Phi = L L^T, u_i = L^-1 phi_i, h_i, s_i: :func:`surrogate.fit_surrogate`;
   u_q and v_q of a query: :meth:`Surrogate.query_terms`; the entropy of f_q, 0.5 log(2 pi e v_q):

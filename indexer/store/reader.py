@@ -72,7 +72,8 @@ class MetadataStore:
         """Metadata of ``rows`` of ``split``.
 
         Returns:
-            row -> ``{"label": ..., **metadata}``; rows that do not exist are absent.
+            row -> ``{"label": ..., **metadata}``, the label a number or, for a sequence target (token ids),
+            a list; rows that do not exist are absent.
         """
         if not rows:
             return {}
@@ -85,7 +86,11 @@ class MetadataStore:
             )
             .fetchall()
         )
-        return {int(r): {"label": label, **json.loads(meta)} for r, label, meta in found}
+        # the writer stores a number as itself and a sequence as its JSON text: the only strings there are
+        return {
+            int(r): {"label": json.loads(label) if isinstance(label, str) else label, **json.loads(meta)}
+            for r, label, meta in found
+        }
 
     def get_one(self, split: str, row: int) -> dict[str, Any]:
         """Metadata of one row.

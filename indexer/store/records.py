@@ -126,6 +126,9 @@ def build_manifest(
             input_dtype=tangent.input_dtype,
             n_outputs=int(tangent.model_outputs.shape[1]),
             image_shape=image_shape,
+            input_dtypes=tangent.input_dtypes,
+            target_shape=tuple(int(d) for d in tangent.targets.shape[1:]),
+            target_dtype=str(tangent.targets.dtype),
         ),
         projection=projection,
         surrogate=SurrogateInfo(

@@ -91,8 +91,14 @@ class ModelInfo:
         output_params: its constructor arguments.
         input_shape: shape of one model input.
         input_dtype: torch dtype name of the inputs, e.g. ``"float32"``.
-        n_outputs: width of the model's output.
+        n_outputs: width of the model's output (flattened per example: ``T * vocab`` for a language model).
         image_shape: ``(height, width)`` when inputs are images (for rendering), else None.
+        input_dtypes: for a model called with keyword arguments (a mapping input: ``input_ids``,
+            ``attention_mask``, ...), each keyword's torch dtype name in call order; None (absent from the
+            JSON) for one tensor input, and in manifests written before it was recorded.
+        target_shape: shape of one target (``()`` for a class, ``(T,)`` for token ids); None when not
+            recorded.
+        target_dtype: numpy dtype name of the stored targets, e.g. ``"int64"``; None when not recorded.
     """
 
     spec: ModelSpec | None
@@ -105,9 +111,18 @@ class ModelInfo:
     input_dtype: str
     n_outputs: int
     image_shape: tuple[int, int] | None
+    input_dtypes: dict[str, str] | None = None
+    target_shape: tuple[int, ...] | None = None
+    target_dtype: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest's ``model`` object."""
+        """The manifest's ``model`` object (the fields added later are left out when not recorded, so that an
+        older manifest round-trips exactly)."""
+        later = {
+            "input_dtypes": dict(self.input_dtypes) if self.input_dtypes is not None else None,
+            "target_shape": list(self.target_shape) if self.target_shape is not None else None,
+            "target_dtype": self.target_dtype,
+        }
         return {
             "spec": self.spec.to_json() if self.spec is not None else None,
             "checkpoint_sha256": self.checkpoint_sha256,
@@ -118,6 +133,7 @@ class ModelInfo:
             "input_dtype": self.input_dtype,
             "n_outputs": self.n_outputs,
             "image_shape": list(self.image_shape) if self.image_shape is not None else None,
+            **{key: value for key, value in later.items() if value is not None},
         }
 
     @classmethod
@@ -133,6 +149,10 @@ class ModelInfo:
             raise IndexFormatError(
                 f"{r.path}: 'model.image_shape' must be [height, width]; got {image_shape}"
             )
+        input_dtypes = r.get("input_dtypes", dict, optional=True)
+        if input_dtypes is not None and not all(isinstance(v, str) for v in input_dtypes.values()):
+            raise IndexFormatError(f"{r.path}: 'model.input_dtypes' must map keywords to dtype names")
+        target_shape = r.get("target_shape", list, optional=True)
         return cls(
             spec=spec,
             checkpoint_sha256=r.get("checkpoint_sha256", str),
@@ -144,6 +164,9 @@ class ModelInfo:
             input_dtype=r.get("input_dtype", str),
             n_outputs=r.get("n_outputs", int),
             image_shape=None if image_shape is None else (int(image_shape[0]), int(image_shape[1])),
+            input_dtypes=None if input_dtypes is None else dict(input_dtypes),
+            target_shape=None if target_shape is None else int_tuple(r, "target_shape"),
+            target_dtype=r.get("target_dtype", str, optional=True),
         )
 
 

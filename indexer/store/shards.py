@@ -1,16 +1,17 @@
 """Resumable index builds: finished featurization buffers kept as checksummed shards (DESIGN.md 2.1).
 
 Featurizing dominates a build, so :func:`~indexer.build.build_index` keeps every finished buffer of
-:func:`~indexer.features.featurize.tangent_features` as one shard file in a work folder beside the output,
+:func:`~indexer.features.stream.tangent_features` as one shard file in a work folder beside the output,
 ``<parent>/.<name>.work-<key>/``. The key is a sha256 of everything that determines the features (the
 stored weights, the architecture, the output function, the projection, the buffer layout, the bytes of the
 train and query inputs and targets, the torch/numpy versions and the device), so a build with other
 arguments never reads another build's shards.
 
-A shard is a safetensors file (``phi``, ``outputs``, ``model_outputs``) written to a temporary name and
-renamed into place, with its own sha256 in its name: ``train-000003-<sha256>.safetensors``. A kill at any
-point therefore leaves either no shard or a complete one; a shard whose bytes no longer match its name is
-deleted and computed again. The work folder is removed once the index is in place.
+A shard is a safetensors file (``phi``, ``outputs``, ``model_outputs``, ``beta``, ``grad_term``) written
+to a temporary name and renamed into place, with its own sha256 in its name:
+``train-000003-<sha256>.safetensors``. A kill at any point therefore leaves either no shard or a complete
+one; a shard whose bytes no longer match its name is deleted and computed again. The work folder is
+removed once the index is in place.
 
 A per-index lock file (``<parent>/.<name>.lock``, held with ``flock`` and released by the kernel when the
 process dies) keeps two builds of the same index from running at once, which makes it safe for a build
@@ -51,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger("infotrace.indexer")
 
-SHARD_FORMAT_VERSION = 2
+SHARD_FORMAT_VERSION = 3
 """Version of the shard layout; part of the work key, so shards of another layout are never read."""
 
 _DATA_KEY = "data_sha256"  # shard metadata: the sha256 of the buffer's inputs and targets
@@ -106,8 +107,8 @@ class SplitShards:
 
         Returns:
             :class:`~indexer.features.BufferFeatures` with `(rows, k)` ``phi``, `(rows,)` ``outputs``,
-            `(rows, n_outputs)` ``model_outputs``; None when there is no valid shard (an invalid one is
-            deleted).
+            ``beta`` and ``grad_term``, `(rows, n_outputs)` ``model_outputs``; None when there is no valid
+            shard (an invalid one is deleted).
         """
         for path in sorted(self.folder.glob(f"{self.split}-{buffer:06d}-*.safetensors")):
             match = _SHARD_NAME.match(path.name)
@@ -136,6 +137,8 @@ class SplitShards:
                     "phi": np.ascontiguousarray(features.phi, dtype=np.float32),
                     "outputs": np.ascontiguousarray(features.outputs, dtype=np.float64),
                     "model_outputs": np.ascontiguousarray(features.model_outputs, dtype=np.float32),
+                    "beta": np.ascontiguousarray(features.beta, dtype=np.float64),
+                    "grad_term": np.ascontiguousarray(features.grad_term, dtype=np.float64),
                 },
                 str(tmp),
                 metadata={_DATA_KEY: digest},
@@ -156,11 +159,14 @@ def _read_shard(path: Path, rows: int, digest: str) -> BufferFeatures | None:
     except (SafetensorError, OSError, ValueError):
         return None
     phi, outputs, raw = arrays.get("phi"), arrays.get("outputs"), arrays.get("model_outputs")
-    if phi is None or outputs is None or raw is None:
+    beta, grad_term = arrays.get("beta"), arrays.get("grad_term")
+    if phi is None or outputs is None or raw is None or beta is None or grad_term is None:
         return None
-    if phi.ndim != 2 or len(phi) != rows or outputs.shape != (rows,) or raw.ndim != 2 or len(raw) != rows:
+    if phi.ndim != 2 or len(phi) != rows or raw.ndim != 2 or len(raw) != rows:
         return None
-    return BufferFeatures(phi=phi, outputs=outputs, model_outputs=raw)
+    if any(a.shape != (rows,) for a in (outputs, beta, grad_term)):
+        return None
+    return BufferFeatures(phi=phi, outputs=outputs, model_outputs=raw, beta=beta, grad_term=grad_term)
 
 
 class ShardStore:

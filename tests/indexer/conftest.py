@@ -135,3 +135,40 @@ def tiny_problem() -> tuple[torch.nn.Module, Dataset]:
     model = build_model(ModelSpec("mlp", {"in_features": 6, "hidden": [5], "out_features": 3}))
     data = Dataset(torch.randn(40, 6), torch.randint(0, 3, (40,)))
     return model, data
+
+
+class TinyCausalLM(torch.nn.Module):
+    """Token embedding -> causal running mean -> tanh(Linear) -> Linear head: `(B, T)` ids -> `(B, T, vocab)`.
+
+    Position t sees the tokens 0..t only (a causal language model in miniature); padding positions
+    (``attention_mask`` 0) contribute nothing to the running mean. ``tied``: the head is the embedding.
+    """
+
+    def __init__(self, vocab: int, dim: int, tied: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=not tied)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.embed(input_ids)
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        e = e * real[..., None].to(e.dtype)
+        seen = torch.cumsum(real, 1).clamp(min=1)[..., None].to(e.dtype)
+        return self.head(torch.tanh(self.mix(torch.cumsum(e, 1) / seen)))
+
+
+def make_tiny_lm(
+    vocab: int = 13, dim: int = 6, tied: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TinyCausalLM:
+    """A seeded :class:`TinyCausalLM` in eval mode."""
+    torch.manual_seed(seed)
+    return TinyCausalLM(vocab, dim, tied).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_lm() -> Callable[..., TinyCausalLM]:
+    """:func:`make_tiny_lm`, for tests of language-model output functions and builds."""
+    return make_tiny_lm

@@ -11,9 +11,12 @@ import torch
 
 from indexer.build import build_index
 from indexer.config import IndexConfig
-from indexer.data import Dataset
+from indexer.data import Dataset, StreamedDataset
 from indexer.enums import Score
+from indexer.features.hooks import HookFeaturizer
+from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets
 from indexer.features.models import ModelSpec, build_model
+from indexer.features.projection import KroneckerProjection
 from indexer.features.tasks import ClassificationMargin, RegressionOutput
 from indexer.gp.surrogate import fit_surrogate
 from indexer.store.layout import MANIFEST_FILE
@@ -143,3 +146,126 @@ def test_an_image_shape_must_match_the_inputs() -> None:
     ):
         Dataset(torch.zeros(3, 784), torch.zeros(3, dtype=torch.long), image_shape=(10, 10))
     assert Dataset(torch.zeros(3, 1, 28, 28), torch.zeros(3), image_shape=(28, 28)).image_shape == (28, 28)
+
+
+VOCAB = 13
+
+
+class TokenExamples(torch.utils.data.Dataset):
+    """Dict examples as a tokenizer and collator give them: ids, attention mask, aligned ``labels``."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ids, self.mask, self.targets = ids, mask, targets
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.targets[i]}
+
+
+def token_examples(n: int, length: int = 7, seed: int = 0) -> TokenExamples:
+    """Right-padded random sequences (every third one shorter) with prompts of 2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::3, length - 2 :] = 0
+    ids[mask == 0] = 0
+    return TokenExamples(ids, mask, causal_lm_targets(ids, mask, prompt_length=2))
+
+
+def test_a_language_model_index_with_token_targets_and_masks(tmp_path: Path, tiny_lm) -> None:
+    """int64 ids with attention masks through the batch layout, (n, T) targets: the build's features are
+    the hooks' for the recorded plan, beta and beta r the per-token terms, the manifest records the input
+    and target dtypes, the labels come back as lists."""
+    model, lm = tiny_lm(vocab=VOCAB, tied=True), LanguageModelMargin(VOCAB)
+    train, queries = token_examples(22), token_examples(5, seed=1)
+    out = build_index(
+        model,
+        lm,
+        StreamedDataset(train),
+        tmp_path / "lm",
+        queries=StreamedDataset(queries),
+        config=IndexConfig(k=24, batch_size=8),
+        progress=False,
+    )
+    index = load_index(out)
+    info = index.manifest.model
+    assert (info.output_function, info.output_params) == ("lm_margin", {"vocab_size": VOCAB})
+    assert (info.input_shape, info.input_dtype, info.n_outputs) == ((7,), "int64", 7 * VOCAB)
+    assert info.input_dtypes == {"input_ids": "int64", "attention_mask": "int64"}
+    assert (info.target_shape, info.target_dtype) == ((7,), "int64")
+    assert index.manifest.to_json()["model"]["target_dtype"] == "int64"
+    np.testing.assert_array_equal(index.examples["label"], train.targets.numpy())
+    assert index.examples["prediction"].shape == (22, 7) and index.n_query == 5
+    assert index.metadata.get_one("train", 3)["label"] == train.targets[3].tolist()
+    beta, grad_term = lm.likelihood_terms(
+        torch.from_numpy(index.examples["model_output"]), train.targets, torch.zeros(22)
+    )
+    np.testing.assert_allclose(index.surrogate.beta, beta, rtol=1e-12)
+    np.testing.assert_allclose(index.surrogate.grad_term, grad_term, rtol=1e-12)
+    coverage = index.manifest.projection.coverage or {}
+    plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
+    with HookFeaturizer(model.eval(), plan) as featurizer:
+        want = featurizer.featurize(lm, {"input_ids": train.ids, "attention_mask": train.mask}, train.targets)
+    np.testing.assert_allclose(index.phi, want.phi, rtol=1e-5, atol=1e-6 * np.abs(want.phi).max())
+
+
+def test_a_language_model_index_from_plain_token_ids(tmp_path: Path, tiny_lm) -> None:
+    examples = token_examples(12)
+    data = Dataset(examples.ids, causal_lm_targets(examples.ids))  # no mask: the padding is scored too
+    out = build_index(
+        tiny_lm(vocab=VOCAB),
+        LanguageModelMargin(VOCAB),
+        data,
+        tmp_path / "ids",
+        queries=Dataset(examples.ids[:3], data.targets[:3]),
+        config=IndexConfig(k=16, projection="dense"),
+        progress=False,
+    )
+    info = load_index(out).manifest.model
+    assert (info.input_dtype, info.input_dtypes, info.target_shape) == ("int64", None, (7,))
+    np.testing.assert_array_equal(load_index(out).inputs, examples.ids.numpy())
+
+
+def test_sequences_padded_per_batch_are_refused(tmp_path: Path, tiny_lm) -> None:
+    def pad_to_longest(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        length = 3 + len(rows)  # batches of another length each
+        return {key: torch.stack([r[key][:length] for r in rows]) for key in rows[0]}
+
+    stream = StreamedDataset(token_examples(10), collate_fn=pad_to_longest)
+    with pytest.raises(ValueError, match=r"inputs have shape \[5\] per example, the first batch's \[7\]"):
+        build_index(
+            tiny_lm(vocab=VOCAB),
+            LanguageModelMargin(VOCAB),
+            stream,
+            tmp_path / "x",
+            config=IndexConfig(k=8, batch_size=4),
+            progress=False,
+        )
+
+
+def test_an_example_without_target_tokens_is_named(tmp_path: Path, tiny_lm) -> None:
+    examples = token_examples(12)
+    targets = examples.targets.clone()
+    targets[9] = IGNORE_INDEX
+    with pytest.raises(ValueError, match=r"train example\(s\) \[9\]: no target tokens"):
+        build_index(
+            tiny_lm(vocab=VOCAB),
+            LanguageModelMargin(VOCAB),
+            Dataset(examples.ids, targets),
+            tmp_path / "x",
+            config=IndexConfig(k=8, batch_size=4),
+            progress=False,
+        )
+    with pytest.raises(ValueError, match=r"query example\(s\) \[1\]: no target tokens"):
+        build_index(
+            tiny_lm(vocab=VOCAB),
+            LanguageModelMargin(VOCAB),
+            Dataset(examples.ids, examples.targets),
+            tmp_path / "y",
+            queries=Dataset(examples.ids[8:], targets[8:]),
+            config=IndexConfig(k=8, batch_size=4),
+            progress=False,
+        )
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -12,12 +12,15 @@ import pytest
 import torch
 import typer
 from safetensors.numpy import save_file
+from torch import nn
+from typer.testing import CliRunner
 
 from indexer.build import build_index
 from indexer.cli import app
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.features.models import save_checkpoint
+from indexer.features.language import LanguageModelMargin, causal_lm_targets
+from indexer.features.models import register_model, save_checkpoint
 from indexer.features.tasks import ClassificationMargin
 from indexer.store.reader import load_index
 
@@ -196,6 +199,102 @@ def test_a_factory_faiss_rejects_fails_before_featurizing(tmp_path: Path, tiny_p
             config=IndexConfig(faiss_factory="Nonsense42"),
         )
     assert not any(tmp_path.iterdir())  # refused before any shard was written
+
+
+class ExplodingLM(nn.Module):
+    """A tiny causal LM whose forward fails the way torch does (a RuntimeError of several lines) on any
+    batch holding token 12: after the probe, in the middle of featurizing."""
+
+    def __init__(self, vocab: int = 13) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 4)
+        self.head = nn.Linear(4, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if bool((ids == 12).any()):
+            raise RuntimeError("CUDA out of memory.\n  Tried to allocate 2.00 GiB\n")
+        return self.head(torch.cumsum(self.embed(ids), 1))
+
+
+def _token_files(tmp_path: Path, model: nn.Module, explode_from: int | None) -> tuple[Path, Path]:
+    """A checkpoint of ``model`` and a dataset file of 16 sequences of 6 token ids (ids < 12, but 12 from
+    example ``explode_from`` on) with causal targets."""
+    ids = torch.randint(0, 12, (16, 6), generator=torch.Generator().manual_seed(0))
+    if explode_from is not None:
+        ids[explode_from:, 2] = 12
+    checkpoint, data = tmp_path / "lm.safetensors", tmp_path / "tokens.safetensors"
+    save_checkpoint(model, checkpoint)
+    save_file({"train_inputs": ids.numpy(), "train_targets": causal_lm_targets(ids).numpy()}, str(data))
+    return checkpoint, data
+
+
+def test_every_build_error_is_one_line(tmp_path: Path) -> None:
+    """A RuntimeError from torch in the middle of a build reaches the user as one line, exit code 1, the
+    traceback only on request; user errors stay exit code 2."""
+    register_model("exploding_lm", ExplodingLM)
+    checkpoint, data = _token_files(tmp_path, ExplodingLM(), explode_from=9)
+    args = ["build", "--out", str(tmp_path / "x"), "--model", "exploding_lm", "--checkpoint", str(checkpoint)]
+    args += ["--data", str(data), "--output", "lm_margin", "--batch-size", "4", "--k", "8"]
+    shown = CliRunner().invoke(app, [*args, "--vocab-size", "13"])
+    assert shown.exit_code == 1 and "Traceback" not in shown.output
+    assert shown.stderr.strip().splitlines()[-1] == (
+        "error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (set INFOTRACE_TRACEBACK=1 for "
+        "the traceback)"
+    )
+    verbose = CliRunner(env={"INFOTRACE_TRACEBACK": "1"}).invoke(app, [*args, "--vocab-size", "13"])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
+    assert (
+        verbose.stderr.strip().splitlines()[-1]
+        == "error: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    missing = CliRunner().invoke(app, args)
+    assert missing.exit_code == 2 and missing.stderr.strip().splitlines()[-1] == (
+        "error: --output lm_margin needs --vocab-size (the width of the logits at each position)"
+    )
+
+
+def test_a_language_model_index_from_the_cli(tmp_path: Path, tiny_lm) -> None:
+    """--output lm_margin with (n, T) token ids and targets, a tied model: the library's index."""
+    register_model("tiny_causal_lm", tiny_lm)
+    model = tiny_lm(vocab=13, tied=True)
+    checkpoint, data = _token_files(tmp_path, model, explode_from=None)
+    out = tmp_path / "lm"
+    shown = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--out",
+            str(out),
+            "--model",
+            "tiny_causal_lm",
+            "--model-kwargs",
+            '{"vocab": 13, "tied": true}',
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--output",
+            "lm_margin",
+            "--vocab-size",
+            "13",
+            "--k",
+            "8",
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    index = load_index(out)
+    assert index.manifest.model.output_params == {"vocab_size": 13}
+    assert (index.manifest.model.target_shape, index.manifest.model.target_dtype) == ((6,), "int64")
+    ids = torch.randint(0, 12, (16, 6), generator=torch.Generator().manual_seed(0))
+    via_api = build_index(
+        model,
+        LanguageModelMargin(13),
+        Dataset(ids, causal_lm_targets(ids)),
+        tmp_path / "api",
+        config=IndexConfig(k=8),
+        progress=False,
+    )
+    assert np.array_equal(index.phi, load_index(via_api).phi)
 
 
 def test_the_cnn_demo_builds_a_convolutional_index(tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ from indexer.features.featurize import (
     count_parameters,
     example_gradient,
     per_example_gradients,
-    tangent_features,
 )
 from indexer.features.models import mlp
 from indexer.features.projection import DenseProjection
+from indexer.features.stream import tangent_features
 from indexer.features.tasks import ClassificationMargin, OutputFunction, RegressionOutput
 
 N_EXAMPLES = 11

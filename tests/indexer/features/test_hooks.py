@@ -448,3 +448,22 @@ def test_threads_featurizing_through_a_vmap_rest_block_get_the_single_thread_ans
             got = list(pool.map(lambda x: f.featurize(MARGIN, x, y).phi, xs))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_layer_on_an_input_shared_by_the_batch_gets_per_example_gradients() -> None:
+    """A position embedding called once on `(1, T)` position ids, its output broadcast over the batch (as in
+    GPT-2): each example's block is still its own gradient's projection."""
+
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens = nn.Embedding(9, 4)
+            self.positions = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            where = torch.arange(ids.shape[1])[None]  # (1, T): one call for the whole batch
+            return self.head(torch.tanh(self.tokens(ids) + self.positions(where)).mean(1))
+
+    torch.manual_seed(16)
+    check_against_explicit(Positions(), torch.randint(0, 9, (6, 5)), torch.randint(0, 3, (6,)), k=30)

@@ -22,8 +22,9 @@ import indexer.store.shards as shards
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.features.featurize import BufferFeatures, batch_digest
+from indexer.features.featurize import BufferFeatures
 from indexer.features.models import ModelSpec, build_model
+from indexer.features.stream import batch_digest
 from indexer.features.tasks import ClassificationMargin
 from indexer.store.layout import MANIFEST_FILE
 from indexer.store.reader import load_index
@@ -279,7 +280,9 @@ def test_corrupt_shard_of_wrong_layout_is_recomputed(
     first_buffer = batch_digest(list(data.batches(TINY.batch_size))[:2])  # the right data, the wrong rows
     shards.SplitShards(work, "train").save(
         0,
-        BufferFeatures(np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32)),
+        BufferFeatures(
+            np.zeros((3, 8), np.float32), np.zeros(3), np.zeros((3, 3), np.float32), np.zeros(3), np.zeros(3)
+        ),
         first_buffer,
     )
     build_index(model, ClassificationMargin(), data, out, config=TINY, progress=False)

@@ -1,0 +1,134 @@
+"""An index of a transformers GPT-2 language model (the optional ``transformers`` extra; skipped without it).
+
+A tiny ``GPT2LMHeadModel`` from a seeded ``GPT2Config`` (2 layers, 32 wide, 100 tokens; nothing downloaded),
+padded dict batches with attention masks, the language-model margin: the build covers every Conv1D with a
+Kronecker block, keeps the tied input embedding and head as one block, and its features equal the explicit
+projection of per-example autograd gradients (float64) on every example.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.build import build_index
+from indexer.config import IndexConfig
+from indexer.data import StreamedDataset
+from indexer.features.language import LanguageModelMargin, causal_lm_targets
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
+from indexer.store.reader import load_index
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH, N = 100, 10, 10
+
+
+class Tokenized(torch.utils.data.Dataset):
+    """Dict examples as a tokenizer and collator give them (``labels`` already aligned)."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ids, self.mask, self.targets = ids, mask, targets
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.targets[i]}
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def reference_features(
+    model: torch.nn.Module, plan: KroneckerProjection, data: Tokenized, lm: LanguageModelMargin
+) -> np.ndarray:
+    """`(n, k)`: one example at a time, plain autograd in float64, every block projected by its explicit
+    Kronecker product, the rest block by its dense matrix."""
+    model = copy.deepcopy(model).double()
+    named = dict(model.named_parameters())  # the tied head is not listed: its use adds to wte's gradient
+    rows = []
+    for i in range(len(data)):
+        logits = model(input_ids=data.ids[i : i + 1], attention_mask=data.mask[i : i + 1]).logits
+        grads = dict(
+            zip(
+                named,
+                torch.autograd.grad(lm.output(logits[0], data.targets[i]), list(named.values())),
+                strict=True,
+            )
+        )
+        parts = []
+        for block in plan.blocks:
+            r_row, r_col = block.matrices(plan.seed, plan.distribution)
+            kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))
+            parts.append(kron.T @ _gradient_matrix(block, grads).reshape(-1))
+        rest = np.concatenate([grads[n].detach().reshape(-1).numpy() for n in plan.rest.params])
+        parts.append(
+            DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(
+                rest[None]
+            )[0]
+        )
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+def _gradient_matrix(block: LayerBlock, grads: dict[str, torch.Tensor]) -> np.ndarray:
+    """G of a block: an embedding's weight; a Conv1D's `(d_in, d_out)` weight, the bias one more row."""
+    w = grads[block.params[0]].detach()
+    if block.layer == "gpt2_conv1d":
+        w = torch.cat([w, grads[block.params[1]].detach()[None]], 0)
+    assert w.shape == (block.rows, block.cols)
+    return w.numpy()
+
+
+def test_a_gpt2_index(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (N, LENGTH), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0  # right padding
+    ids[mask == 0] = 0
+    data = Tokenized(ids, mask, causal_lm_targets(ids, mask, prompt_length=3))
+    model, lm = tiny_gpt2(), LanguageModelMargin(VOCAB)
+    out = build_index(
+        model,
+        lm,
+        StreamedDataset(data),
+        tmp_path / "gpt2",
+        config=IndexConfig(k=256, batch_size=4),  # batches of 4, 4, 2: position ids (1, T) shared by each
+        progress=False,
+    )
+    index = load_index(out)
+    coverage = index.manifest.projection.coverage or {}
+    blocks = {b["name"]: b["layer"] for b in coverage["blocks"]}
+    conv1d = [
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    assert all(blocks[name] == "gpt2_conv1d" for name in conv1d)
+    # the tied head (lm_head, an nn.Linear on wte's weight) passes the probe check: one block, both uses
+    assert blocks["transformer.wte.weight"] == "embedding" and blocks["transformer.wpe.weight"] == "embedding"
+    assert len(blocks) == len(conv1d) + 2
+    rest = [p["name"] for p in coverage["rest"]["params"]]
+    assert rest and all(".ln_" in name for name in rest)  # the layer norms, from their own hooks
+    assert coverage["covered_fraction"] == 1.0
+    info = index.manifest.model
+    assert info.input_dtypes == {"input_ids": "int64", "attention_mask": "int64"}
+    assert (info.n_outputs, info.target_shape) == (LENGTH * VOCAB, (LENGTH,))
+
+    plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
+    want = reference_features(model, plan, data, lm)
+    np.testing.assert_allclose(index.phi, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    beta, grad_term = lm.likelihood_terms(
+        torch.from_numpy(index.examples["model_output"]), data.targets, torch.zeros(N)
+    )
+    np.testing.assert_allclose(index.surrogate.beta, beta, rtol=1e-12)
+    np.testing.assert_allclose(index.surrogate.grad_term, grad_term, rtol=1e-12)

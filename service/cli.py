@@ -15,6 +15,7 @@ from pydantic_settings import SettingsError
 from indexer.plugins import PluginError, load_plugins
 from service.app import create_app
 from service.core.observability import configure_logging
+from service.core.protocol import header_timeout_protocol
 from service.core.settings import Settings
 
 app = typer.Typer(
@@ -107,6 +108,7 @@ def run(
         log_config=configure_logging(settings.json_logs, log_level),
         access_log=False,  # the service logs each request itself, with its request id
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 1,
+        http=header_timeout_protocol(settings.body_timeout_s),  # slow request headers: connection closed
     )
     server = _AnnouncingServer(config, api, settings)
     server.run()

@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="seconds a client has to send the whole request body once the service reads it "
-        "(slower, or a Content-Length longer than the body: 408 and the connection closed)",
+        description="seconds a client has to send a request's line and headers (slower: the connection is "
+        "closed), and then its whole body once the service reads it (slower, or a Content-Length longer "
+        "than the body: 408 and the connection closed)",
     )
     api_keys: SecretStr | None = Field(
         None, description="comma-separated API keys; when set (or api_keys_file), /v1 and /metrics need one"

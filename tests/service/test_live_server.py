@@ -70,6 +70,12 @@ def test_a_client_that_sends_less_than_it_announces_is_cut_off(
         assert received.startswith(b"HTTP/1.1 408 "), received[:200]
         assert b"request body not received within 1.0 s (INFOTRACE_BODY_TIMEOUT_S)" in received
         assert 0.5 < waited < 15  # cut off after about the timeout, not held open
+        # slow headers (slowloris): the request line and headers never finish; closed, not held
+        with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            started = time.monotonic()
+            assert sock.recv(100) == b""
+            assert 0.5 < time.monotonic() - started < 15
         assert (
             httpx.post(f"{service.url}/v1/indexes/digits/attributions", json={"query": {"id": 0}}).status_code
             == 200

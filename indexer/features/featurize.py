@@ -270,6 +270,11 @@ class DenseFeaturizer:
         )
 
 
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """float16 and bfloat16 as float32 (numpy cannot take bfloat16); other dtypes unchanged."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def example_gradient(
     model: nn.Module, output_fn: OutputFunction, x: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,14 +290,14 @@ def example_gradient(
         target: `()` its target.
 
     Returns:
-        ``(gradient, output, model_output)``: `(n_params,)` float32 flattened in ``named_parameters()``
-        order, `()` output value, `(n_outputs,)` raw outputs.
+        ``(gradient, output, model_output)``: `(n_params,)` flattened in ``named_parameters()`` order (the
+        model's dtype; float16 and bfloat16 as float32), `()` output value, `(n_outputs,)` raw outputs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     raw = model_outputs(model, x.unsqueeze(0)).reshape(-1)
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
-    return torch.cat([g.reshape(-1).float() for g in grads]), out.detach(), raw.detach()
+    return torch.cat([_upcast(g.reshape(-1)) for g in grads]), out.detach(), raw.detach()
 
 
 def host_array(tensor: torch.Tensor) -> np.ndarray:

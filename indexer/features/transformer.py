@@ -2,8 +2,8 @@
 
 Every weight matrix is an ``nn.Linear`` or an ``nn.Embedding`` used through its own forward, so the
 Kronecker projection (DESIGN.md 1.7) covers all of them with hooks; only the layer norms' scales and
-shifts go to the rest block. The output head is not tied to the token embedding (a tied head would be
-dense-projected: its gradient has a path through the embedding that the head's hooks do not see).
+shifts go to the rest block. The output head is not tied to the token embedding (an ``nn.Linear`` head
+sharing the embedding's weight would also be one block; a head written ``h @ W.T`` would be dense-projected).
 """
 
 from __future__ import annotations

@@ -112,8 +112,8 @@ def test_margin_matches_classification_margin() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 25, 10) * 5
     labels = torch.randint(0, 10, (25,))
-    # ClassificationMargin.output compares arange(C) with the target, so a batch of labels is (n, 1)
-    ref = torch.stack([ClassificationMargin().output(logits[i], labels[:, None]) for i in range(3)])
+    # ClassificationMargin.output broadcasts over leading axes: a batch of labels is (n,)
+    ref = torch.stack([ClassificationMargin().output(logits[i], labels) for i in range(3)])
     torch.testing.assert_close(margins(logits, labels), ref)
     # sigmoid(margin) is the softmax probability of the label
     p = torch.softmax(logits, -1)[:, torch.arange(25), labels]
@@ -135,7 +135,7 @@ def test_batched_retraining_equals_training_each_model_alone(tiny: tuple[Dataset
         for name, value in model.state_dict().items():
             torch.testing.assert_close(params[name][m], value, atol=1e-5, rtol=1e-4)
         with torch.no_grad():
-            alone = ClassificationMargin().output(model(query.inputs), query.targets[:, None])
+            alone = ClassificationMargin().output(model(query.inputs), query.targets)
         torch.testing.assert_close(batched[m], alone, atol=1e-4, rtol=1e-4)
 
 

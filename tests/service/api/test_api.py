@@ -62,7 +62,7 @@ def test_health_ready_and_docs(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}, "detail": None}
+    assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}, "detail": None, "missing": {}}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/indexes", "/v1/indexes/{name}", "/v1/indexes/{name}/attributions"} <= set(paths)

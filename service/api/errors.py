@@ -69,10 +69,24 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+MAX_ERRORS = 20
+"""Validation errors returned at most (a 50,000-element list of the wrong type makes 50,000 of them)."""
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422 for a request that fails validation, serialisable whatever value it quotes."""
-    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(errors))})
+    """FastAPI's 422 for a request that fails validation, serialisable whatever value it quotes: at most
+    :data:`MAX_ERRORS` errors, and only scalar inputs echoed (a list or object is described, not copied)."""
+    errors = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    shown = []
+    for error in errors[:MAX_ERRORS]:
+        error = dict(error)
+        given = error.get("input")
+        if isinstance(given, dict | list | tuple) or (isinstance(given, str) and len(given) > 200):
+            error["input"] = f"<{type(given).__name__} of {len(given)} items, not echoed>"
+        shown.append(error)
+    if len(errors) > MAX_ERRORS:
+        shown.append({"type": "truncated", "loc": ["body"], "msg": f"{len(errors) - MAX_ERRORS} more errors"})
+    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(shown))})
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -54,11 +54,31 @@ def _parse_float(text: str) -> float:
     return value if math.isfinite(value) else _Token(value, text)
 
 
+class InvalidTextError(ValueError):
+    """A JSON string (or key) holds a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, not Unicode text."""
+
+    def __init__(self, loc: tuple[str | int, ...]) -> None:
+        super().__init__(f"{'.'.join(map(str, loc)) or 'body'}: a string holds a lone UTF-16 surrogate")
+        self.loc = loc
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _find_non_finite(value: Any, loc: tuple[str | int, ...]) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise NonFiniteNumberError(loc, getattr(value, "token", repr(value)))
+    if isinstance(value, str) and not _is_text(value):
+        raise InvalidTextError(loc)
     if isinstance(value, dict):
         for key, item in value.items():
+            if not _is_text(key):
+                raise InvalidTextError(loc)
             _find_non_finite(item, (*loc, key))
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -76,6 +96,7 @@ def strict_json_loads(body: bytes) -> Any:
 
     Raises:
         NonFiniteNumberError: ``NaN``, ``Infinity``, ``-Infinity`` or a number beyond float64 anywhere.
+        InvalidTextError: a string or key with a lone UTF-16 surrogate.
         json.JSONDecodeError: not JSON, or an integer of more digits than Python converts (4,300).
     """
     text = body.decode("utf-8", errors="strict") if isinstance(body, bytes) else body
@@ -115,6 +136,16 @@ class _StrictJSONRequest(Request):
                         "loc": ["body", *exc.loc],
                         "msg": f"{exc.token} {NON_FINITE_MESSAGE}",
                         "input": exc.token,
+                    }
+                ]
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from exc
+            except InvalidTextError as exc:
+                detail = [
+                    {
+                        "type": "unicode_text",
+                        "loc": ["body", *exc.loc],
+                        "msg": "a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape); "
+                        "expected Unicode text",
                     }
                 ]
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from exc

@@ -222,7 +222,10 @@ class QueryFeaturizer:
         Raises:
             InvalidQueryError: not a finite `(k,)` vector of float32-representable numbers.
         """
-        phi = np.asarray(feature, dtype=np.float64)
+        try:
+            phi = np.asarray(feature, dtype=np.float64)
+        except OverflowError as exc:  # an integer of hundreds of digits
+            raise InvalidQueryError("feature values must be finite float32 numbers (|x| < 3.4e38)") from exc
         with np.errstate(over="ignore"):
             fits = bool(np.all(np.isfinite(phi.astype(np.float32))))
         if not fits:
@@ -244,8 +247,14 @@ class QueryFeaturizer:
             raise ModelMismatchError(self.model_error or "this index cannot featurize raw inputs")
         started = time.perf_counter()
         inputs = self._input_tensor(raw)
-        with torch.no_grad():
-            raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
+        try:
+            with torch.no_grad():
+                raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
+        except (IndexError, RuntimeError) as exc:  # e.g. a token id beyond the embedding's vocabulary
+            raise InvalidQueryError(
+                f"the model cannot run on this input ({type(exc).__name__}: {exc}); for token ids, every "
+                "id must be below the model's vocabulary size"
+            ) from exc
         if not np.all(np.isfinite(raw_out)):
             raise InvalidQueryError(
                 "the model's output for this input is not finite (NaN or overflow): the input is far outside "
@@ -297,13 +306,19 @@ class QueryFeaturizer:
         recorded = getattr(torch, name, None)
         if not isinstance(recorded, torch.dtype):
             raise ModelMismatchError(f"index {self.data.name!r} records an unknown input dtype {name!r}")
+        if recorded is torch.bool:  # a 0/1 mask
+            if not np.all((given == 0) | (given == 1)):
+                raise InvalidQueryError("input must hold 0 or 1 (the index's inputs are booleans)")
+            return torch.from_numpy(given.astype(np.bool_))[None]
         if not recorded.is_floating_point:  # token ids, class indices: integers of the recorded dtype
             if given.dtype.kind == "f" and not (
                 np.all(np.isfinite(given)) and np.all(given == np.round(given))
             ):
                 raise InvalidQueryError(f"input must hold integers ({name})")
             info = torch.iinfo(recorded)
-            if given.size and (given.min() < info.min or given.max() > info.max):
+            # compared exactly: float(2**63 - 1) rounds up to 2**63, which would wrap to -2**63
+            high = 2.0 ** (info.bits - (1 if info.min < 0 else 0))  # one past the largest value, exact
+            if given.size and (given.min() < info.min or given.max() >= high):
                 raise InvalidQueryError(f"input values must fit {name} ({info.min}..{info.max})")
             return torch.from_numpy(given.astype(np.int64)).to(recorded)[None]
         with np.errstate(over="ignore"):
@@ -319,11 +334,15 @@ class QueryFeaturizer:
         """The target to explain: the given one, checked, or the default (the predicted class)."""
         if target is None:
             return to_python(self.output_fn.default_target(raw_out)[0])
+        try:
+            as_float = float(target)
+        except OverflowError as exc:  # an integer of hundreds of digits
+            raise InvalidQueryError("target must be a finite number within float64's range") from exc
         if classification:
             n_outputs = raw_out.shape[1]
-            if not (float(target).is_integer() and 0 <= int(target) < n_outputs):
+            if not (as_float.is_integer() and 0 <= int(target) < n_outputs):
                 raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
             return int(target)
-        if not math.isfinite(float(target)):
+        if not math.isfinite(as_float):
             raise InvalidQueryError("target must be finite")
         return target

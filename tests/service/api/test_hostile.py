@@ -161,3 +161,33 @@ def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(
     assert (
         _samples(metrics)[("infotrace_requests_total", (("method", "POST"), route, ("status", "500")))] == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            '{"query": {"input": [' + ",".join(["0.0"] * 784) + '], "target": 1' + "0" * 400 + "}}",
+            "target must",
+        ),
+        ('{"query": {"feature": [1' + "0" * 400 + "]}}", "feature values must be finite float32"),
+        ('{"query": {"id": 0}, "score": "\\ud800"}', "lone UTF-16 surrogate"),
+        ('{"query": {"id": 0}, "\\udfff": 1}', "lone UTF-16 surrogate"),
+    ],
+)
+def test_review_findings_are_4xx_not_500(client: TestClient, body: str, expected: str) -> None:
+    """A newcomer's review found these 500s: integers beyond float64 as a target or a feature, a lone
+    surrogate in a string the 422 would echo."""
+    response = client.post(f"{BASE}/attributions", content=body, headers=JSON)
+    assert response.status_code == 422, response.text
+    assert expected in response.text
+
+
+def test_a_huge_validation_error_is_capped(client: TestClient) -> None:
+    """50,000 booleans as a feature made 50,000 errors echoing the whole list (14 MB, seconds of work on the
+    event loop); now at most 20 errors and no long echoed input."""
+    body = '{"query": {"feature": [' + ",".join(["true"] * 50_000) + "]}}"
+    response = client.post(f"{BASE}/attributions", content=body, headers=JSON)
+    assert response.status_code == 422
+    assert len(response.content) < 20_000
+    assert response.json()["detail"][-1]["type"] == "truncated"

@@ -309,3 +309,35 @@ def test_an_index_whose_model_cannot_be_rebuilt_serves_ids_and_features(
     assert stored.status_code == 200 and feature.status_code == 200
     assert [r["id"] for r in stored.json()["results"]] == [r["id"] for r in feature.json()["results"]]
     assert raw.status_code == 409 and raw.json()["detail"] == reason
+
+
+def test_token_ids_beyond_the_vocabulary_or_int64_are_refused(tmp_path: Path) -> None:
+    """Review findings: an id past the embedding was a 500 (IndexError), and 2**63 passed the int64 check
+    (compared in float64) and wrapped to -2**63."""
+    from indexer.build import build_index
+    from indexer.data import Dataset
+    from indexer.features.models import ModelSpec, build_model, register_model
+    from indexer.features.tasks import ClassificationMargin
+
+    register_model("test_vocab_11", DTYPE_MODELS["token_ids"][0])
+    spec = ModelSpec("test_vocab_11")
+    torch.manual_seed(0)
+    data = Dataset(torch.randint(0, 11, (20, 3)), torch.randint(0, 3, (20,)))
+    engine = AttributionEngine(
+        load_index(
+            build_index(
+                build_model(spec),
+                ClassificationMargin(),
+                data,
+                tmp_path / "t",
+                model_spec=spec,
+                progress=False,
+            )
+        )
+    )
+    with pytest.raises(InvalidQueryError, match="every id must be below the model's vocabulary size"):
+        engine.queries.input([11, 0, 0])
+    for big in ([2**63, 0, 0], [9.223372036854775807e18, 0, 0]):
+        with pytest.raises(InvalidQueryError, match=r"input values must fit int64"):
+            engine.queries.input(big)
+    assert engine.queries.input([10, 0, 0]).kind == "input"

@@ -81,7 +81,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     for error in errors[:MAX_ERRORS]:
         error = dict(error)
         given = error.get("input")
-        if isinstance(given, dict | list | tuple) or (isinstance(given, str) and len(given) > 200):
+        if isinstance(given, dict | list | tuple) and not given:
+            error.pop("input")  # FastAPI's JSON-decode errors carry an empty placeholder
+        elif isinstance(given, dict | list | tuple) or (isinstance(given, str) and len(given) > 200):
             error["input"] = f"<{type(given).__name__} of {len(given)} items, not echoed>"
         shown.append(error)
     if len(errors) > MAX_ERRORS:

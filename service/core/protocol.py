@@ -22,15 +22,15 @@ class _HeaderTimeoutH11(H11Protocol):
     """:class:`H11Protocol` that closes the connection when a request's headers take too long."""
 
     header_timeout_s: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
         self._arm_header_timer()
 
     def _arm_header_timer(self) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()  # type: ignore[union-attr]
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
 
     def _headers_too_slow(self) -> None:
@@ -51,8 +51,8 @@ class _HeaderTimeoutH11(H11Protocol):
             self._arm_header_timer()  # the next request on this keep-alive connection gets the same limit
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if getattr(self, "_header_timer", None) is not None:
-            self._header_timer.cancel()  # type: ignore[union-attr]
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         super().connection_lost(exc)
 
 

@@ -12,7 +12,7 @@ The helpers live in fixtures rather than in an importable module: ``tests/indexe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 
 from indexer.data import Dataset
 from indexer.features.models import ModelSpec, build_model
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
 from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 RTOL = 1e-8
@@ -126,6 +127,50 @@ def rtol() -> float:
 def atol_log_ratio() -> float:
     """:data:`ATOL_LOG_RATIO`."""
     return ATOL_LOG_RATIO
+
+
+def _gradient_matrix(block: LayerBlock, grads: dict[str, torch.Tensor]) -> np.ndarray:
+    """G `(rows, cols)` float64 of one block in its own coordinates (DESIGN.md 1.7), from one example's
+    parameter gradients: an embedding's weight; a Conv1D's `(d_in, d_out)` weight with the bias as one more
+    row; any other layer's weight flattened to `(out, in * kernel)` with the bias as one more column."""
+    w = grads[block.params[0]].detach().double()
+    bias = grads[block.params[1]].detach().double() if len(block.params) > 1 else None
+    if block.layer == "embedding":
+        g = w
+    elif block.layer == "gpt2_conv1d":
+        g = torch.cat([w, bias[None]], 0) if bias is not None else w
+    else:
+        w2 = w.reshape(w.shape[0], -1)
+        g = torch.cat([w2, bias[:, None]], 1) if bias is not None else w2
+    assert g.shape == (block.rows, block.cols)
+    return g.numpy()
+
+
+def _explicit_kronecker(
+    plan: KroneckerProjection, grads: Sequence[dict[str, torch.Tensor]], with_rest: bool = True
+) -> np.ndarray:
+    """`(n, k)` (or `(n, k_blocks)` without the rest block): per block ``(R_row (x) R_col)^T vec(G)`` with the
+    Kronecker product formed explicitly, then the rest block's parameters dense-projected, for one gradient
+    dict per example."""
+    rows = []
+    for g in grads:
+        parts = []
+        for block in plan.blocks:
+            r_row, r_col = block.matrices(plan.seed, plan.distribution)
+            kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))  # (rows * cols, k_row * k_col)
+            parts.append(kron.T @ _gradient_matrix(block, g).reshape(-1))
+        if with_rest and plan.rest.k:
+            rest = np.concatenate([g[n].detach().double().reshape(-1).numpy() for n in plan.rest.params])
+            dense = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution)
+            parts.append(dense.project(rest[None])[0])
+        rows.append(np.concatenate(parts))
+    return np.stack(rows)
+
+
+@pytest.fixture
+def explicit_kronecker() -> Callable[..., np.ndarray]:
+    """The brute-force reference of the Kronecker features: ``(plan, grads, with_rest=True) -> (n, k)``."""
+    return _explicit_kronecker
 
 
 @pytest.fixture

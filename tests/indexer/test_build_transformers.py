@@ -19,7 +19,7 @@ from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import StreamedDataset
 from indexer.features.language import LanguageModelMargin, causal_lm_targets
-from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
+from indexer.features.projection import KroneckerProjection
 from indexer.store.reader import load_index
 
 transformers = pytest.importorskip("transformers")
@@ -48,48 +48,21 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(config).eval()
 
 
-def reference_features(
-    model: torch.nn.Module, plan: KroneckerProjection, data: Tokenized, lm: LanguageModelMargin
-) -> np.ndarray:
-    """`(n, k)`: one example at a time, plain autograd in float64, every block projected by its explicit
-    Kronecker product, the rest block by its dense matrix."""
+def reference_gradients(
+    model: torch.nn.Module, data: Tokenized, lm: LanguageModelMargin
+) -> list[dict[str, torch.Tensor]]:
+    """One example at a time, plain autograd in float64: name -> gradient per example."""
     model = copy.deepcopy(model).double()
     named = dict(model.named_parameters())  # the tied head is not listed: its use adds to wte's gradient
-    rows = []
+    grads = []
     for i in range(len(data)):
         logits = model(input_ids=data.ids[i : i + 1], attention_mask=data.mask[i : i + 1]).logits
-        grads = dict(
-            zip(
-                named,
-                torch.autograd.grad(lm.output(logits[0], data.targets[i]), list(named.values())),
-                strict=True,
-            )
-        )
-        parts = []
-        for block in plan.blocks:
-            r_row, r_col = block.matrices(plan.seed, plan.distribution)
-            kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))
-            parts.append(kron.T @ _gradient_matrix(block, grads).reshape(-1))
-        rest = np.concatenate([grads[n].detach().reshape(-1).numpy() for n in plan.rest.params])
-        parts.append(
-            DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(
-                rest[None]
-            )[0]
-        )
-        rows.append(np.concatenate(parts))
-    return np.stack(rows)
+        values = torch.autograd.grad(lm.output(logits[0], data.targets[i]), list(named.values()))
+        grads.append(dict(zip(named, values, strict=True)))
+    return grads
 
 
-def _gradient_matrix(block: LayerBlock, grads: dict[str, torch.Tensor]) -> np.ndarray:
-    """G of a block: an embedding's weight; a Conv1D's `(d_in, d_out)` weight, the bias one more row."""
-    w = grads[block.params[0]].detach()
-    if block.layer == "gpt2_conv1d":
-        w = torch.cat([w, grads[block.params[1]].detach()[None]], 0)
-    assert w.shape == (block.rows, block.cols)
-    return w.numpy()
-
-
-def test_a_gpt2_index(tmp_path: Path) -> None:
+def test_a_gpt2_index(tmp_path: Path, explicit_kronecker) -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (N, LENGTH), generator=g)
     mask = torch.ones_like(ids)
@@ -125,7 +98,7 @@ def test_a_gpt2_index(tmp_path: Path) -> None:
     assert (info.n_outputs, info.target_shape) == (LENGTH * VOCAB, (LENGTH,))
 
     plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
-    want = reference_features(model, plan, data, lm)
+    want = explicit_kronecker(plan, reference_gradients(model, data, lm))
     np.testing.assert_allclose(index.phi, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     beta, grad_term = lm.likelihood_terms(
         torch.from_numpy(index.examples["model_output"]), data.targets, torch.zeros(N)

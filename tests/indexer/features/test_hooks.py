@@ -15,7 +15,7 @@ from torch import nn
 from indexer.enums import Distribution, Uncovered
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.plan import plan_kronecker
-from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
+from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.tasks import ClassificationMargin, OutputFunction
 
 MARGIN = ClassificationMargin()
@@ -62,41 +62,21 @@ def per_example_param_grads(
     return out
 
 
-def gradient_matrix(block: LayerBlock, grads: dict[str, torch.Tensor]) -> np.ndarray:
-    """G `(rows, cols)` of one block in its own coordinates, from the per-example parameter gradients."""
-    w = grads[block.params[0]].double()
-    bias = grads[block.params[1]].double() if len(block.params) > 1 else None
-    if block.layer == "embedding":
-        g = w
-    elif block.layer == "gpt2_conv1d":
-        g = torch.cat([w, bias[None]], 0) if bias is not None else w
-    else:
-        w2 = w.reshape(w.shape[0], -1)
-        g = torch.cat([w2, bias[:, None]], 1) if bias is not None else w2
-    assert g.shape == (block.rows, block.cols)
-    return g.numpy()
+@pytest.fixture
+def check_against_explicit(explicit_kronecker):
+    """``(model, inputs, targets, k=40, **plan_kw)``: the hooks' blocks equal the explicit reference."""
+    return lambda *args, **kwargs: _check_against_explicit(explicit_kronecker, *args, **kwargs)
 
 
-def explicit_features(plan: KroneckerProjection, grads: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    """`(n, k_blocks)`: (R_row (x) R_col)^T vec(G) per block, with the Kronecker product formed."""
-    rows = []
-    for g in grads:
-        parts = []
-        for block in plan.blocks:
-            r_row, r_col = block.matrices(plan.seed, plan.distribution)
-            kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))  # (rows * cols, k_row * k_col)
-            parts.append(kron.T @ gradient_matrix(block, g).reshape(-1))
-        rows.append(np.concatenate(parts))
-    return np.stack(rows)
-
-
-def check_against_explicit(model: nn.Module, inputs, targets: torch.Tensor, k: int = 40, **plan_kw) -> None:
+def _check_against_explicit(
+    explicit_kronecker, model: nn.Module, inputs, targets: torch.Tensor, k: int = 40, **plan_kw
+) -> None:
     model.eval()
     plan = plan_kronecker(model, k, seed=3, **plan_kw)
     assert plan.blocks, "the model should have supported layers"
     with HookFeaturizer(model, plan) as featurizer:
         got = featurizer.featurize(MARGIN, inputs, targets)
-    want = explicit_features(plan, per_example_param_grads(model, MARGIN, inputs, targets))
+    want = explicit_kronecker(plan, per_example_param_grads(model, MARGIN, inputs, targets), with_rest=False)
     k_blocks = sum(b.k for b in plan.blocks)
     assert got.phi.shape == (len(targets), plan.k) and got.phi.dtype == np.float32
     scale = np.abs(want).max()
@@ -106,7 +86,7 @@ def check_against_explicit(model: nn.Module, inputs, targets: torch.Tensor, k: i
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear(bias: bool) -> None:
+def test_linear(bias: bool, check_against_explicit) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 6, bias=bias), nn.ReLU(inplace=True), nn.Linear(6, 4, bias=bias))
     check_against_explicit(model, torch.randn(9, 7), torch.randint(0, 4, (9,)))
@@ -123,7 +103,7 @@ def test_linear(bias: bool) -> None:
         (3, {"kernel_size": 2, "stride": 1, "padding": 1, "dilation": 1}),
     ],
 )
-def test_convolutions(dims: int, conv: dict) -> None:
+def test_convolutions(dims: int, conv: dict, check_against_explicit) -> None:
     torch.manual_seed(dims)
     layer = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 3, **conv)
     shape = {1: (2, 12), 2: (2, 8, 7), 3: (2, 5, 4, 6)}[dims]
@@ -133,7 +113,7 @@ def test_convolutions(dims: int, conv: dict) -> None:
     check_against_explicit(model, x, torch.randint(0, 3, (6,)))
 
 
-def test_embedding_with_padding_and_a_sequence_linear_with_a_mask() -> None:
+def test_embedding_with_padding_and_a_sequence_linear_with_a_mask(check_against_explicit) -> None:
     torch.manual_seed(4)
     model = SequenceClassifier()
     ids = torch.randint(1, 11, (7, 5))
@@ -153,14 +133,14 @@ def test_embedding_with_padding_and_a_sequence_linear_with_a_mask() -> None:
     np.testing.assert_allclose(padded[0], alone.phi[0], rtol=1e-5, atol=1e-6)
 
 
-def test_transformers_conv1d() -> None:
+def test_transformers_conv1d(check_against_explicit) -> None:
     transformers_pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
     torch.manual_seed(5)
     model = nn.Sequential(transformers_pytorch_utils.Conv1D(6, 7), nn.GELU(), nn.Linear(6, 3))
     check_against_explicit(model, torch.randn(5, 4, 7).mean(1), torch.randint(0, 3, (5,)))
 
 
-def test_tied_weights_are_one_block_whose_uses_add_up() -> None:
+def test_tied_weights_are_one_block_whose_uses_add_up(check_against_explicit) -> None:
     class Tied(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -298,7 +278,7 @@ def test_train_mode_and_batch_dimension_are_checked() -> None:
         f.featurize(MARGIN, torch.randn(2, 5, 3), torch.tensor([0, 1]))
 
 
-def test_rademacher_entries_and_explicit_dims() -> None:
+def test_rademacher_entries_and_explicit_dims(check_against_explicit) -> None:
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
     plan = plan_kronecker(model, 30, distribution=Distribution.RADEMACHER, dims={"0": (3, 4)})
@@ -358,7 +338,9 @@ class TiedByMatmul(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["matmul_tie", "scale_grad_by_freq"])
-def test_weights_with_gradient_paths_the_hooks_miss_go_to_the_rest_block(case: str, tmp_path) -> None:
+def test_weights_with_gradient_paths_the_hooks_miss_go_to_the_rest_block(
+    case: str, tmp_path, explicit_kronecker
+) -> None:
     """The build checks every block on a probe example against plain autograd; a mismatch moves the
     weight to the rest block (dense, exact) instead of giving silently wrong features."""
     from indexer.build import build_index
@@ -384,7 +366,7 @@ def test_weights_with_gradient_paths_the_hooks_miss_go_to_the_rest_block(case: s
     with HookFeaturizer(model.eval(), plan) as f:
         phi = f.featurize(MARGIN, ids, y).phi
     grads = per_example_param_grads(model, MARGIN, ids, y)
-    want_blocks = explicit_features(plan, grads)
+    want_blocks = explicit_kronecker(plan, grads, with_rest=False)
     k_blocks = sum(b.k for b in plan.blocks)
     np.testing.assert_allclose(
         phi[:, :k_blocks], want_blocks, rtol=1e-5, atol=1e-6 * np.abs(want_blocks).max()
@@ -450,7 +432,7 @@ def test_threads_featurizing_through_a_vmap_rest_block_get_the_single_thread_ans
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_a_layer_on_an_input_shared_by_the_batch_gets_per_example_gradients() -> None:
+def test_a_layer_on_an_input_shared_by_the_batch_gets_per_example_gradients(check_against_explicit) -> None:
     """A position embedding called once on `(1, T)` position ids, its output broadcast over the batch (as in
     GPT-2): each example's block is still its own gradient's projection."""
 

@@ -20,6 +20,17 @@ EXAMPLES_PER_OPERATION = 120
 MIN_REQUESTS = 1000
 
 
+def _repeatable(max_examples: int) -> settings:
+    """Hypothesis settings of every fuzzer here: derandomized (the same cases each run), no deadline."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+
+
 def _aim_at_the_index(case: schemathesis.Case) -> None:
     """Random names and ids only ever reach the 404 branches (tested in test_api): fold them onto the real
     index and mostly-valid ids (0..99 over 80 stored queries) so that the fuzzing reaches the scoring code."""
@@ -38,13 +49,7 @@ def _fuzzer(operation: Any, sent: dict[str, int]) -> Callable[[], None]:
     label = f"{operation.method.upper()} {operation.path}"
 
     @given(case=operation.as_strategy())
-    @settings(
-        max_examples=EXAMPLES_PER_OPERATION,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
+    @_repeatable(EXAMPLES_PER_OPERATION)
     def fuzz(case: schemathesis.Case) -> None:
         _aim_at_the_index(case)
         sent[label] = sent.get(label, 0) + 1
@@ -110,13 +115,7 @@ def _hostile_fuzzer(operation: Any, client: Any, sent: dict[str, int]) -> Callab
     label = f"{operation.method.upper()} {operation.path}"
 
     @given(case=operation.as_strategy(), data=st.data())
-    @settings(
-        max_examples=HOSTILE_PER_OPERATION,
-        deadline=None,
-        suppress_health_check=list(HealthCheck),
-        derandomize=True,
-        database=None,
-    )
+    @_repeatable(HOSTILE_PER_OPERATION)
     def hostile(case: schemathesis.Case, data: st.DataObject) -> None:
         _aim_at_the_index(case)
         token = data.draw(st.sampled_from(HOSTILE_TOKENS))

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
+import torch
 import typer
 
 from indexer.build import build_index
 from indexer.config import IndexConfig
-from indexer.data import load_arrays
+from indexer.data import Dataset, load_arrays
 from indexer.enums import OutputKind
 from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model
@@ -191,11 +192,11 @@ def build(
         spec = ModelSpec(model, kwargs)
         output_fn = output_function_from_spec(output, _output_params(output, sigma, vocab_size))
         train, queries = load_arrays(data)
-        if shape is not None:
-            train = dataclasses.replace(train, image_shape=shape)
-            queries = None if queries is None else dataclasses.replace(queries, image_shape=shape)
+        network = build_model(spec)
+        train = _as_model_inputs(train, network, shape)
+        queries = None if queries is None else _as_model_inputs(queries, network, shape)
         path = build_index(
-            build_model(spec),
+            network,
             output_fn,
             train,
             out,
@@ -205,6 +206,17 @@ def build(
             config=config,
         )
     typer.echo(f"wrote index {path}")
+
+
+def _as_model_inputs(data: Dataset, model: torch.nn.Module, image_shape: tuple[int, int] | None) -> Dataset:
+    """``data`` with floating-point inputs cast to the one floating dtype of ``model``'s parameters (so
+    float64 arrays from numpy feed a float32 model, and a float16 model gets float16 inputs); integer
+    and boolean inputs, targets, and the inputs of a model of mixed precision are left as stored."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    inputs = data.inputs
+    if len(dtypes) == 1 and inputs.is_floating_point():
+        inputs = inputs.to(dtypes.pop())
+    return dataclasses.replace(data, inputs=inputs, image_shape=image_shape or data.image_shape)
 
 
 def _output_params(output: str, sigma: float, vocab_size: int | None) -> dict[str, Any]:

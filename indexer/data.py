@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 __all__ = ["Batch", "BatchLayout", "Dataset", "Examples", "StreamedDataset", "load_arrays"]
@@ -217,7 +217,10 @@ Examples = Dataset | StreamedDataset
 def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
     """Read a dataset file for the CLI: ``.safetensors`` or ``.npz`` (read with ``allow_pickle=False``).
 
-    Keys: ``train_inputs``, ``train_targets`` and optionally ``query_inputs``, ``query_targets``.
+    Keys: ``train_inputs``, ``train_targets`` and optionally ``query_inputs``, ``query_targets``. Every
+    array keeps the dtype it has in the file (a safetensors file may hold bfloat16, which numpy cannot);
+    integer inputs (token ids) stay integers. (``infotrace-index build`` then casts floating-point
+    inputs to the model's parameter dtype.)
 
     Returns:
         ``(train, queries)``; queries is None when the file has none.
@@ -237,7 +240,7 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
     elif path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
+                arrays = {key: _tensor(path, key, npz[key]) for key in npz.files}
         except ValueError as exc:
             raise ValueError(
                 f"dataset file {path} holds object arrays, which are never unpickled: {exc}"
@@ -249,11 +252,7 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
             raise ValueError(f"dataset file {path} has no array {key!r}; it has {sorted(arrays)}")
 
     def make(prefix: str) -> Dataset:
-        x = torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_inputs"]))
-        return Dataset(
-            inputs=x.float() if x.is_floating_point() else x,
-            targets=torch.from_numpy(np.ascontiguousarray(arrays[f"{prefix}_targets"])),
-        )
+        return Dataset(inputs=arrays[f"{prefix}_inputs"], targets=arrays[f"{prefix}_targets"])
 
     if ("query_inputs" in arrays) != ("query_targets" in arrays):
         present = "query_inputs" if "query_inputs" in arrays else "query_targets"
@@ -262,3 +261,19 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
         )
     queries = make("query") if "query_inputs" in arrays else None
     return make("train"), queries
+
+
+def _tensor(path: Path, key: str, array: np.ndarray) -> torch.Tensor:
+    """One ``.npz`` array as a tensor of the same dtype.
+
+    Raises:
+        ValueError: a dtype torch has no tensor for (strings, unsigned 16/32/64-bit on older torch,
+            structured arrays), naming the key.
+    """
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError as exc:
+        raise ValueError(
+            f"dataset file {path}: array {key!r} has dtype {array.dtype}, which is not a numeric tensor "
+            "type (give numbers: float, int, or bool)"
+        ) from exc

@@ -318,3 +318,59 @@ def test_the_cnn_demo_builds_a_convolutional_index(tmp_path: Path) -> None:
     assert data.n_train == 200 and data.manifest.model.image_shape == (28, 28)
     with pytest.raises(ValueError, match="unknown digits demo 'nope'"):
         build_demo_index(tmp_path / "indexes", name="nope")
+
+
+def _dtype_mlp(dtype: str = "float32") -> nn.Module:
+    """A 5-4-3 MLP in ``dtype`` (seeded: the CLI and the library build the same weights)."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(getattr(torch, dtype))
+
+
+@pytest.mark.parametrize(
+    ("model_dtype", "file_dtype", "suffix"),
+    [
+        ("float16", "float64", ".npz"),
+        ("float64", "float64", ".npz"),
+        ("bfloat16", "bfloat16", ".safetensors"),
+        ("float32", "bfloat16", ".safetensors"),
+    ],
+)
+def test_the_cli_builds_models_of_every_float_dtype(
+    tmp_path: Path, model_dtype: str, file_dtype: str, suffix: str
+) -> None:
+    """Issue #16: the CLI cast every float input to float32, so a float16/bfloat16/float64 model could not
+    be built from a file, and a bfloat16 safetensors file was a traceback (numpy has no bfloat16). Inputs
+    now keep the file's precision until they are cast to the model's dtype: the library's index."""
+    from safetensors.torch import save_file as save_tensors
+
+    register_model("test_cli_dtype_mlp", _dtype_mlp)
+    model = _dtype_mlp(model_dtype)
+    checkpoint = tmp_path / "weights.safetensors"
+    save_checkpoint(model, checkpoint)
+    x = torch.randn(24, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=torch.Generator().manual_seed(1))
+    data = tmp_path / f"data{suffix}"
+    if suffix == ".npz":
+        np.savez(data, train_inputs=x.to(getattr(torch, file_dtype)).numpy(), train_targets=y.numpy())
+    else:
+        save_tensors({"train_inputs": x.to(getattr(torch, file_dtype)), "train_targets": y}, str(data))
+    kwargs = f'{{"dtype": "{model_dtype}"}}'
+    shown = CliRunner().invoke(
+        app,
+        ["build", "--out", str(tmp_path / "cli"), "--model", "test_cli_dtype_mlp", "--model-kwargs", kwargs,
+         "--checkpoint", str(checkpoint), "--data", str(data), "--k", "8", "--min-coverage", "0"],
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    index = load_index(tmp_path / "cli")
+    assert index.manifest.model.input_dtype == model_dtype
+    inputs = x.to(getattr(torch, file_dtype)).to(getattr(torch, model_dtype))
+    assert index.phi.dtype == np.float32 and np.all(np.isfinite(index.phi))
+    via_api = build_index(
+        model,
+        ClassificationMargin(),
+        Dataset(inputs, y),
+        tmp_path / "api",
+        config=IndexConfig(k=8, min_coverage=0.0),
+        progress=False,
+    )
+    assert np.array_equal(index.phi, load_index(via_api).phi)

@@ -49,6 +49,9 @@ def load_plugin(entry: str) -> ModuleType:
         name = f"infotrace_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         if name in sys.modules:
             return sys.modules[name]
+        known = _imported_from(path)
+        if known is not None:  # listed before by its module name
+            return known
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise PluginError(f"plugin {entry!r}: {path} cannot be imported as a module")
@@ -56,16 +59,36 @@ def load_plugin(entry: str) -> ModuleType:
         sys.modules[name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin's sys.exit() must not end the server silently
             del sys.modules[name]
-            raise PluginError(f"plugin {entry!r} failed to import: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(f"plugin {entry!r} failed to import: {_why(exc)}") from exc
         return module
     try:
+        found = importlib.util.find_spec(entry)
+        if found is not None and found.origin and entry not in sys.modules:
+            known = _imported_from(Path(found.origin).resolve())
+            if known is not None:  # listed before by its path
+                return known
         return importlib.import_module(entry)
     except ModuleNotFoundError as exc:
         raise PluginError(f"plugin {entry!r}: no such module on the Python path ({exc})") from exc
-    except Exception as exc:
-        raise PluginError(f"plugin {entry!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        raise PluginError(f"plugin {entry!r} failed to import: {_why(exc)}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) while being imported"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _imported_from(path: Path) -> ModuleType | None:
+    """The module already imported from the file ``path`` (resolved), if any."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file and Path(file).resolve() == path:
+            return module
+    return None
 
 
 def load_plugins(entries: Sequence[str]) -> list[ModuleType]:

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from indexer.enums import Direction, Objective, Score
 
@@ -34,6 +47,25 @@ __all__ = [
 ]
 
 
+def _scan(number_types: tuple[type, ...], expected: str) -> WrapValidator:
+    """A validator of a list of JSON numbers that answers the first wrong element with one error (pydantic's
+    own check builds an error per element: a million booleans took seconds on the event loop)."""
+
+    def check(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(value, list):
+            for position, item in enumerate(value):
+                if type(item) not in number_types:
+                    shown = "true/false" if isinstance(item, bool) else type(item).__name__
+                    raise PydanticCustomError(
+                        "number_list",
+                        "expected {expected}; position {position} holds {shown}",
+                        {"expected": expected, "position": position, "shown": shown},
+                    )
+        return handler(value)
+
+    return WrapValidator(check)
+
+
 class StoredQuery(BaseModel):
     """A held-out example featurized at index time."""
 
@@ -61,9 +93,16 @@ class FeatureQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    feature: list[StrictFloat | StrictInt] = Field(
+    feature: Annotated[list[StrictFloat | StrictInt], _scan((float, int), "a list of numbers")] = Field(
         min_length=1, description="projected tangent feature phi_q, k floats"
     )
+
+
+_QUERY_KINDS: dict[str, type[BaseModel]] = {
+    "stored": StoredQuery,
+    "input": InputQuery,
+    "feature": FeatureQuery,
+}
 
 
 def _exactly_one_kind(value: Any) -> Any:
@@ -77,7 +116,27 @@ def _exactly_one_kind(value: Any) -> Any:
     return value
 
 
-QuerySpec = Annotated[StoredQuery | InputQuery | FeatureQuery, BeforeValidator(_exactly_one_kind)]
+def _query_kind(value: Any) -> str | None:
+    # the branch a query object is validated against, so errors come from that one branch only
+    if isinstance(value, dict):
+        key = next((key for key in ("id", "input", "feature") if key in value), None)
+        return "stored" if key == "id" else key
+    return next(
+        (key for key, kind in _QUERY_KINDS.items() if isinstance(value, kind)), None
+    )  # already a model (built in Python)
+
+
+QuerySpec = Annotated[
+    Annotated[StoredQuery, Tag("stored")]
+    | Annotated[InputQuery, Tag("input")]
+    | Annotated[FeatureQuery, Tag("feature")],
+    Discriminator(
+        _query_kind,
+        custom_error_type="query_kind",
+        custom_error_message="expected a query object with exactly one of 'id', 'input' or 'feature'",
+    ),
+    BeforeValidator(_exactly_one_kind),
+]
 """The query: exactly one of a stored id, a raw input (with an optional target) or a feature."""
 
 
@@ -118,9 +177,19 @@ class CoresetRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     size: StrictInt = Field(10, ge=1, description="number of training examples m to choose")
-    query_ids: list[StrictInt] | None = Field(
-        None, min_length=1, description="stored queries forming the query set (default: all of them)"
+    query_ids: Annotated[list[StrictInt], _scan((int,), "a list of integer ids")] | None = Field(
+        None,
+        min_length=1,
+        description="distinct stored queries forming the query set (default: all of them)",
     )
+
+    @field_validator("query_ids")
+    @classmethod
+    def _distinct(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and len(set(ids)) != len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})[:10]
+            raise ValueError(f"query ids must be distinct (each query counts once); repeated: {repeated}")
+        return ids
 
 
 class CoresetMember(BaseModel):

@@ -8,16 +8,27 @@ with a 422 naming the field, and a body of another media type with 415, before a
 
 from __future__ import annotations
 
+import collections
 import email.message
 import json
 import math
+import re
+import types
+import typing
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import HTTPException, Request, Response, status
+from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
-__all__ = ["NonFiniteNumberError", "StrictJSONRoute", "strict_json_loads", "is_json_media_type"]
+__all__ = [
+    "DuplicateKeyError",
+    "NonFiniteNumberError",
+    "StrictJSONRoute",
+    "strict_json_loads",
+    "is_json_media_type",
+]
 
 NON_FINITE_MESSAGE = (
     "is not a finite JSON number (NaN, Infinity or beyond float64's range); expected a finite number"
@@ -78,7 +89,40 @@ def _is_text(value: str) -> bool:
     return True
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (standard JSON leaves the meaning open; Python keeps the
+    last, silently).
+
+    Attributes:
+        loc: the path to the repeated key, e.g. ``("query", "id")``.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...]) -> None:
+        super().__init__(f"{'.'.join(map(str, loc))}: the key is given more than once")
+        self.loc = loc
+
+
+class _Object(dict[str, Any]):
+    """A parsed JSON object that remembers the first key it was given twice."""
+
+    duplicate: str | None = None
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    made = _Object(pairs)
+    if len(made) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                made.duplicate = key
+                break
+            seen.add(key)
+    return made
+
+
 def _find_non_finite(value: Any, loc: tuple[str | int, ...]) -> None:
+    if isinstance(value, _Object) and value.duplicate is not None:
+        raise DuplicateKeyError((*loc, value.duplicate))
     if isinstance(value, float) and not math.isfinite(value):
         raise NonFiniteNumberError(loc, getattr(value, "token", repr(value)))
     if isinstance(value, str) and not _is_text(value):
@@ -106,6 +150,7 @@ def strict_json_loads(body: bytes) -> Any:
         NonFiniteNumberError: ``NaN``, ``Infinity``, ``-Infinity`` or a number beyond float64 anywhere
             (an integer of more than 309 digits included).
         InvalidTextError: a string or key with a lone UTF-16 surrogate.
+        DuplicateKeyError: an object with the same key twice.
         json.JSONDecodeError: not JSON.
     """
     text = body.decode("utf-8", errors="strict") if isinstance(body, bytes) else body
@@ -114,6 +159,7 @@ def strict_json_loads(body: bytes) -> Any:
         parse_constant=lambda token: _Token(float(token), token),
         parse_float=_parse_float,
         parse_int=_parse_int,
+        object_pairs_hook=_object,
     )
     _find_non_finite(document, ())
     return document
@@ -156,6 +202,20 @@ class _StrictJSONRequest(Request):
                     }
                 ]
                 raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from exc
+            except DuplicateKeyError as exc:
+                detail = [
+                    {
+                        "type": "duplicate_key",
+                        "loc": ["body", *exc.loc],
+                        "msg": "the key is given more than once; expected each key once",
+                    }
+                ]
+                raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from exc
+            except RecursionError as exc:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT,
+                    detail="request body nests arrays or objects too deeply to parse; expected a few levels",
+                ) from exc
             except UnicodeDecodeError as exc:
                 raise HTTPException(
                     status.HTTP_422_UNPROCESSABLE_CONTENT, detail=f"request body is not UTF-8 text: {exc}"
@@ -163,25 +223,98 @@ class _StrictJSONRequest(Request):
         return self._json
 
 
+def _invalid(kind: str, loc: list[str | int], msg: str, given: str | None = None) -> HTTPException:
+    """A 422 in the shape of FastAPI's validation errors."""
+    error: dict[str, Any] = {"type": kind, "loc": loc, "msg": msg}
+    if given is not None:
+        error["input"] = given if len(given) <= 200 else given[:200] + "..."
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[error])
+
+
+_DECIMAL_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _is_int_field(field: Any) -> bool:
+    annotation = field.field_info.annotation
+    return annotation is int or (
+        typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        and int in typing.get_args(annotation)
+        and not {float, str} & set(typing.get_args(annotation))
+    )
+
+
 class StrictJSONRoute(APIRoute):
-    """A route that reads its body with :class:`_StrictJSONRequest` and answers a body that is not JSON
-    (by its Content-Type header, or without one) with 415."""
+    """A route that reads its body with :class:`_StrictJSONRequest`, answers a body that is not UTF-8 JSON
+    (by its Content-Type header, or without one) with 415, and refuses with 422 what FastAPI would let
+    through silently: a query parameter the route does not take or one given twice, and an integer
+    parameter (path or query) not written as decimal digits (``1.0``, ``+1``, ``1_0``)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         takes_body = self.body_field is not None
+        query_fields, path_fields = _params(self.dependant)
+        query_names = [field.alias for field in query_fields]
+        int_params = [("query", f.alias) for f in query_fields if _is_int_field(f)] + [
+            ("path", f.alias) for f in path_fields if _is_int_field(f)
+        ]
 
         async def strict_handler(request: Request) -> Response:
-            content_type = request.headers.get("content-type")
-            has_body = (
-                request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
-            )
-            if takes_body and has_body and not (content_type and is_json_media_type(content_type)):
-                given = f"got {content_type!r}" if content_type else "got no Content-Type"
-                raise HTTPException(
-                    status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-                    detail=f"request body must be JSON (Content-Type: application/json); {given}",
-                )
+            _check_content_type(request, takes_body)
+            _check_query_names(request, query_names)
+            for where, name in int_params:
+                raw = (request.query_params if where == "query" else request.path_params).get(name)
+                if raw is not None and not _DECIMAL_INTEGER.fullmatch(str(raw)):
+                    expected = "expected an integer written in decimal digits"
+                    raise _invalid("int_parsing", [where, name], expected, str(raw))
             return await handler(_StrictJSONRequest(request.scope, request.receive))
 
         return strict_handler
+
+
+def _params(dependant: Dependant) -> tuple[list[Any], list[Any]]:
+    """The query and path parameter fields of a route and of all its dependencies."""
+    query, path = list(dependant.query_params), list(dependant.path_params)
+    for sub in dependant.dependencies:
+        sub_query, sub_path = _params(sub)
+        query += [f for f in sub_query if f.alias not in {q.alias for q in query}]
+        path += [f for f in sub_path if f.alias not in {p.alias for p in path}]
+    return query, path
+
+
+def _check_content_type(request: Request, takes_body: bool) -> None:
+    """415 unless a body is declared ``application/json`` (or ``+json``) in UTF-8, by one header."""
+    has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+    if not (takes_body and has_body):
+        return
+    given = request.headers.getlist("content-type")
+    if len(given) > 1:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"request has {len(given)} Content-Type headers; expected one (application/json)",
+        )
+    content_type = given[0] if given else None
+    if not (content_type and is_json_media_type(content_type)):
+        shown = f"got {content_type!r}" if content_type else "got no Content-Type"
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"request body must be JSON (Content-Type: application/json); {shown}",
+        )
+    message = email.message.Message()
+    message["content-type"] = content_type
+    charset = message.get_param("charset")
+    if charset is not None and str(charset).lower() not in ("utf-8", "utf8"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"JSON bodies are UTF-8 (RFC 8259 section 8.1); got charset={charset}",
+        )
+
+
+def _check_query_names(request: Request, names: list[str]) -> None:
+    """422 for a query parameter the route does not take, or one given more than once."""
+    counts = collections.Counter(key for key, _ in request.query_params.multi_items())
+    for key, count in counts.items():
+        if key not in names:
+            takes = f"this route takes {names}" if names else "this route takes no query parameters"
+            raise _invalid("extra_forbidden", ["query", key], f"unknown query parameter; {takes}")
+        if count > 1:
+            raise _invalid("duplicate_parameter", ["query", key], f"given {count} times; expected it once")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,14 +37,18 @@ PROTECTED_PREFIXES = ("/v1/", "/metrics")
 
 
 API_KEY_COOKIE = "infotrace_api_key"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""An ``X-Request-ID`` a client may choose (anything else is replaced by a fresh one)."""
+
 MISSING_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 
 class BodyGuard:
     """Pure ASGI middleware: a request body over ``max_bytes`` gets 413 (by its header or while it streams),
     one that has not fully arrived ``timeout_s`` seconds after the app started reading it gets 408 (a slow
-    client, or one whose Content-Length promises more than it sends). Either way the app is told the
-    client is gone, and the connection is closed after the answer.
+    client, or one whose Content-Length promises more than it sends), one that declares both Content-Length
+    and Transfer-Encoding gets 400. Either way the app is told the client is gone, and the connection is
+    closed after the answer.
 
     Args:
         app: the wrapped ASGI app.
@@ -60,7 +65,13 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            # two framings: proxies and servers may disagree on where the body ends (request smuggling)
+            detail = "request has both Content-Length and Transfer-Encoding; send one of them"
+            await self._refuse(scope, receive, send, 400, detail)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send, 413, self._too_large())
             return
@@ -81,9 +92,14 @@ class BodyGuard:
             except TimeoutError:
                 refused = True
                 if not started:
+                    promised = (
+                        "send the whole body that Content-Length announces"
+                        if declared is not None
+                        else "send every chunk and the final zero-length chunk"
+                    )
                     detail = (
                         f"request body not received within {self.timeout_s} s (INFOTRACE_BODY_TIMEOUT_S); "
-                        "send the whole body that Content-Length announces"
+                        + promised
                     )
                     await self._refuse(scope, receive, send, 408, detail)
                 return {"type": "http.disconnect"}
@@ -181,7 +197,9 @@ def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes]
 
     @app.middleware("http")
     async def per_request(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        given_id = request.headers.get("x-request-id", "")
+        # a client's id is echoed and logged only when it is a plain token (no 60 KB ids, no control bytes)
+        request_id = given_id if _REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex
         started = time.perf_counter()
         response: Response
         if keys and request.url.path.startswith(PROTECTED_PREFIXES) and not _authorized(request, keys):

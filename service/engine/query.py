@@ -292,6 +292,8 @@ class QueryFeaturizer:
         (the manifest's ``input_dtype``: token ids stay integers, a float16 model gets float16); or a clear
         error."""
         expected = f"a rectangular array of numbers with shape {list(self.input_shape)}"
+        name = self.data.manifest.model.input_dtype
+        self._check_leaves(raw, expected, booleans=name == "bool")
         try:
             given = np.asarray(raw)
         except ValueError as exc:  # ragged nesting
@@ -302,7 +304,6 @@ class QueryFeaturizer:
             raise InvalidQueryError(
                 f"input must have shape {list(self.input_shape)}; got {list(given.shape)}"
             )
-        name = self.data.manifest.model.input_dtype
         recorded = getattr(torch, name, None)
         if not isinstance(recorded, torch.dtype):
             raise ModelMismatchError(f"index {self.data.name!r} records an unknown input dtype {name!r}")
@@ -329,6 +330,36 @@ class QueryFeaturizer:
                 "NaN, infinity or values beyond that type's range"
             )
         return x[None]
+
+    def _check_leaves(self, raw: Any, expected: str, *, booleans: bool) -> None:
+        """Refuse, before numpy converts them, what it would misread: ``true``/``false`` among numbers
+        (numpy reads them as 1 and 0; allowed for an index of boolean inputs), null or text, integers
+        beyond 64 bits, and nesting deeper than the input's dimensions.
+
+        Raises:
+            InvalidQueryError: naming the first offending position.
+        """
+        depth = len(self.input_shape)
+        stack: list[tuple[Any, tuple[int, ...]]] = [(raw, ())]
+        while stack:
+            value, at = stack.pop()
+            if isinstance(value, list):
+                if len(at) == depth:
+                    raise InvalidQueryError(
+                        f"input must have shape {list(self.input_shape)}; it is nested deeper at {list(at)}"
+                    )
+                stack.extend((value[i], (*at, i)) for i in reversed(range(len(value))))  # first first
+            elif isinstance(value, bool) and not booleans:
+                raise InvalidQueryError(
+                    f"input must be {expected}; position {list(at)} holds {str(value).lower()}, not a number"
+                )
+            elif value is None or isinstance(value, str | dict):
+                shown = "null" if value is None else "text" if isinstance(value, str) else "an object"
+                raise InvalidQueryError(f"input must be {expected}; position {list(at)} holds {shown}")
+            elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+                raise InvalidQueryError(
+                    f"input must be {expected}; position {list(at)} holds an integer beyond 64 bits"
+                )
 
     def _target(self, target: float | int | None, raw_out: np.ndarray, classification: bool) -> float | int:
         """The target to explain: the given one, checked, or the default (the predicted class)."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from indexer.exceptions import IndexNotFoundError, IndexNotReadyError
-from indexer.store.layout import MANIFEST_FILE
+from indexer.store.layout import INDEX_NAME_PATTERN, MANIFEST_FILE
 from indexer.store.reader import load_index
 from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 from service.engine.engine import AttributionEngine
@@ -58,6 +59,13 @@ class IndexRegistry:
         failures: dict[str, str] = {}
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not (folder / MANIFEST_FILE).is_file():
+                continue
+            if not re.fullmatch(INDEX_NAME_PATTERN, folder.name):  # no URL could reach it
+                failures[folder.name] = (
+                    f"the folder name {folder.name!r} is not a valid index name ({INDEX_NAME_PATTERN}: ASCII "
+                    "letters, digits, '_', '.', '-', at most 128 characters); rename the folder"
+                )
+                log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
                 continue
             try:
                 engine = AttributionEngine(

@@ -131,3 +131,24 @@ def test_a_missing_plugin_file_or_module_is_one_clear_error(tmp_path: Path) -> N
     with pytest.raises(PluginError):
         with TestClient(create_app(Settings(index_root=tmp_path, plugins=[str(broken)]))):
             pass
+
+
+def test_a_plugin_listed_by_name_and_by_path_is_imported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its second import re-ran its registrations, which fail ("already registered")."""
+    for order, stem in ((("name", "path"), "twice_a"), (("path", "name"), "twice_b")):
+        plugin = tmp_path / f"{stem}.py"
+        plugin.write_text("IMPORTS = []\nIMPORTS.append(1)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        modules = [load_plugin(stem if how == "name" else str(plugin)) for how in order]
+        assert modules[0] is modules[1] and modules[0].IMPORTS == [1]
+        sys.modules.pop(stem, None)
+
+
+def test_a_plugin_that_calls_sys_exit_is_a_plugin_error(tmp_path: Path) -> None:
+    """A plugin's sys.exit() ended the server silently at startup."""
+    leaving = tmp_path / "leaving.py"
+    leaving.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(PluginError, match=r"failed to import: it called sys\.exit\(3\) while being imported"):
+        load_plugin(str(leaving))

@@ -47,6 +47,18 @@ def test_live_server_answers_like_the_library(live_url: str, index_root: Path, t
         assert client.get("/readyz").status_code == 200
 
 
+def _exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server answers until it closes it."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
 def test_a_client_that_sends_less_than_it_announces_is_cut_off(
     index_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -70,6 +82,20 @@ def test_a_client_that_sends_less_than_it_announces_is_cut_off(
         assert received.startswith(b"HTTP/1.1 408 "), received[:200]
         assert b"request body not received within 1.0 s (INFOTRACE_BODY_TIMEOUT_S)" in received
         assert 0.5 < waited < 15  # cut off after about the timeout, not held open
+        # a chunked body that never ends: the same, and the message speaks of chunks
+        chunked = _exchange(
+            service.port,
+            b"POST /v1/indexes/digits/attributions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"que\r\n',
+        )
+        assert chunked.startswith(b"HTTP/1.1 408 ") and b"the final zero-length chunk" in chunked
+        # two framings at once (request smuggling): refused before the body is read
+        both = _exchange(
+            service.port,
+            b"POST /v1/indexes/digits/attributions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        assert both.startswith(b"HTTP/1.1 400 ") and b"both Content-Length and Transfer-Encoding" in both
         # slow headers (slowloris): the request line and headers never finish; closed, not held
         with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

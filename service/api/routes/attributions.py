@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter
 from fastapi import Query as Param
 from pydantic import BaseModel
 
@@ -178,18 +178,6 @@ QueryId = Annotated[
 ]
 
 
-def _only(*names: str) -> Any:
-    """A dependency refusing query parameters other than ``names`` (a misspelt option must not be
-    ignored silently: the POST refuses unknown fields too)."""
-
-    async def check(request: Request) -> None:
-        unknown = sorted(set(request.query_params) - set(names))
-        if unknown:
-            raise InvalidQueryError(f"unknown query parameter(s) {unknown}; this route takes {list(names)}")
-
-    return Depends(check)
-
-
 _ATTRIBUTION_DEFAULTS = AttributionRequest.model_validate({"query": {"id": 0}})
 _SUBSET_DEFAULTS = SubsetRequest.model_validate({"query": {"id": 0}})
 
@@ -202,7 +190,6 @@ def _given(**options: Any) -> dict[str, Any]:
     "/v1/indexes/{name}/attributions",
     response_model=AttributionResponse,
     responses=ERROR_RESPONSES,
-    dependencies=[_only("query_id", "top_k", "score", "direction", "candidates")],
 )
 def attributions_by_id(
     engine: IndexDep,
@@ -233,7 +220,6 @@ def attributions_by_id(
     "/v1/indexes/{name}/attributions/subset",
     response_model=SubsetResponse,
     responses=ERROR_RESPONSES,
-    dependencies=[_only("query_id", "size", "objective", "candidates")],
 )
 def subset_by_id(
     engine: IndexDep,

@@ -16,12 +16,14 @@ router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.get("/healthz", response_model=Health, tags=["ops"])
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
 @router.get("/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
+@router.head("/readyz", include_in_schema=False)
 async def readyz(registry: RegistryDep, response: Response) -> Readiness:
     """Readiness: 200 when every index found under the root is loaded; 503 (with reasons) otherwise. A served
     index that cannot featurize raw inputs is ready (stored-id and feature queries work); ``missing`` says

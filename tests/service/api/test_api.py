@@ -201,13 +201,13 @@ BAD_REQUESTS = [
     ({"query": {"id": 1}, "top_k": True}, 422, "valid integer"),
     ({"query": {"id": 1}, "top_k": "3"}, 422, "valid integer"),
     ({"query": {"input": [0.5] * 784, "target": True}}, 422, "target"),
-    ({"query": {"input": [True] * 784}}, 422, "null, text or true/false"),
-    ({"query": {"input": [None] * 784}}, 422, "null, text or true/false"),
-    ({"query": {"input": [[0.5] * 392, [0.5] * 391]}}, 422, "nested lists differ in length"),
+    ({"query": {"input": [True] * 784}}, 422, "position [0] holds true, not a number"),
+    ({"query": {"input": [None] * 784}}, 422, "position [0] holds null"),
+    ({"query": {"input": [[0.5] * 392, [0.5] * 391]}}, 422, "it is nested deeper at [0]"),
     ({"query": {"input": [1e39] * 784}}, 422, "finite float32"),
     ({"query": {"feature": [1e39] * 64}}, 422, "finite float32"),
     ({"query": {"feature": [1e200] * 64}}, 422, "finite float32"),
-    ({"query": {"feature": [True] * 64}}, 422, "valid number"),
+    ({"query": {"feature": [True] * 64}}, 422, "position 0 holds true/false"),
 ]
 
 

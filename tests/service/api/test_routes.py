@@ -112,16 +112,28 @@ def test_limits_and_project_exceptions_become_status_codes(
 
 def test_get_forms_refuse_unknown_and_negative_parameters(client: TestClient) -> None:
     misspelt = client.get("/v1/indexes/x/attributions?query_id=1&topk=2")
-    assert misspelt.status_code == 422 and "unknown query parameter(s) ['topk']" in misspelt.json()["detail"]
+    assert misspelt.status_code == 422
+    (error,) = misspelt.json()["detail"]
+    assert error["loc"] == ["query", "topk"] and error["type"] == "extra_forbidden"
+    assert error["msg"] == (
+        "unknown query parameter; this route takes ['query_id', 'top_k', 'score', 'direction', 'candidates']"
+    )
     negative = client.get("/v1/indexes/x/attributions?query_id=-1")
     assert negative.status_code == 422 and negative.json()["detail"][0]["loc"] == ["query", "query_id"]
     assert client.get("/v1/indexes/x/attributions/subset?query_id=1&sizes=3").status_code == 422
 
 
 def test_coreset_query_ids_are_bounded_by_the_stored_queries(client: TestClient) -> None:
-    response = client.post("/v1/indexes/x/coreset", json={"size": 1, "query_ids": [0, 1, 2, 3, 0]})
+    response = client.post("/v1/indexes/x/coreset", json={"size": 1, "query_ids": [0, 1, 2, 3, 4]})
     assert response.status_code == 422
     assert response.json()["detail"] == "the number of query_ids must be at most 4 (stored queries); got 5"
+    repeated = client.post("/v1/indexes/x/coreset", json={"size": 1, "query_ids": [0, 1, 0, 1, 2]})
+    assert repeated.status_code == 422  # a query counted twice weighted the objective silently
+    (error,) = repeated.json()["detail"]
+    assert error["loc"] == ["body", "query_ids"]
+    assert (
+        error["msg"] == "Value error, query ids must be distinct (each query counts once); repeated: [0, 1]"
+    )
 
 
 def test_a_default_subset_size_fits_a_small_candidate_limit(

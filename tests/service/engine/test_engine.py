@@ -170,6 +170,11 @@ def test_registry_names_unknown_and_broken_indexes(index_root: Path, tmp_path: P
         registry.get("broken")
     with pytest.raises(IndexNotFoundError, match=r"no index named 'nope'; served indexes: \['digits'\]"):
         registry.get("nope")
+    # a folder no URL can name was listed as ready although unreachable: it is a failure that says why
+    shutil.copytree(index_root / "digits", tmp_path / "dïgits")
+    odd = IndexRegistry.load(tmp_path)
+    assert sorted(odd.engines) == ["digits"]
+    assert odd.failures["dïgits"].startswith("the folder name 'dïgits' is not a valid index name")
 
 
 def test_an_index_without_its_inputs_says_so(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def build_index(
             checkpoint_sha256,
             sha256_file(Path(checkpoint)) if checkpoint is not None else None,
             n_params,
+            n_outputs,
             output_fn,
             train.image_shape,
             tangent,

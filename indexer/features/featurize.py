@@ -51,7 +51,8 @@ class Features:
     Attributes:
         phi: `(n, k)` float32 projected tangent features.
         outputs: `(n,)` float64 output-function values m_i at theta*.
-        model_outputs: `(n, n_outputs)` float32 raw model outputs (logits), flattened per example.
+        model_outputs: `(n, n_summary)` float32 :meth:`OutputFunction.summarize` of the raw model outputs
+            (the logits themselves for classification and regression).
         targets: `(n, ...)` the targets the output function was evaluated at (`(n, T)` token ids for a
             language model).
         beta: `(n,)` float64 likelihood weights beta_i (DESIGN.md 1.1, 1.8), from the same forward pass.
@@ -84,7 +85,8 @@ class BufferFeatures:
     Attributes:
         phi: `(rows, k)` float32 projected tangent features.
         outputs: `(rows,)` float64 output-function values.
-        model_outputs: `(rows, n_outputs)` float32 raw model outputs.
+        model_outputs: `(rows, n_summary)` float32 summaries of the raw model outputs (see
+            :class:`Features`).
         beta: `(rows,)` float64 likelihood weights beta_i
             (:meth:`~indexer.features.tasks.OutputFunction.likelihood_terms`).
         grad_term: `(rows,)` float64 beta_i r_i.
@@ -258,7 +260,7 @@ class DenseFeaturizer:
             terms = output_fn.likelihood_terms(r, targets, out)
             grads.append(g.float().cpu().numpy())
             outputs.append(out.double().cpu().numpy())
-            raw.append(r.float().cpu().numpy())
+            raw.append(output_fn.summarize(r.detach()).float().cpu().numpy())
             beta.append(terms[0])
             grad_term.append(terms[1])
         return BufferFeatures(

@@ -379,7 +379,7 @@ class HookFeaturizer:
         return BufferFeatures(
             phi=np.ascontiguousarray(phi, dtype=np.float32),
             outputs=m.detach().double().cpu().numpy(),
-            model_outputs=flat.detach().float().cpu().numpy(),
+            model_outputs=output_fn.summarize(flat.detach()).float().cpu().numpy(),
             beta=beta,
             grad_term=grad_term,
         )

@@ -192,21 +192,36 @@ class LanguageModelMargin(OutputFunction):
             "likelihood_terms with the model outputs (the featurizers do)"
         )
 
-    def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """The greedy token at every position.
+    def summarize(self, model_outputs: torch.Tensor) -> torch.Tensor:
+        """`(n, 2 T)` float32: the greedy token at each position, then the next-token entropy (nats) at
+        each position (what an index keeps: T * vocab logits per example are too large to store).
 
         Args:
             model_outputs: `(n, T * vocab_size)` or `(n, T, vocab_size)` logits.
 
+        Raises:
+            ValueError: a width that is not a multiple of ``vocab_size``.
+        """
+        z = self._table(model_outputs).double()
+        log_p = torch.log_softmax(z, dim=2)
+        entropy = -(log_p.exp() * log_p).sum(dim=2)
+        return torch.cat([z.argmax(dim=2).double(), entropy], dim=1).float()
+
+    def predict(self, model_outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The greedy token at every position.
+
+        Args:
+            model_outputs: `(n, 2 T)` summaries (:meth:`summarize`).
+
         Returns:
             `(n, T)` int64 argmax tokens, and None: a `(T, vocab_size)` table of probabilities per example is
-            too large to store or send (:meth:`predictive_entropy` reads the logits).
+            too large to store or send.
         """
-        return self._table(model_outputs).argmax(axis=2).astype(np.int64), None
+        return self._halves(model_outputs)[0].astype(np.int64), None
 
     def default_target(self, model_outputs: np.ndarray) -> np.ndarray:
         """`(n, T)` int64: the greedy tokens at every position, i.e. the model's own continuation, each
-        position scored given the input before it (teacher forcing)."""
+        position scored given the input before it (teacher forcing); from the `(n, 2 T)` summaries."""
         return self.predict(model_outputs)[0]
 
     def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:
@@ -216,15 +231,28 @@ class LanguageModelMargin(OutputFunction):
         softmax given the input before it; posterior_variance `(n,)` is unused.
 
         Args:
-            model_outputs: `(n, T * vocab_size)` or `(n, T, vocab_size)` logits.
+            model_outputs: `(n, 2 T)` summaries (:meth:`summarize`).
 
         Returns:
             `(n,)` float64 nats.
         """
-        z = self._table(model_outputs).astype(np.float64)
-        z = z - z.max(axis=2, keepdims=True)
-        log_p = z - np.log(np.exp(z).sum(axis=2, keepdims=True))
-        return -(np.exp(log_p) * log_p).sum(axis=(1, 2))
+        return self._halves(model_outputs)[1].astype(np.float64).sum(axis=1)
+
+    @staticmethod
+    def _halves(summaries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens `(n, T)` and entropies `(n, T)` of `(n, 2 T)` summaries.
+
+        Raises:
+            ValueError: not `(n, 2 T)`.
+        """
+        z = np.asarray(summaries)
+        if z.ndim != 2 or z.shape[1] % 2:
+            raise ValueError(
+                "language-model summaries must be (n, 2 T): greedy tokens then entropies (see summarize); "
+                f"got shape {list(z.shape)}"
+            )
+        half = z.shape[1] // 2
+        return z[:, :half], z[:, half:]
 
     def _logits(self, flat: torch.Tensor, n_positions: int, batch: int | None = None) -> torch.Tensor:
         """`([batch,] T, vocab_size)` view of logits flattened per example; a clear error for another size."""
@@ -237,14 +265,14 @@ class LanguageModelMargin(OutputFunction):
             )
         return flat.reshape(*lead, n_positions, self.vocab_size)
 
-    def _table(self, model_outputs: np.ndarray) -> np.ndarray:
+    def _table(self, model_outputs: torch.Tensor) -> torch.Tensor:
         """`(n, T, vocab_size)` view of logits flattened per example.
 
         Raises:
             ValueError: a width that is not a multiple of ``vocab_size``.
         """
-        z = np.asarray(model_outputs)
-        width = int(np.prod(z.shape[1:]))
+        z = torch.as_tensor(model_outputs)
+        width = math.prod(z.shape[1:])
         if z.ndim < 2 or width % self.vocab_size:
             raise ValueError(
                 f"language-model outputs must be (n, T * {self.vocab_size}) or (n, T, {self.vocab_size}) "

@@ -136,6 +136,22 @@ class OutputFunction(ABC):
         y = targets.detach().cpu().numpy()
         return self.likelihood_weight(m, y), self.grad_term(m, y)
 
+    def summarize(self, model_outputs: torch.Tensor) -> torch.Tensor:
+        """What an index keeps of each example's raw model outputs (the ``model_output`` array): the input
+        of :meth:`predict`, :meth:`default_target` and :meth:`predictive_entropy`.
+
+        The default keeps the logits themselves. An output function whose raw outputs are large overrides
+        it (a language model's `(T, vocab)` logits are T * vocab floats per example; it keeps the greedy
+        token and the next-token entropy at each position, DESIGN.md 1.8).
+
+        Args:
+            model_outputs: `(n, n_outputs)` raw model outputs, flattened per example, detached.
+
+        Returns:
+            `(n, n_summary)` float32.
+        """
+        return model_outputs.float()
+
     def params(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments, written to the manifest."""
         return {}

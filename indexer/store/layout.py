@@ -75,7 +75,7 @@ KEY_PHI_NORM = "phi_norm"  # |phi_i|
 KEY_OUTPUT = "output"  # output function value m_i at theta*
 KEY_LABEL = "label"  # target y_i
 KEY_PREDICTION = "prediction"  # predicted class (classification) or output (regression)
-KEY_MODEL_OUTPUT = "model_output"  # `(n, n_outputs)` raw model outputs (logits), for predictive entropy
+KEY_MODEL_OUTPUT = "model_output"  # `(n, n_summary)` OutputFunction.summarize of the raw outputs (logits)
 KEY_PROBABILITIES = "probabilities"  # `(n, n_classes)` softmax, classification only
 
 INDEX_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"

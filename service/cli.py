@@ -45,12 +45,17 @@ class _AnnouncingServer(uvicorn.Server):
         registry = self.api.state.registry
         names = sorted(registry.engines) if registry is not None else []
         typer.echo(f"infotrace is serving {len(names)} index(es) {names} at {base}  (OpenAPI: {base}/docs)")
-        body = json.dumps({"query": {"id": 0}, "top_k": 10})
+        stored = json.dumps({"query": {"id": 0}, "top_k": 10})
+        text = json.dumps({"query": {"text": "Return the number of", "continuation": " items"}, "top_k": 5})
         for name in names:
-            typer.echo(f"Top 10 training examples behind stored test query 0 of index {name!r}:")
+            takes_text = registry.engines[name].queries.tokenizer is not None
+            if takes_text:
+                typer.echo(f"Top 5 training passages behind a sentence's continuation, index {name!r}:")
+            else:
+                typer.echo(f"Top 10 training examples behind stored test query 0 of index {name!r}:")
             typer.echo(
                 f"  curl -s -X POST {base}/v1/indexes/{name}/attributions "
-                f"-H 'Content-Type: application/json' -d '{body}'"
+                f"-H 'Content-Type: application/json' -d '{text if takes_text else stored}'"
             )
 
 

@@ -15,11 +15,9 @@ import torch
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset
-from indexer.demo.train import trained_model
-from indexer.exceptions import InfotraceError
+from indexer.demo.train import built_with, trained_model
 from indexer.features.models import ModelSpec
 from indexer.features.tasks import ClassificationMargin
-from indexer.store.reader import load_index
 
 __all__ = [
     "CNN_DEMO_NAME",
@@ -120,12 +118,8 @@ def build_demo_index(
         "epochs": epochs,
         "projection": config.projection.value,
     }
-    if not force:
-        try:  # reuse only an index that loads and verifies (an older layout or a damaged file is rebuilt)
-            if load_index(out_dir).manifest.extra.get("demo") == settings:
-                return out_dir
-        except InfotraceError:
-            pass
+    if not force and built_with(out_dir, settings):
+        return out_dir
     train, test = load_mnist_sample(n_train=n_train, seed=seed)
     checkpoint = (
         index_root.parent / "cache" / f"digits-{spec.factory}-seed{seed}-n{n_train}-e{epochs}.safetensors"

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from indexer.data import Dataset
+from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from indexer.store.reader import load_index
 
-__all__ = ["train_classifier", "train_language_model", "trained_model"]
+__all__ = ["built_with", "train_classifier", "train_language_model", "trained_model"]
 
 
 def train_classifier(
@@ -113,3 +116,13 @@ def trained_model(
     Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, checkpoint)
     return model
+
+
+def built_with(out_dir: Path, settings: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` holds an index that loads and verifies and was built by a demo with exactly
+    ``settings`` (its manifest's ``demo`` field): an older layout, a damaged file or other settings are
+    rebuilt."""
+    try:
+        return bool(load_index(out_dir).manifest.extra.get("demo") == settings)
+    except InfotraceError:
+        return False

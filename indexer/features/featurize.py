@@ -15,7 +15,7 @@ examples (:mod:`indexer.features.stream`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -278,7 +278,10 @@ def _upcast(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def example_gradient(
-    model: nn.Module, output_fn: OutputFunction, x: torch.Tensor, target: torch.Tensor
+    model: nn.Module,
+    output_fn: OutputFunction,
+    x: torch.Tensor | Mapping[str, torch.Tensor],
+    target: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tangent feature of ONE example with plain autograd: the service's per-query path.
 
@@ -288,15 +291,18 @@ def example_gradient(
     Args:
         model: the network, in eval mode.
         output_fn: the output function m.
-        x: `(*input_shape)` one input.
-        target: `()` its target.
+        x: `(*input_shape)` one input, or a mapping of keyword tensors of one example.
+        target: `()` its target (`(T,)` for a language model).
 
     Returns:
         ``(gradient, output, model_output)``: `(n_params,)` flattened in ``named_parameters()`` order (the
         model's dtype; float16 and bfloat16 as float32), `()` output value, `(n_outputs,)` raw outputs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    raw = model_outputs(model, x.unsqueeze(0)).reshape(-1)
+    batched = (
+        {key: value.unsqueeze(0) for key, value in x.items()} if isinstance(x, Mapping) else x.unsqueeze(0)
+    )
+    raw = model_outputs(model, batched).reshape(-1)
     out = output_fn.output(raw, target)
     grads = torch.autograd.grad(out, params)
     return torch.cat([_upcast(g.reshape(-1)) for g in grads]), out.detach(), raw.detach()

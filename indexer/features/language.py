@@ -18,6 +18,7 @@ already aligned with their labels (an encoder-decoder's decoder, token classific
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from indexer.enums import OutputKind
 from indexer.exceptions import InvalidTargetsError
 from indexer.features.tasks import OutputFunction, label_margin, register_output_function, sigmoid
 
-__all__ = ["IGNORE_INDEX", "LanguageModelMargin", "causal_lm_targets", "shift_labels"]
+__all__ = ["IGNORE_INDEX", "LanguageModelMargin", "causal_lm_targets", "load_tokenizer", "shift_labels"]
 
 IGNORE_INDEX = -100
 """Target value of a position that is not scored (prompt, padding), as in transformers' ``labels``."""
@@ -354,3 +355,37 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     out = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
     out[:, :-1] = labels[:, 1:]
     return out
+
+
+def load_tokenizer(path: Path, vocab_size: int | None = None) -> Any:
+    """Read a ``tokenizers`` JSON file (``Tokenizer.save``; no pickle) and check it fits the model.
+
+    Args:
+        path: the ``tokenizer.json`` file.
+        vocab_size: the model's logit width (``lm_margin``'s ``vocab_size``); every token id the tokenizer
+            can produce must be below it. None: not checked.
+
+    Returns:
+        A ``tokenizers.Tokenizer``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a tokenizers JSON file, or a vocabulary larger than ``vocab_size`` (both name the
+            file).
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path} does not exist")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type for any unreadable file
+        raise ValueError(f"tokenizer {path} is not a tokenizers JSON file (Tokenizer.save): {exc}") from exc
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab_size is not None and size > vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {size} tokens but the model's logits have width {vocab_size}: it is not "
+            "this model's tokenizer"
+        )
+    return tokenizer

@@ -22,6 +22,7 @@ __all__ = [
     "QUERY_STATS_FILE",
     "METADATA_FILE",
     "CHECKPOINT_FILE",
+    "TOKENIZER_FILE",
     "faiss_file",
     "KEY_BETA",
     "KEY_GRAD_TERM",
@@ -58,6 +59,7 @@ QUERY_INPUTS_FILE = "query_inputs.npy"  # `(n_query, *input_shape)`: the stored 
 QUERY_STATS_FILE = "queries.npz"  # per-query outputs, labels and predictions
 METADATA_FILE = "metadata.sqlite"  # one row per training example and per stored query
 CHECKPOINT_FILE = "model.safetensors"  # the weights the features were taken from
+TOKENIZER_FILE = "tokenizer.json"  # a language model's tokenizer (``tokenizers`` JSON), when given
 _FAISS_FILE_TEMPLATE = "faiss_{score}.index"  # one FAISS index per score (DESIGN.md 1.3, vector form)
 
 

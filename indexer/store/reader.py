@@ -38,6 +38,7 @@ from indexer.store.layout import (
     QUERY_STATS_FILE,
     SPLIT_TRAIN,
     SQLITE_TABLE,
+    TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
     WHITENED_FILE,
     faiss_file,
@@ -144,6 +145,11 @@ class IndexData:
     def phi(self) -> np.ndarray:
         """`(n_train, k)` float32 stored training features (the surrogate's)."""
         return self.surrogate.phi
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The index's tokenizer (``tokenizer.json``, verified with the other files), or None."""
+        return self.path / TOKENIZER_FILE if TOKENIZER_FILE in self.manifest.files else None
 
     @property
     def n_train(self) -> int:

@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from indexer.enums import Direction, Objective, Score
+from service.engine.results import Label
 
 __all__ = [
     "CoresetRequest",
@@ -29,6 +30,7 @@ __all__ = [
     "StoredQuery",
     "InputQuery",
     "FeatureQuery",
+    "TextQuery",
     "AttributionRequest",
     "SubsetRequest",
     "QueryInfo",
@@ -45,6 +47,10 @@ __all__ = [
     "Split",
     "ExampleInfo",
 ]
+
+
+MAX_TEXT_CHARS = 10_000
+"""Longest text or continuation of a text query, in characters (a model's context is far shorter)."""
 
 
 def _scan(number_types: tuple[type, ...], expected: str) -> WrapValidator:
@@ -83,8 +89,10 @@ class InputQuery(BaseModel):
         min_length=1,
         description="raw model input as nested lists with the index's input_shape (e.g. 784 floats)",
     )
-    target: StrictInt | StrictFloat | None = Field(
-        None, description="label (class index) or regression target to explain; default: the prediction"
+    target: StrictInt | StrictFloat | list[StrictInt] | None = Field(
+        None,
+        description="label (class index) or regression target to explain, or for a language model one token "
+        "id per position (-100: not scored); default: the prediction",
     )
 
 
@@ -98,28 +106,54 @@ class FeatureQuery(BaseModel):
     )
 
 
+class TextQuery(BaseModel):
+    """A text for a language-model index: the continuation's tokens explained given the text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the prompt")
+    continuation: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT_CHARS,
+        description="the tokens to explain, appended to the text as written (include a leading space to "
+        "start a new word); default: the model's own greedy continuation",
+    )
+    max_new_tokens: StrictInt = Field(
+        16, ge=1, le=1024, description="length of the greedy continuation when none is given, in tokens"
+    )
+
+
 _QUERY_KINDS: dict[str, type[BaseModel]] = {
     "stored": StoredQuery,
     "input": InputQuery,
     "feature": FeatureQuery,
+    "text": TextQuery,
 }
+
+
+QUERY_KEYS = ("id", "input", "feature", "text")
+"""The key that names each kind of query."""
 
 
 def _exactly_one_kind(value: Any) -> Any:
     # checked before the union so that the caller reads one clear message, not one error per branch
     if isinstance(value, dict):
-        given = [key for key in ("id", "input", "feature") if key in value]
+        given = [key for key in QUERY_KEYS if key in value]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of 'id', 'input' or 'feature'; got {given or 'none'}")
+            raise ValueError(f"give exactly one of 'id', 'input', 'feature' or 'text'; got {given or 'none'}")
         if "target" in value and given != ["input"]:
             raise ValueError("'target' applies only to an 'input' query")
+        for option in ("continuation", "max_new_tokens"):
+            if option in value and given != ["text"]:
+                raise ValueError(f"'{option}' applies only to a 'text' query")
     return value
 
 
 def _query_kind(value: Any) -> str | None:
     # the branch a query object is validated against, so errors come from that one branch only
     if isinstance(value, dict):
-        key = next((key for key in ("id", "input", "feature") if key in value), None)
+        key = next((key for key in QUERY_KEYS if key in value), None)
         return "stored" if key == "id" else key
     return next(
         (key for key, kind in _QUERY_KINDS.items() if isinstance(value, kind)), None
@@ -129,15 +163,17 @@ def _query_kind(value: Any) -> str | None:
 QuerySpec = Annotated[
     Annotated[StoredQuery, Tag("stored")]
     | Annotated[InputQuery, Tag("input")]
-    | Annotated[FeatureQuery, Tag("feature")],
+    | Annotated[FeatureQuery, Tag("feature")]
+    | Annotated[TextQuery, Tag("text")],
     Discriminator(
         _query_kind,
         custom_error_type="query_kind",
-        custom_error_message="expected a query object with exactly one of 'id', 'input' or 'feature'",
+        custom_error_message="expected a query object with exactly one of 'id', 'input', 'feature' or 'text'",
     ),
     BeforeValidator(_exactly_one_kind),
 ]
-"""The query: exactly one of a stored id, a raw input (with an optional target) or a feature."""
+"""The query: exactly one of a stored id, a raw input (with an optional target), a feature, or a text (a
+language-model index with a tokenizer)."""
 
 
 class AttributionRequest(BaseModel):
@@ -197,7 +233,7 @@ class CoresetMember(BaseModel):
 
     step: int
     id: int
-    label: int | float | None
+    label: Label
     marginal_gain: float = Field(description="increase of the summed information gain when added, nats")
     objective: float = Field(description="sum over queries of IG(first `step` members | q), nats")
 
@@ -216,17 +252,22 @@ class CoresetResponse(BaseModel):
 class QueryInfo(BaseModel):
     """What the model and the surrogate say about the query."""
 
-    kind: str = Field(description="stored, input or feature")
+    kind: str = Field(description="stored, input, feature or text")
     id: int | None = Field(description="stored query id")
-    label: int | float | None = Field(description="true label of a stored query")
-    target: int | float | None = Field(description="the label or target being explained")
-    prediction: int | float | None = Field(description="predicted class (classification) or value")
+    label: Label = Field(description="true label of a stored query")
+    target: Label = Field(description="the label or target being explained")
+    prediction: Label = Field(description="predicted class (classification) or value")
     probabilities: list[float] | None = Field(description="softmax over classes")
     output: float | None = Field(description="output function m_q (classification: the margin)")
     posterior_variance: float = Field(description="v_q, posterior variance of f_q under the surrogate")
     output_entropy: float = Field(description="differential entropy of f_q, 0.5 log(2 pi e v_q), nats")
     predictive_entropy: float | None = Field(description="entropy of the predictive distribution, nats")
     metadata: dict[str, Any] | None = Field(None, description="metadata of a stored query")
+    text: str | None = Field(None, description="a text query's prompt")
+    continuation: str | None = Field(None, description="a text query's continuation, decoded from its tokens")
+    continuation_source: Literal["given", "greedy"] | None = Field(
+        None, description="whether the continuation was given or is the model's greedy one"
+    )
 
 
 class ScoreSet(BaseModel):
@@ -244,8 +285,8 @@ class AttributedExample(BaseModel):
 
     rank: int = Field(description="1 = best")
     id: int = Field(description="training example id (row of the training set)")
-    label: int | float | None
-    prediction: int | float | None = Field(description="the model's prediction on this training example")
+    label: Label
+    prediction: Label = Field(description="the model's prediction on this training example")
     sign: int = Field(description="+1 proponent, -1 opponent, 0 neither")
     signed_score: float = Field(description="the ranking score with its sign")
     scores: ScoreSet
@@ -280,7 +321,7 @@ class SubsetMember(BaseModel):
 
     step: int
     id: int
-    label: int | float | None
+    label: Label
     marginal_gain: float = Field(description="increase of the joint objective when added, nats")
     joint: float = Field(description="joint objective of the first `step` members, nats")
     scores: ScoreSet
@@ -315,6 +356,9 @@ class IndexSummary(BaseModel):
     surrogate: dict[str, Any] | None = None
     faiss: dict[str, Any] | None = None
     raw_input_queries: bool = Field(False, description="whether the index can featurize raw inputs")
+    text_queries: bool = Field(
+        False, description="whether the index takes text queries (a language model with its tokenizer)"
+    )
 
 
 class IndexList(BaseModel):
@@ -352,8 +396,8 @@ class ExampleInfo(BaseModel):
     index: str = Field(description="index name")
     split: Split = Field(description="'train' (a training example) or 'query' (a stored query)")
     id: int = Field(description="row in its split")
-    label: int | float | None = Field(description="the stored label or regression target")
-    prediction: int | float | None = Field(description="the model's prediction: class index or value")
+    label: Label = Field(description="the stored label or regression target")
+    prediction: Label = Field(description="the model's prediction: class index or value")
     probabilities: list[float] | None = Field(None, description="softmax over classes (classification)")
     output: float | None = Field(None, description="output function value m (classification: the margin)")
     posterior_variance: float | None = Field(

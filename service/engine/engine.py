@@ -127,6 +127,9 @@ class AttributionEngine:
             output_entropy=float(gaussian_entropy(v)),
             predictive_entropy=predictive,
             metadata=metadata,
+            text=query.text,
+            continuation=query.continuation,
+            continuation_source=query.continuation_source,
         )
 
     def rank(self, query: Query, score: Score, direction: Direction, top_k: int, candidates: int) -> Ranked:
@@ -155,7 +158,7 @@ class AttributionEngine:
                 rank=r + 1,
                 id=i,
                 label=meta.get(i, {}).get("label"),
-                prediction=predictions[r].item(),
+                prediction=to_python(predictions[r]),
                 sign=int(np.sign(ranked.signed[r])),
                 signed_score=float(ranked.signed[r]),
                 scores=_scores_at(ranked.scores, r),

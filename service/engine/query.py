@@ -10,6 +10,7 @@ reason (:class:`~indexer.exceptions.ModelMismatchError`, HTTP 409).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from indexer.enums import ProjectionKind
 from indexer.exceptions import InvalidQueryError, ModelMismatchError
 from indexer.features.featurize import count_parameters, example_gradient, model_outputs
 from indexer.features.hooks import HookFeaturizer
+from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets, load_tokenizer
 from indexer.features.models import build_model, load_checkpoint
 from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.tasks import OutputFunction, output_function_from_spec
@@ -44,8 +46,14 @@ __all__ = ["Query", "QueryFeaturizer", "to_python"]
 
 
 def to_python(value: Any) -> Any:
-    """A numpy scalar as the Python scalar JSON needs; anything else unchanged."""
-    return value.item() if isinstance(value, np.generic) else value
+    """A numpy scalar or array as the Python scalar or nested lists JSON needs; anything else unchanged."""
+    return (
+        value.item()
+        if isinstance(value, np.generic)
+        else value.tolist()
+        if isinstance(value, np.ndarray)
+        else value
+    )
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class Query:
             (:meth:`~indexer.features.tasks.OutputFunction.summarize`: the logits, or a language model's
             greedy tokens and entropies), None for a bare feature.
         featurize_ms: time spent featurizing, in milliseconds.
+        text, continuation: a text query's prompt and the continuation explained (decoded from its tokens).
+        continuation_source: ``"given"`` or ``"greedy"`` (the model's own), for a text query.
     """
 
     kind: str
@@ -77,6 +87,9 @@ class Query:
     output: float | None = None
     model_output: np.ndarray | None = None
     featurize_ms: float = 0.0
+    text: str | None = None
+    continuation: str | None = None
+    continuation_source: str | None = None
 
 
 class QueryFeaturizer:
@@ -96,11 +109,13 @@ class QueryFeaturizer:
         model: the rebuilt network in eval mode, or None when raw inputs cannot be featurized.
         projection: the index's dense projection (None for a Kronecker index, or without ``model``).
         hooks: the index's Kronecker featurizer hooked into ``model`` (None for a dense index).
+        tokenizer: the index's ``tokenizers.Tokenizer`` (``tokenizer.json``), or None.
         model_error: why raw inputs are refused (no spec, an untrusted factory, another checkpoint, or a
             model that cannot be rebuilt: a missing module, weights that do not fit), or None.
 
     Raises:
-        ValueError: the output function is unknown (a custom one whose plugin module is not loaded).
+        ValueError: the output function is unknown (a custom one whose plugin module is not loaded), or the
+            index's tokenizer does not fit its model.
     """
 
     def __init__(
@@ -117,6 +132,11 @@ class QueryFeaturizer:
         self.model: torch.nn.Module | None = None
         self.projection: DenseProjection | None = None
         self.hooks: HookFeaturizer | None = None
+        self.tokenizer: Any = None
+        if (
+            data.tokenizer_path is not None
+        ):  # verified with the index's other files; checked against the model
+            self.tokenizer = load_tokenizer(data.tokenizer_path, getattr(self.output_fn, "vocab_size", None))
         self.model_error = self._refusal(checkpoint, trusted_factories)
         if info.spec is not None and self.model_error is None:
             try:
@@ -234,46 +254,119 @@ class QueryFeaturizer:
             raise InvalidQueryError("feature values must be finite float32 numbers (|x| < 3.4e38)")
         return Query(kind="feature", terms=self.data.surrogate.query_terms(phi))
 
-    def input(self, raw: Any, target: float | int | None = None) -> Query:
+    def input(self, raw: Any, target: float | int | list[int] | None = None) -> Query:
         """Featurize a raw input with the index's model, projection and output function.
 
         Args:
             raw: nested lists of shape ``input_shape`` (the manifest's).
-            target: the label to explain; None explains the predicted class.
+            target: the label to explain (a language model: one token id per position, -100 where a
+                position is not scored); None explains the prediction (a language model: its greedy token
+                at every position).
 
         Raises:
             InvalidQueryError: wrong shape, non-numeric or non-finite values, a bad target.
             ModelMismatchError: the model cannot be rebuilt (see :attr:`model_error`).
         """
+        started = time.perf_counter()
+        model = self._model()
+        inputs = self._input_tensor(raw)
+        logits = self._logits(model, inputs)
+        summary = self.output_fn.summarize(logits).numpy()
+        return self._featurized("input", inputs, self._target(target, summary), summary, started)
+
+    def text(self, text: str, continuation: str | None = None, max_new_tokens: int = 16) -> Query:
+        """A language-model query by text (DESIGN.md 1.8): the continuation's tokens explained given the text.
+
+        The text (the prompt) and the continuation are tokenized separately with the index's tokenizer and
+        concatenated (so a continuation that begins a new word carries its leading space). Without a
+        continuation the model's own greedy continuation is explained: up to ``max_new_tokens`` tokens, or
+        fewer when the model's context is full. The margins of the continuation's tokens are summed
+        (positions of the prompt and of padding are not scored), and the sequence is right-padded to the
+        index's length.
+
+        Args:
+            text: the prompt, at least one token.
+            continuation: the tokens to explain; None: the greedy continuation.
+            max_new_tokens: the greedy continuation's length, at least 1.
+
+        Raises:
+            InvalidQueryError: an index without a tokenizer or a language-model output function, a text that
+                encodes to no token, a prompt and continuation longer than the model's context, an empty
+                continuation.
+            ModelMismatchError: the model cannot be rebuilt.
+        """
+        started = time.perf_counter()
+        tokenizer, n_positions = self._text_support()
+        model = self._model()
+        prompt = tokenizer.encode(text).ids
+        if not prompt:
+            raise InvalidQueryError("text encodes to no token; give at least one character")
+        if len(prompt) >= n_positions:
+            raise InvalidQueryError(
+                f"text is {len(prompt)} tokens; this model reads {n_positions}, and at least one must be "
+                "left for the continuation"
+            )
+        if continuation is None:
+            new = self._greedy(model, prompt, min(max_new_tokens, n_positions - len(prompt)))
+        else:
+            new = tokenizer.encode(continuation).ids
+            if not new:
+                raise InvalidQueryError("continuation encodes to no token; give text or leave it out")
+            if len(prompt) + len(new) > n_positions:
+                raise InvalidQueryError(
+                    f"text and continuation are {len(prompt)} + {len(new)} tokens; this model reads at most "
+                    f"{n_positions}"
+                )
+        ids = torch.full((1, n_positions), self._pad_id(tokenizer), dtype=torch.int64)
+        ids[0, : len(prompt) + len(new)] = torch.tensor(prompt + new)
+        mask = (torch.arange(n_positions) < len(prompt) + len(new)).long()[None]
+        targets = causal_lm_targets(ids, mask, prompt_length=len(prompt))
+        inputs = self._as_model_input(ids, mask)
+        summary = self.output_fn.summarize(self._logits(model, inputs)).numpy()
+        query = self._featurized("text", inputs, targets[0].tolist(), summary, started)
+        return dataclasses.replace(
+            query,
+            text=text,
+            continuation=tokenizer.decode(new),
+            continuation_source="given" if continuation is not None else "greedy",
+        )
+
+    def _model(self) -> torch.nn.Module:
         if self.model is None:
             raise ModelMismatchError(self.model_error or "this index cannot featurize raw inputs")
-        started = time.perf_counter()
-        inputs = self._input_tensor(raw)
+        return self.model
+
+    def _logits(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+        """`(1, n_outputs)` float32 raw outputs of one input; a clear error when the model cannot run."""
         try:
             with torch.no_grad():
-                logits = model_outputs(self.model, inputs).reshape(1, -1).float()
+                logits = model_outputs(model, inputs).reshape(1, -1).float()
         except (IndexError, RuntimeError) as exc:  # e.g. a token id beyond the embedding's vocabulary
             raise InvalidQueryError(
                 f"the model cannot run on this input ({type(exc).__name__}: {exc}); for token ids, every "
                 "id must be below the model's vocabulary size"
             ) from exc
-        raw_out = logits.numpy()
-        if not np.all(np.isfinite(raw_out)):
+        if not bool(torch.isfinite(logits).all()):
             raise InvalidQueryError(
                 "the model's output for this input is not finite (NaN or overflow): the input is far outside "
                 "the range the model works in"
             )
-        summary = self.output_fn.summarize(logits).numpy()
+        return logits
+
+    def _featurized(
+        self, kind: str, inputs: Any, target_value: Any, summary: np.ndarray, started: float
+    ) -> Query:
+        """The query of one model input and its target: phi_q by the index's projection, its terms."""
         prediction, probabilities = self.output_fn.predict(summary)
-        target_value = self._target(target, summary, probabilities is not None)
-        dtype = torch.int64 if probabilities is not None else torch.float32
+        dtype = torch.float32 if isinstance(target_value, float) else torch.int64
         target_tensor = torch.tensor(target_value, dtype=dtype)
         if self.hooks is not None:
             features = self.hooks.featurize(self.output_fn, inputs, target_tensor[None])
             phi, out = features.phi[0], float(features.outputs[0])
         else:
-            assert self.projection is not None  # a model comes with one of the two projections
-            gradient, out_t, _ = example_gradient(self.model, self.output_fn, inputs[0], target_tensor)
+            assert self.model is not None and self.projection is not None  # checked by _model
+            one = {key: value[0] for key, value in inputs.items()} if isinstance(inputs, dict) else inputs[0]
+            gradient, out_t, _ = example_gradient(self.model, self.output_fn, one, target_tensor)
             phi, out = self.projection.project(gradient.numpy()[None])[0], float(out_t)
         if not (np.all(np.isfinite(phi)) and math.isfinite(out)):
             raise InvalidQueryError(
@@ -281,7 +374,7 @@ class QueryFeaturizer:
                 "is far outside the range the model works in"
             )
         return Query(
-            kind="input",
+            kind=kind,
             terms=self.data.surrogate.query_terms(phi),
             target=target_value,
             prediction=to_python(prediction[0]),
@@ -290,6 +383,58 @@ class QueryFeaturizer:
             model_output=summary[0],
             featurize_ms=(time.perf_counter() - started) * 1e3,
         )
+
+    def _text_support(self) -> tuple[Any, int]:
+        """The index's tokenizer and its sequence length T.
+
+        Raises:
+            InvalidQueryError: no tokenizer, not a language model, or inputs that are not `(T,)` token ids.
+        """
+        if self.tokenizer is None:
+            raise InvalidQueryError(
+                f"index {self.data.name!r} has no tokenizer (build it with --tokenizer); give token ids as "
+                "'input' instead of 'text'"
+            )
+        info = self.data.manifest.model
+        if not isinstance(self.output_fn, LanguageModelMargin) or len(info.input_shape) != 1:
+            raise InvalidQueryError(
+                f"index {self.data.name!r} is not a language-model index (output {info.output_function!r}, "
+                f"inputs {list(info.input_shape)}); text queries need lm_margin over (T,) token ids"
+            )
+        return self.tokenizer, int(info.input_shape[0])
+
+    def _as_model_input(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+        """`(1, T)` ids as the model takes them: the tensor, or ``input_ids`` (and ``attention_mask``) when
+        the index's inputs are keyword arguments."""
+        keywords = self.data.manifest.model.input_dtypes
+        if keywords is None:
+            return ids
+        made = {"input_ids": ids, "attention_mask": mask}
+        unknown = sorted(set(keywords) - set(made))
+        if unknown:
+            raise InvalidQueryError(
+                f"index {self.data.name!r} takes inputs {sorted(keywords)}; a text query makes input_ids and "
+                "attention_mask only"
+            )
+        return {key: made[key] for key in keywords}
+
+    def _greedy(self, model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+        """The model's ``n`` most likely next tokens after ``prompt``, one at a time."""
+        tokens = list(prompt)
+        n_positions = int(self.data.manifest.model.input_shape[0])
+        pad = self._pad_id(self.tokenizer)
+        for _ in range(n):
+            ids = torch.full((1, n_positions), pad, dtype=torch.int64)
+            ids[0, : len(tokens)] = torch.tensor(tokens)
+            mask = (torch.arange(n_positions) < len(tokens)).long()[None]
+            logits = self._logits(model, self._as_model_input(ids, mask)).reshape(n_positions, -1)
+            tokens.append(int(logits[len(tokens) - 1].argmax()))
+        return tokens[len(prompt) :]
+
+    @staticmethod
+    def _pad_id(tokenizer: Any) -> int:
+        pad = tokenizer.token_to_id("<pad>")
+        return 0 if pad is None else int(pad)
 
     def _input_tensor(self, raw: Any) -> torch.Tensor:
         """`(1, *input_shape)` tensor of a raw input in the dtype the index's inputs had when it was built
@@ -365,20 +510,43 @@ class QueryFeaturizer:
                     f"input must be {expected}; position {list(at)} holds an integer beyond 64 bits"
                 )
 
-    def _target(self, target: float | int | None, summary: np.ndarray, classification: bool) -> float | int:
-        """The target to explain: the given one, checked, or the default (the predicted class); summary is
+    def _target(self, target: float | int | list[int] | None, summary: np.ndarray) -> Any:
+        """The target to explain: the given one, checked, or the default (the prediction); summary is
         `(1, n_summary)` (for classification, the logits)."""
         if target is None:
             return to_python(self.output_fn.default_target(summary)[0])
+        info = self.data.manifest.model
+        if info.target_shape:  # one target per position: a language model's token ids
+            return self._token_targets(target, info.target_shape)
+        if isinstance(target, list):
+            raise InvalidQueryError("target must be one number for this index (a class index or a value)")
         try:
             as_float = float(target)
         except OverflowError as exc:  # an integer of hundreds of digits
             raise InvalidQueryError("target must be a finite number within float64's range") from exc
-        if classification:
+        if self.output_fn.predict(summary)[1] is not None:  # classification: a class index
             n_outputs = summary.shape[1]
             if not (as_float.is_integer() and 0 <= int(target) < n_outputs):
                 raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
             return int(target)
         if not math.isfinite(as_float):
             raise InvalidQueryError("target must be finite")
-        return target
+        return float(target)
+
+    def _token_targets(self, target: Any, shape: tuple[int, ...]) -> list[int]:
+        """A language model's target: one token id per position, -100 where a position is not scored."""
+        vocab = getattr(self.output_fn, "vocab_size", None)
+        if not isinstance(target, list) or len(target) != shape[0] or not shape or len(shape) != 1:
+            raise InvalidQueryError(
+                f"target must be {shape[0]} token ids (one per position, -100 where a position is not scored)"
+            )
+        if any(type(t) is not int for t in target):
+            raise InvalidQueryError("target must hold integer token ids")
+        bad = [t for t in target if t != IGNORE_INDEX and not (vocab is None or 0 <= t < vocab)]
+        if bad:
+            raise InvalidQueryError(
+                f"target token ids must be -100 or in 0..{(vocab or 0) - 1}; got {bad[0]}"
+            )
+        if all(t == IGNORE_INDEX for t in target):
+            raise InvalidQueryError("target scores no position (all -100); give at least one token id")
+        return list(target)

@@ -7,7 +7,12 @@ from typing import Any
 
 from indexer.enums import Direction, Objective, Score
 
+Label = int | float | list[int] | None
+"""A label, target or prediction: a class index, a value, or a token id per position (a language model,
+-100 where a position is not scored)."""
+
 __all__ = [
+    "Label",
     "Attribution",
     "Coreset",
     "CoresetMember",
@@ -40,19 +45,24 @@ class QueryDescription:
         predictive_entropy: entropy of the label's predictive distribution by the output function, nats; None
             for a bare feature.
         metadata: a stored query's metadata (without its label), else None.
+        text, continuation, continuation_source: a text query's prompt, the continuation explained and
+            whether it was ``"given"`` or ``"greedy"``; None for other queries.
     """
 
     kind: str
     id: int | None
-    label: int | float | None
-    target: int | float | None
-    prediction: int | float | None
+    label: Label
+    target: Label
+    prediction: Label
     probabilities: list[float] | None
     output: float | None
     posterior_variance: float
     output_entropy: float
     predictive_entropy: float | None
     metadata: dict[str, Any] | None
+    text: str | None = None
+    continuation: str | None = None
+    continuation_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +72,8 @@ class RankedExample:
 
     rank: int
     id: int
-    label: int | float | None
-    prediction: int | float | None
+    label: Label
+    prediction: Label
     sign: int
     signed_score: float
     scores: dict[Score, float]
@@ -92,7 +102,7 @@ class SubsetMember:
 
     step: int
     id: int
-    label: int | float | None
+    label: Label
     marginal_gain: float
     joint: float
     scores: dict[Score, float]
@@ -120,7 +130,7 @@ class CoresetMember:
 
     step: int
     id: int
-    label: int | float | None
+    label: Label
     marginal_gain: float
     objective: float
 
@@ -149,8 +159,8 @@ class ExampleRecord:
 
     split: str
     id: int
-    label: int | float | None
-    prediction: int | float | None
+    label: Label
+    prediction: Label
     probabilities: list[float] | None
     output: float | None
     posterior_variance: float | None

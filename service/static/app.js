@@ -22,7 +22,7 @@
   const state = {
     indexes: [],
     index: null, // summary of the selected index
-    source: "stored", // "stored" | "input"
+    source: "stored", // "stored" | "input" | "text"
     mode: "ranking", // "ranking" | "subset"
     subsetAvailable: false,
     seq: 0, // increases with every request; stale responses are dropped
@@ -202,7 +202,9 @@
       ? `expected shape ${inputShape}` + (shape ? "; an uploaded image is resized to " + shape.join(" x ") : "")
       : "this index was built without a model spec: raw inputs cannot be featurized";
     $("source-input").disabled = !ix.raw_input_queries;
+    $("source-text").hidden = !ix.text_queries;
     if (!ix.raw_input_queries && state.source === "input") setSource("stored", false);
+    if (!ix.text_queries && state.source === "text") setSource("stored", false);
     $("example-detail").hidden = true;
   }
 
@@ -215,6 +217,7 @@
     }
     $("stored-controls").hidden = source !== "stored";
     $("input-controls").hidden = source !== "input";
+    $("text-controls").hidden = source !== "text";
     if (rerun && source === "stored") run();
   }
 
@@ -253,6 +256,14 @@
       const id = intValue("query-id", 0);
       return { spec: { id }, storedId: id };
     }
+    if (state.source === "text") {
+      const text = $("query-text").value;
+      if (!text.trim()) throw new Error("write a text first");
+      const spec = { text, max_new_tokens: intValue("max-new-tokens", 16) };
+      const continuation = $("query-continuation").value;
+      if (continuation !== "") spec.continuation = continuation;
+      return { spec, storedId: null };
+    }
     const spec = { input: parseRawInput() };
     const target = $("raw-target").value.trim();
     if (target !== "") spec.target = Number(target);
@@ -278,7 +289,7 @@
     let url;
     let getUrl;
     let body;
-    const describe = { mode: state.mode, query: query.storedId === null ? "input" : String(query.storedId) };
+    const describe = { mode: state.mode, query: query.storedId === null ? state.source : String(query.storedId) };
     if (state.mode === "ranking") {
       const topK = intValue("top-k", 10);
       const score = $("score-select").value;
@@ -337,7 +348,7 @@
       state.blobUrl = URL.createObjectURL(blob);
       link.href = state.blobUrl;
       link.textContent = "raw JSON of this view";
-      $("raw-json-note").textContent = `(the POST response; body: {"query": {"input": [...]}, ` +
+      $("raw-json-note").textContent = `(the POST response; body: {"query": {"${state.source}": ...}, ` +
         `${JSON.stringify({ ...body, query: undefined }).slice(1, -1)}})`;
     }
   }
@@ -402,11 +413,18 @@
     } else if (shape && query.spec.input) {
       picture = inputCanvas(query.spec.input, shape, 5);
     }
+    const passage = q.kind === "text"
+      ? el("p", { class: "query-text", id: "query-passage" }, q.text,
+        el("mark", { title: `continuation (${q.continuation_source})` }, q.continuation))
+      : q.metadata && typeof q.metadata.text === "string"
+        ? el("p", { class: "query-text", id: "query-passage" }, q.metadata.text)
+        : null;
     const rows = [
       ["kind", q.kind + (q.id !== null && q.id !== undefined ? ` (id ${q.id})` : "")],
-      ["label", q.label],
-      ["explained target", q.target],
-      ["prediction", q.prediction],
+      ...(q.kind === "text" ? [["continuation", `${q.continuation_source}: ${JSON.stringify(q.continuation)}`]] : []),
+      ["label", shortLabel(q.label)],
+      ["explained target", shortLabel(q.target)],
+      ["prediction", shortLabel(q.prediction)],
       ["output (margin)", fmt(q.output)],
       ["posterior variance v_q", fmt(q.posterior_variance)],
       ["predictive entropy", q.predictive_entropy === null ? "-" : `${fmt(q.predictive_entropy)} nats`],
@@ -418,9 +436,11 @@
       query.storedId !== null
         ? el("a", { href: queryJsonUrl(query.storedId), target: "_blank", rel: "noopener" }, "query JSON")
         : null);
-    const mismatch = q.label !== null && q.prediction !== null && q.label !== undefined && q.label !== q.prediction;
+    const mismatch = !Array.isArray(q.label) && q.label !== null && q.prediction !== null &&
+      q.label !== undefined && q.label !== q.prediction;
     fill(box,
       el("h2", {}, "The model on this query"),
+      passage,
       el("div", { class: "query-card" }, picture, el("div", {}, table, links)),
       mismatch ? el("p", { class: "warn" }, `misclassified: label ${q.label}, predicted ${q.prediction}`) : null,
       q.probabilities ? el("h3", {}, "predicted probabilities") : null,
@@ -442,6 +462,13 @@
     const text = metadata && (metadata.text || metadata.caption || metadata.title);
     const shown = text ? String(text) : JSON.stringify(metadata || {});
     return el("span", { class: "example-text", title: shown }, shown.length > 120 ? `${shown.slice(0, 117)}...` : shown);
+  }
+
+  /** A label, target or prediction for a table cell: a language model's token ids are counted, not listed. */
+  function shortLabel(value) {
+    if (value === null || value === undefined) return "-";
+    if (!Array.isArray(value)) return value;
+    return `${value.filter((t) => t !== -100).length} tokens`;
   }
 
   function signBadge(sign) {
@@ -509,8 +536,9 @@
       el("td", { class: "num" }, r.rank),
       el("td", {}, thumbnail(r.id, r.metadata)),
       el("td", { class: "num id" }, r.id),
-      el("td", { class: "num" }, r.label ?? "-"),
-      el("td", { class: r.label !== null && r.label !== r.prediction ? "num warn" : "num" }, r.prediction ?? "-"),
+      el("td", { class: "num" }, shortLabel(r.label)),
+      el("td", { class: !Array.isArray(r.label) && r.label !== null && r.label !== r.prediction ? "num warn" : "num" },
+        shortLabel(r.prediction)),
       el("td", {}, signBadge(r.sign)),
       columns.map((s) => scoreCell(r.scores[s], s === score)),
       el("td", {}, el("a", {
@@ -544,7 +572,7 @@
       el("td", { class: "num" }, m.step),
       el("td", {}, thumbnail(m.id, m.metadata)),
       el("td", { class: "num id" }, m.id),
-      el("td", { class: "num" }, m.label ?? "-"),
+      el("td", { class: "num" }, shortLabel(m.label)),
       scoreCell(m.marginal_gain, true),
       scoreCell(m.joint, false),
       SHOWN_SCORES.map((s) => scoreCell(m.scores[s], false)),
@@ -588,7 +616,8 @@
       ? el("img", { src: exampleImageUrl(id, 5), width: shape[1] * 5, height: shape[0] * 5, class: "digit", alt: "" })
       : null;
     const rows = [
-      ["label", info.label], ["prediction", info.prediction], ["output (margin)", fmt(info.output)],
+      ["label", shortLabel(info.label)], ["prediction", shortLabel(info.prediction)],
+      ["output (margin)", fmt(info.output)],
       ["posterior variance h_i", fmt(info.posterior_variance)],
       ...Object.entries(info.metadata).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : v]),
     ];
@@ -715,6 +744,12 @@
       $(id).addEventListener("change", () => run());
     }
     $("run-button").addEventListener("click", () => run());
+    $("query-text").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey) {
+        e.preventDefault();
+        run();
+      }
+    });
     $("raw-file").addEventListener("change", onFile);
     $("copy-stored-input").addEventListener("click", copyStoredInput);
     loadIndexes().catch((err) => setStatus("error", `could not list the indexes: ${err.message}`));

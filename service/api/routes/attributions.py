@@ -33,6 +33,7 @@ from service.api.schemas import (
     SubsetMember,
     SubsetRequest,
     SubsetResponse,
+    TextQuery,
     Timings,
 )
 from service.api.strict import StrictJSONRoute
@@ -68,6 +69,8 @@ def _query(engine: AttributionEngine, spec: QuerySpec) -> Query:
         return engine.queries.stored(spec.id)
     if isinstance(spec, FeatureQuery):
         return engine.queries.feature(spec.feature)
+    if isinstance(spec, TextQuery):
+        return engine.queries.text(spec.text, spec.continuation, spec.max_new_tokens)
     return engine.queries.input(spec.input, spec.target)
 
 

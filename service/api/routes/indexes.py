@@ -56,6 +56,7 @@ def _summary(engine: AttributionEngine) -> IndexSummary:
         surrogate=manifest.surrogate.to_json(),
         faiss=manifest.faiss.to_json(),
         raw_input_queries=engine.raw_inputs,
+        text_queries=engine.raw_inputs and engine.queries.tokenizer is not None,
         error=engine.model_error,
     )
 
@@ -65,7 +66,7 @@ def list_indexes(registry: RegistryDep) -> IndexList:
     """Every index under the root, ready or not."""
     ready = [_summary(engine) for _, engine in sorted(registry.engines.items())]
     broken = [
-        IndexSummary(name=name, ready=False, error=why, raw_input_queries=False)
+        IndexSummary(name=name, ready=False, error=why, raw_input_queries=False, text_queries=False)
         for name, why in sorted(registry.failures.items())
     ]
     return IndexList(indexes=ready + broken)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,15 @@ if not CHROMIUM.is_file():
 
 
 @pytest.fixture(scope="module")
-def served_root(request: pytest.FixtureRequest) -> Path:
+def served_root(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     override = os.environ.get("INFOTRACE_DASHBOARD_INDEX_ROOT")
-    # the small session index is built only when it is the one served
-    return Path(override).resolve() if override else Path(request.getfixturevalue("index_root"))
+    if override:
+        return Path(override).resolve()
+    # the small session indexes (built only when they are the ones served): the digits and a text LM
+    root = tmp_path_factory.mktemp("dashboard-indexes")
+    shutil.copytree(Path(request.getfixturevalue("index_root")) / INDEX, root / INDEX)
+    shutil.copytree(Path(request.getfixturevalue("text_lm").root) / "lm", root / "lm")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -249,4 +255,38 @@ def test_screenshot(page: Any, tmp_path: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000
+    assert_no_page_errors(page)
+
+
+def test_a_text_index_takes_sentences_and_shows_passages(page: Any, live_url: str) -> None:
+    """Issue #12: a language-model index is queried by text; the query shows the text and its
+    continuation, each result its training passage; the ranking is the API's."""
+    listed = httpx.get(f"{live_url}/v1/indexes", timeout=60).json()["indexes"]
+    text_index = next(ix["name"] for ix in listed if ix.get("text_queries"))
+    assert not next(ix for ix in listed if ix["name"] == INDEX)["text_queries"]
+    page.select_option("#index-select", text_index)
+    wait_ready(page, mode="ranking", query="0", index=text_index)
+    assert page.is_visible("#source-text")
+    page.click("#source-text")
+    page.fill("#query-text", "Open the file")
+    page.fill("#query-continuation", " and return")
+    page.select_option("#score-select", "information_loss")
+    page.click("#run-button")
+    wait_ready(page, mode="ranking", query="text", score="information_loss", index=text_index)
+    body = {"query": {"text": "Open the file", "continuation": " and return", "max_new_tokens": 16},
+            "top_k": 10, "score": "information_loss", "direction": "both"}  # fmt: skip
+    response = httpx.post(f"{live_url}/v1/indexes/{text_index}/attributions", json=body, timeout=60).json()
+    assert rendered_ids(page) == [r["id"] for r in response["results"]]
+    passages = page.eval_on_selector_all("#results [data-id] .example-text", "s => s.map(e => e.title)")
+    assert passages == [r["metadata"]["text"] for r in response["results"]]
+    assert page.inner_text("#query-passage") == "Open the file and return"
+    assert page.inner_text("#query-passage mark") == " and return"
+    label = page.inner_text('#query-table tr[data-key="explained target"] td')
+    assert label == f"{sum(t != -100 for t in response['query']['target'])} tokens"
+    page.fill("#query-continuation", "")  # the model's own greedy continuation
+    page.click("#run-button")
+    page.wait_for_function("document.getElementById('query-table').innerText.includes('greedy')")
+    page.select_option("#index-select", INDEX)
+    wait_ready(page, mode="ranking", query="0", index=INDEX)
+    assert page.is_hidden("#source-text")
     assert_no_page_errors(page)

@@ -14,7 +14,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ from indexer.store.sections import ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
 from indexer.store.writer import write_index_dir
 
-__all__ = ["build_index", "check_targets", "probe_outputs"]
+__all__ = ["build_index", "check_finite_inputs", "check_targets", "probe_outputs"]
 
 log = logging.getLogger("infotrace.indexer")
 
@@ -125,6 +125,7 @@ def build_index(
     keep = isinstance(train, Dataset) if store_inputs is None else store_inputs
     started = time.perf_counter()
     probe = _prepare(model, output_fn, train, out_dir, checkpoint, config.batch_size)
+    _check_query_probe(queries, probe)
     if tokenizer is not None:
         load_tokenizer(tokenizer, getattr(output_fn, "vocab_size", None))
     check_factory(config.k, config.faiss_factory)
@@ -223,6 +224,26 @@ def build_index(
         return path
 
 
+def _check_query_probe(queries: Examples | None, probe: Batch) -> None:
+    """Refuse stored queries whose inputs or targets differ in shape per example from the training
+    examples' before the training set is featurized (their first batch is read; the rest are checked as
+    they are featurized).
+
+    Raises:
+        ValueError: names the query arrays' shapes.
+    """
+    if queries is None or (isinstance(queries, Dataset) and len(queries) == 0):
+        return
+    first = next(iter(queries.batches(1)), None)
+    if first is None:
+        return
+    try:
+        check_batch(first, probe)
+    except ValueError as exc:
+        why = str(exc).replace("the first batch's", "the training examples'")
+        raise ValueError(f"query examples do not match the training examples: {why}") from exc
+
+
 def _prepare(
     model: nn.Module,
     output_fn: OutputFunction,
@@ -299,6 +320,31 @@ def _check_independent(model: nn.Module, probe: Batch) -> None:
         raise interacting
 
 
+def check_finite_inputs(batch: Batch, split: str, start: int) -> None:
+    """Refuse floating-point inputs that hold NaN or infinity (in the dtype the model gets: a float64
+    value beyond float32's range is infinite once cast).
+
+    Args:
+        batch: one batch; split: ``"train"`` or ``"query"``; start: the id of its first example.
+
+    Raises:
+        ValueError: names the split, the example and the dtype.
+    """
+    tensors = batch.inputs.items() if isinstance(batch.inputs, Mapping) else [("", batch.inputs)]
+    for key, x in tensors:
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            continue
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if bool(bad.any()):
+            row = start + int(bad.nonzero()[0, 0])
+            where = f" {key!r}" if key else ""
+            dtype = str(x.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"{split} example {row}: its input{where} holds NaN or infinity as {dtype} (or a value "
+                "beyond that type's range, e.g. float64 data cast for a float32 model); give finite inputs"
+            )
+
+
 def _featurize(
     featurizer: Featurizer,
     output_fn: OutputFunction,
@@ -322,6 +368,7 @@ def _featurize(
             except ValueError as exc:
                 raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
             check_targets(output_fn, batch.targets, n_outputs, split, start)
+            check_finite_inputs(batch, split, start)
             start += len(batch)
             yield batch
 
@@ -405,6 +452,7 @@ def probe_outputs(model: nn.Module, batch: Batch) -> torch.Tensor:
     except (RuntimeError, TypeError, IndexError) as exc:  # e.g. "mat1 and mat2 shapes cannot be multiplied"
         raise ValueError(
             f"the model rejects inputs of shape {list(first.shape[1:])} per example "
-            f"(dtype {first.dtype}): {exc}"
+            f"(dtype {first.dtype}): {exc} (give inputs of the shape and dtype the model takes: floats for a "
+            "model whose first layer is Linear or Conv, integer token ids for an Embedding)"
         ) from exc
     return out.reshape(len(batch), -1).float().cpu()

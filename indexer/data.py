@@ -12,6 +12,7 @@ Both give :class:`Batch` objects, which is all the featurizers see. The demo's d
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-__all__ = ["Batch", "BatchLayout", "Dataset", "Examples", "StreamedDataset", "load_arrays"]
+__all__ = ["DATA_KEYS", "Batch", "BatchLayout", "Dataset", "Examples", "StreamedDataset", "load_arrays"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,10 @@ Examples = Dataset | StreamedDataset
 """What :func:`indexer.build.build_index` indexes: in-memory tensors or a streamed torch dataset."""
 
 
+DATA_KEYS = ("train_inputs", "train_targets", "query_inputs", "query_targets")
+"""The arrays of a dataset file (:func:`load_arrays`); the query pair is optional."""
+
+
 def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
     """Read a dataset file for the CLI: ``.safetensors`` or ``.npz`` (read with ``allow_pickle=False``).
 
@@ -227,9 +232,12 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: an unsupported suffix, a pickled array, or a missing key.
+        ValueError: a folder, an unsupported suffix, a file that is not an archive, a pickled or
+            non-numeric array, a missing or an unknown key.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"dataset file {path} is a folder; give a .safetensors or .npz file")
     if not path.is_file():
         raise FileNotFoundError(f"dataset file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -238,15 +246,21 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"dataset file {path} is not a readable safetensors file: {exc}") from exc
     elif path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"dataset file {path} is not an .npz archive (numpy.savez writes one)")
         try:
             with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: _tensor(path, key, npz[key]) for key in npz.files}
+                raw = {key: npz[key] for key in npz.files}
         except ValueError as exc:
             raise ValueError(
                 f"dataset file {path} holds object arrays, which are never unpickled: {exc}"
             ) from exc
+        arrays = {key: _tensor(path, key, array) for key, array in raw.items()}
     else:
         raise ValueError(f"dataset file {path} must end in .safetensors or .npz")
+    unknown = sorted(set(arrays) - set(DATA_KEYS))
+    if unknown:
+        raise ValueError(f"dataset file {path} has unknown array(s) {unknown}; expected {list(DATA_KEYS)}")
     for key in ("train_inputs", "train_targets"):
         if key not in arrays:
             raise ValueError(f"dataset file {path} has no array {key!r}; it has {sorted(arrays)}")

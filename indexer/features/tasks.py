@@ -234,6 +234,11 @@ class ClassificationMargin(OutputFunction):
             raise ValueError(
                 f"classification targets must be integer class indices; got dtype {targets.dtype}"
             )
+        if targets.ndim != 1:
+            raise ValueError(
+                f"classification targets must have shape (n,): one class index per example; got "
+                f"{list(targets.shape)}"
+            )
         if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= n_outputs):
             raise ValueError(
                 f"classification targets must lie in 0..{n_outputs - 1} (the model has {n_outputs} outputs); "
@@ -285,8 +290,17 @@ class RegressionOutput(OutputFunction):
         """
         if n_outputs != 1:
             raise ValueError(f"regression explains a model with exactly 1 output; it has {n_outputs}")
+        if targets.ndim != 1:
+            raise ValueError(
+                f"regression targets must have shape (n,): one value per example; got {list(targets.shape)}"
+            )
         if not bool(torch.isfinite(targets.double()).all()):
             raise ValueError("regression targets must be finite numbers")
+        if bool((targets.double().abs() > torch.finfo(torch.float32).max).any()):
+            raise ValueError(
+                "regression targets must fit float32 (|y| <= 3.4e38): the residuals are taken in the model's "
+                "precision"
+            )
 
     def output(self, model_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`()` the model's single output (the target enters through the residual only)."""

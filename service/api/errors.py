@@ -73,6 +73,19 @@ MAX_ERRORS = 20
 """Validation errors returned at most (a 50,000-element list of the wrong type makes 50,000 of them)."""
 
 
+_QUERY_TAGS = frozenset({"stored", "input", "feature", "text"})  # schemas.QuerySpec's discriminator tags
+
+
+def _body_path(loc: Any) -> list[Any]:
+    """An error location as a path into the request body: pydantic inserts the query union's tag after
+    ``query`` (``body.query.stored.id``), which names no key of the body; it is dropped."""
+    path = list(loc)
+    for i in range(len(path) - 1):
+        if path[i] == "query" and path[i + 1] in _QUERY_TAGS and i + 2 < len(path):
+            return path[: i + 1] + path[i + 2 :]
+    return path
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 for a request that fails validation, serialisable whatever value it quotes: at most
     :data:`MAX_ERRORS` errors, and only scalar inputs echoed (a list or object is described, not copied)."""
@@ -80,11 +93,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     shown = []
     for error in errors[:MAX_ERRORS]:
         error = dict(error)
+        error["loc"] = _body_path(error.get("loc", ()))
         given = error.get("input")
         if isinstance(given, dict | list | tuple) and not given:
             error.pop("input")  # FastAPI's JSON-decode errors carry an empty placeholder
-        elif isinstance(given, dict | list | tuple) or (isinstance(given, str) and len(given) > 200):
-            error["input"] = f"<{type(given).__name__} of {len(given)} items, not echoed>"
+        elif isinstance(given, dict):
+            error["input"] = f"<object of {len(given)} keys, not echoed>"
+        elif isinstance(given, list | tuple):
+            error["input"] = f"<array of {len(given)} items, not echoed>"
+        elif isinstance(given, str) and len(given) > 200:
+            error["input"] = f"<string of {len(given)} characters, not echoed>"
         shown.append(error)
     if len(errors) > MAX_ERRORS:
         shown.append({"type": "truncated", "loc": ["body"], "msg": f"{len(errors) - MAX_ERRORS} more errors"})
@@ -103,7 +121,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
         async def handler(request: Request, exc: Exception, code: int = code) -> JSONResponse:
             if isinstance(exc, ValidationError):  # the same shape as FastAPI's own 422 for a request body
-                detail: Any = _json_safe(jsonable_encoder(exc.errors(include_url=False)))
+                errors = [{**e, "loc": _body_path(e["loc"])} for e in exc.errors(include_url=False)]
+                detail: Any = _json_safe(jsonable_encoder(errors))
             else:
                 detail = str(exc)
             return JSONResponse(status_code=code, content={"detail": detail})

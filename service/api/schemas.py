@@ -260,7 +260,9 @@ class QueryInfo(BaseModel):
     probabilities: list[float] | None = Field(description="softmax over classes")
     output: float | None = Field(description="output function m_q (classification: the margin)")
     posterior_variance: float = Field(description="v_q, posterior variance of f_q under the surrogate")
-    output_entropy: float = Field(description="differential entropy of f_q, 0.5 log(2 pi e v_q), nats")
+    output_entropy: float | None = Field(
+        description="differential entropy of f_q, 0.5 log(2 pi e v_q), nats; null when v_q = 0 (-infinity)"
+    )
     predictive_entropy: float | None = Field(description="entropy of the predictive distribution, nats")
     metadata: dict[str, Any] | None = Field(None, description="metadata of a stored query")
     text: str | None = Field(None, description="a text query's prompt")

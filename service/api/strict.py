@@ -282,7 +282,8 @@ def _params(dependant: Dependant) -> tuple[list[Any], list[Any]]:
 
 
 def _check_content_type(request: Request, takes_body: bool) -> None:
-    """415 unless a body is declared ``application/json`` (or ``+json``) in UTF-8, by one header."""
+    """415 unless a body is declared ``application/json`` (or ``+json``) in UTF-8, by one header, and not
+    compressed (``Content-Encoding``)."""
     has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
     if not (takes_body and has_body):
         return
@@ -298,6 +299,12 @@ def _check_content_type(request: Request, takes_body: bool) -> None:
         raise HTTPException(
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             detail=f"request body must be JSON (Content-Type: application/json); {shown}",
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"Content-Encoding {encoding!r} is not supported; send the JSON body uncompressed",
         )
     message = email.message.Message()
     message["content-type"] = content_type

@@ -37,6 +37,9 @@ PROTECTED_PREFIXES = ("/v1/", "/metrics")
 
 
 API_KEY_COOKIE = "infotrace_api_key"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted by name in the metrics; any other is counted as ``other``."""
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """An ``X-Request-ID`` a client may choose (anything else is replaced by a fresh one)."""
 
@@ -234,8 +237,10 @@ def install_request_middleware(app: FastAPI, metrics: Metrics, keys: list[bytes]
                 )
         elapsed = time.perf_counter() - started
         route = _route_template(request)
-        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
-        metrics.latency.labels(route, request.method, str(response.status_code)).observe(elapsed)
+        # a made-up method must not make new series: /metrics would grow with every one
+        method = request.method if request.method in _METHODS else "other"
+        metrics.requests.labels(route, method, str(response.status_code)).inc()
+        metrics.latency.labels(route, method, str(response.status_code)).observe(elapsed)
         response.headers["X-Request-ID"] = request_id
         log.info(
             "%s %s %d %.1f ms id=%s",

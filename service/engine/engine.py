@@ -9,6 +9,7 @@ only translates them.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,10 @@ __all__ = ["AttributionEngine"]
 
 def _scores_at(scores: dict[Score, np.ndarray], i: int) -> dict[Score, float]:
     return {score: float(values[i]) for score, values in scores.items()}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _without_label(meta: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +129,7 @@ class AttributionEngine:
             probabilities=query.probabilities,
             output=query.output,
             posterior_variance=v,
-            output_entropy=float(gaussian_entropy(v)),
+            output_entropy=_finite_or_none(float(gaussian_entropy(v))),
             predictive_entropy=predictive,
             metadata=metadata,
             text=query.text,

@@ -523,15 +523,17 @@ class QueryFeaturizer:
         try:
             as_float = float(target)
         except OverflowError as exc:  # an integer of hundreds of digits
-            raise InvalidQueryError("target must be a finite number within float64's range") from exc
+            raise InvalidQueryError(
+                "target must be a finite number within float32's range (|y| <= 3.4e38)"
+            ) from exc
         if self.output_fn.predict(summary)[1] is not None:  # classification: a class index
             n_outputs = summary.shape[1]
             if not (as_float.is_integer() and 0 <= int(target) < n_outputs):
                 raise InvalidQueryError(f"target must be a class index in 0..{n_outputs - 1}; got {target!r}")
             return int(target)
-        if not math.isfinite(as_float):
-            raise InvalidQueryError("target must be finite")
-        return float(target)
+        if not (math.isfinite(as_float) and abs(as_float) <= float(np.finfo(np.float32).max)):
+            raise InvalidQueryError("target must be a finite number within float32's range (|y| <= 3.4e38)")
+        return as_float
 
     def _token_targets(self, target: Any, shape: tuple[int, ...]) -> list[int]:
         """A language model's target: one token id per position, -100 where a position is not scored."""

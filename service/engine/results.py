@@ -41,7 +41,7 @@ class QueryDescription:
     Attributes:
         kind, id, label, target, prediction, probabilities, output: as in :class:`~service.engine.Query`.
         posterior_variance: v_q, posterior variance of f_q (output units squared).
-        output_entropy: differential entropy of f_q, 0.5 log(2 pi e v_q), nats (-inf when v_q = 0).
+        output_entropy: differential entropy of f_q, 0.5 log(2 pi e v_q), nats (None when v_q = 0: -inf).
         predictive_entropy: entropy of the label's predictive distribution by the output function, nats; None
             for a bare feature.
         metadata: a stored query's metadata (without its label), else None.
@@ -57,7 +57,7 @@ class QueryDescription:
     probabilities: list[float] | None
     output: float | None
     posterior_variance: float
-    output_entropy: float
+    output_entropy: float | None
     predictive_entropy: float | None
     metadata: dict[str, Any] | None
     text: str | None = None

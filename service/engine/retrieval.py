@@ -109,13 +109,19 @@ class Retriever:
             signs.append(1.0)
         if not score.signed or direction is not Direction.PROPONENTS:
             signs.append(-1.0)
-        slack = 1e-5 * float(np.linalg.norm(a)) * self._z_norm_max.get(score, 0.0)
+        norm = float(np.linalg.norm(a))
+        slack = 1e-5 * norm * self._z_norm_max.get(score, 0.0)
+        # FAISS searches in float32: a query of large norm (a feature near float32's limit) would overflow
+        # its inner products to inf and return no ids. Every score's search ranks by <a, z_i>, which a
+        # positive scale does not reorder, so the search vector is a / |a| and its values are scaled back.
+        scale = norm if np.isfinite(norm) and norm > 0 else 1.0
         depth = min(max(candidates, top_k), n)
         retrieve_ms = rerank_ms = 0.0
         while True:
             t0 = time.perf_counter()
-            queries = np.stack([sign * a for sign in signs]).astype(np.float32)
+            queries = np.stack([sign * a / scale for sign in signs]).astype(np.float32)
             found_values, found_ids = index.search(queries, depth)
+            found_values = found_values * scale  # float64 from here
             t1 = time.perf_counter()
             ids = np.unique(found_ids[found_ids >= 0])
             scores = self.surrogate.scores(query, ids)

@@ -274,3 +274,44 @@ def test_an_example_without_target_tokens_is_named(tmp_path: Path, tiny_lm) -> N
             progress=False,
         )
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_inputs_and_targets_a_build_cannot_use_are_refused_naming_them(
+    tmp_path: Path, tiny_problem: TinyProblem
+) -> None:
+    """A newcomer review found these built into an index: NaN in the stored queries' inputs (whose queries
+    then answered "query feature must be finite" and a garbage coreset), float64 inputs beyond float32
+    (a RuntimeError about atol), regression targets beyond float32 (inf in FAISS); query inputs of another
+    shape failed only after the whole training set was featurized; (n, 1) targets got an internal message."""
+    model, data = tiny_problem
+    bad_query = data.inputs[:5].clone()
+    bad_query[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^query example 2: its input holds NaN or infinity as float32"):
+        build_index(
+            model, ClassificationMargin(), data, tmp_path / "a", queries=Dataset(bad_query, data.targets[:5])
+        )
+    huge = data.inputs.double()
+    huge[7] = 1e300
+    with pytest.raises(ValueError, match=r"^train example 7: its input holds NaN or infinity as float32"):
+        build_index(model, ClassificationMargin(), Dataset(huge.float(), data.targets), tmp_path / "b")
+    shape = r"a batch's inputs have shape \[5\] per example, the training examples' \[6\]"
+    with pytest.raises(ValueError, match=rf"^query examples do not match the training examples: {shape}"):
+        build_index(
+            model,
+            ClassificationMargin(),
+            data,
+            tmp_path / "c",
+            queries=Dataset(torch.randn(3, 5), data.targets[:3]),
+        )
+    assert not list(tmp_path.glob(".c.work-*/*"))  # refused before any training shard was featurized
+    with pytest.raises(
+        ValueError, match=r"targets must have shape \(n,\): one class index per example; got \[40, 1\]"
+    ):
+        build_index(
+            model, ClassificationMargin(), Dataset(data.inputs, data.targets[:, None]), tmp_path / "d"
+        )
+    one_output = build_model(ModelSpec("mlp", {"in_features": 6, "hidden": [5], "out_features": 1}))
+    for targets, why in ((torch.full((40,), 1e300, dtype=torch.float64), "must fit float32"),
+                         (torch.zeros(40, 1), r"must have shape \(n,\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            build_index(one_output, RegressionOutput(1.0), Dataset(data.inputs, targets), tmp_path / "e")

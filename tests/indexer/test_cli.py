@@ -374,3 +374,29 @@ def test_the_cli_builds_models_of_every_float_dtype(
         progress=False,
     )
     assert np.array_equal(index.phi, load_index(via_api).phi)
+
+
+def test_dataset_files_are_described_as_what_they_are(tmp_path: Path) -> None:
+    """A newcomer review: a .npz that is no archive and a string array were both called "object arrays", a
+    folder "does not exist", and a misspelt key (query_input) silently built an index without queries."""
+    from indexer.data import load_arrays
+
+    not_zip = tmp_path / "plain.npz"
+    not_zip.write_bytes(b"just text")
+    with pytest.raises(ValueError, match=r"plain\.npz is not an \.npz archive \(numpy\.savez writes one\)$"):
+        load_arrays(not_zip)
+    strings = tmp_path / "strings.npz"
+    np.savez(strings, train_inputs=np.array(["a", "b"]), train_targets=np.zeros(2, np.int64))
+    with pytest.raises(
+        ValueError, match=r"array 'train_inputs' has dtype <U1, which is not a numeric tensor"
+    ):
+        load_arrays(strings)
+    with pytest.raises(ValueError, match=r"is a folder; give a \.safetensors or \.npz file"):
+        load_arrays(tmp_path)
+    typo = tmp_path / "typo.npz"
+    np.savez(typo, train_inputs=np.zeros((2, 3), np.float32), train_targets=np.zeros(2, np.int64),
+             query_input=np.zeros((1, 3), np.float32))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"has unknown array\(s\) \['query_input'\]; expected \['train_inputs',"
+    ):
+        load_arrays(typo)

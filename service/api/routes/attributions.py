@@ -156,6 +156,7 @@ def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) ->
     """m training examples carrying the most information about a query set (summed information gain)."""
     started = time.perf_counter()
     limit = min(settings.max_coreset_size, engine.data.n_train)
+    request = _clamp_defaults(request, {"size": limit})  # as the attribution routes: a default fits
     _check_limit("size", request.size, limit, "the service limit and the index size")
     if request.query_ids is not None:
         # each id is one row of an (n_ids, n_train) float64 working array: bounded by the stored queries

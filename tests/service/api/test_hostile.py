@@ -177,7 +177,7 @@ def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(
         (
             # 309 digits: past float64 (1.8e308) but short enough to reach the route as an integer
             '{"query": {"input": [' + ",".join(["0.0"] * 784) + '], "target": ' + "9" * 309 + "}}",
-            "target must be a finite number within float64's range",
+            "target must be a finite number within float32's range",
         ),
         ('{"query": {"feature": [' + "9" * 309 + "]}}", "feature values must be finite float32"),
         ('{"query": {"id": 0}, "score": "\\ud800"}', "lone UTF-16 surrogate"),
@@ -219,10 +219,11 @@ def _input(*leaves: str) -> str:
     [
         ('{"query": {"id": 0, "id": 1}}', ["body", "query", "id"], "duplicate_key"),
         ('{"query": {"id": 0}, "top_k": 3, "top_k": 300}', ["body", "top_k"], "duplicate_key"),
-        ('{"query": {"id": "5"}}', ["body", "query", "stored", "id"], "int_type"),
+        ('{"query": {"id": "5"}}', ["body", "query", "id"], "int_type"),
         ('{"query": null}', ["body", "query"], "query_kind"),
         ('{"query": [0]}', ["body", "query"], "query_kind"),
-        ('{"query": {"input": []}}', ["body", "query", "input", "input"], "too_short"),
+        ('{"query": {"input": []}}', ["body", "query", "input"], "too_short"),
+        ('{"query": {"feature": [1, true]}}', ["body", "query", "feature"], "number_list"),
     ],
 )
 def test_strict_bodies_answer_one_error_at_the_field(
@@ -323,3 +324,85 @@ def test_health_and_readiness_answer_head(client: TestClient) -> None:
     for path in ("/healthz", "/readyz"):
         response = client.head(path)
         assert (response.status_code, response.content) == (200, b"")
+
+
+def test_a_feature_near_float32s_limit_ranks_as_a_small_one(client: TestClient) -> None:
+    """FAISS searches in float32: a feature of 3e38 everywhere overflowed its inner products, and the
+    inner-product ranking came back empty, marked exact; 1e38 gave another order than 1e30. Scaling a
+    query up must not reorder the linear scores."""
+    k = client.get(BASE).json()["k"]
+    rankings = {}
+    for value in (1.0, 1e30, 3e38):
+        for score in ("inner_product", "influence"):
+            body = {"query": {"feature": [value] * k}, "score": score, "top_k": 10}
+            response = client.post(f"{BASE}/attributions", json=body).json()
+            rankings[value, score] = [r["id"] for r in response["results"]]
+            assert len(rankings[value, score]) == 10 and response["exact"] is True
+    for score in ("inner_product", "influence"):
+        assert rankings[1.0, score] == rankings[1e30, score] == rankings[3e38, score]
+
+
+def test_compressed_bodies_made_up_methods_and_a_zero_variance(client: TestClient) -> None:
+    """Review findings: Content-Encoding was ignored (a gzip body was "not UTF-8", a plain one labelled
+    gzip was read); every made-up HTTP method added series to /metrics; a query with zero posterior variance
+    answered output_entropy null against a schema saying float (now nullable)."""
+    body = b'{"query": {"id": 0}}'
+    for encoding in ("gzip", "br, zstd"):
+        response = client.post(f"{BASE}/attributions", content=body,
+                               headers={**JSON, "content-encoding": encoding})  # fmt: skip
+        assert response.status_code == 415
+        assert (
+            response.json()["detail"]
+            == f"Content-Encoding {encoding!r} is not supported; send the JSON body uncompressed"
+        )
+    assert (
+        client.post(
+            f"{BASE}/attributions", content=body, headers={**JSON, "content-encoding": "identity"}
+        ).status_code
+        == 200
+    )
+    for i in range(3):
+        client.request(f"MADEUP{i}", "/healthz")
+    methods = {labels.get("method") for (_, labels_t), _ in _samples(client.get("/metrics").text).items()
+               for labels in [dict(labels_t)]}  # fmt: skip
+    assert "other" in methods and not any(str(m).startswith("MADEUP") for m in methods)
+    k = client.get(BASE).json()["k"]
+    zero = client.post(f"{BASE}/attributions", json={"query": {"feature": [0.0] * k}})
+    assert zero.status_code == 200 and zero.json()["query"]["output_entropy"] is None
+
+
+def test_a_default_coreset_size_fits_a_small_limit(index_root: Path) -> None:
+    """The coreset's default size (10) over a limit of 5 was refused although the client sent none; the
+    attribution routes lower their defaults to the limits."""
+    app = create_app(Settings(index_root=index_root, max_coreset_size=5))
+    with TestClient(app) as small:
+        response = small.post(f"{BASE}/coreset", json={})
+        assert response.status_code == 200 and response.json()["size"] == 5
+        refused = small.post(f"{BASE}/coreset", json={"size": 6})
+        assert refused.status_code == 422 and "size must be at most 5" in refused.json()["detail"]
+
+
+def test_regression_targets_beyond_float32_are_refused(tmp_path: Path) -> None:
+    """A regression index took "target": 1e39 (or 10**300) although its residuals are float32."""
+    import torch
+
+    from indexer.build import build_index
+    from indexer.config import IndexConfig
+    from indexer.data import Dataset
+    from indexer.features.models import ModelSpec, build_model
+    from indexer.features.tasks import RegressionOutput
+
+    spec = ModelSpec("mlp", {"in_features": 4, "hidden": [3], "out_features": 1})
+    torch.manual_seed(0)
+    build_index(build_model(spec), RegressionOutput(1.0), Dataset(torch.randn(20, 4), torch.randn(20)),
+                tmp_path / "reg", model_spec=spec, config=IndexConfig(k=4), progress=False)  # fmt: skip
+    with TestClient(create_app(Settings(index_root=tmp_path))) as reg:
+        for target in ("1e39", "1" + "0" * 300):
+            body = '{"query": {"input": [0.1, 0.2, 0.3, 0.4], "target": ' + target + "}}"
+            response = reg.post("/v1/indexes/reg/attributions", content=body, headers=JSON)
+            assert response.status_code == 422
+            assert "target must be a finite number within float32's range" in response.json()["detail"]
+        ok = reg.post(
+            "/v1/indexes/reg/attributions", json={"query": {"input": [0.1, 0.2, 0.3, 0.4], "target": 3e38}}
+        )
+        assert ok.status_code == 200

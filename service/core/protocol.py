@@ -1,4 +1,5 @@
-"""uvicorn's HTTP/1.1 protocol with a time limit on request headers (a slow or stalled client is cut off).
+"""uvicorn's HTTP/1.1 protocol with a time limit on request headers (a slow or stalled client is cut off)
+and JSON answers to requests it cannot parse.
 
 uvicorn times out an idle keep-alive connection, but a client that has sent part of its request headers is
 waited for without end (one such connection per client costs a socket and a file descriptor: slowloris).
@@ -10,6 +11,7 @@ The body has its own limit (:class:`~service.core.observability.BodyGuard`).
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import h11
@@ -49,6 +51,24 @@ class _HeaderTimeoutH11(H11Protocol):
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm_header_timer()  # the next request on this keep-alive connection gets the same limit
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (a bad Content-Length, a bad chunk size, a
+        header without a colon), as JSON like every other error of the service (uvicorn sends plain
+        text). The app never sees such a request, so it has no request id and is not in ``/metrics``."""
+        body = json.dumps({"detail": f"malformed HTTP/1.1 request: {msg}"}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,6 +97,17 @@ def test_a_client_that_sends_less_than_it_announces_is_cut_off(
             b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         )
         assert both.startswith(b"HTTP/1.1 400 ") and b"both Content-Length and Transfer-Encoding" in both
+        # requests h11 cannot parse: uvicorn answered plain text; JSON like every other error now
+        for framing in (b"Content-Length: abc", b"Content-Length: 4\r\nContent-Length: 5", b"NoColonHere"):
+            broken = _exchange(
+                service.port,
+                b"POST /v1/indexes/digits/attributions HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n",
+            )
+            head, _, payload = broken.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower()
+            assert json.loads(payload) == {
+                "detail": "malformed HTTP/1.1 request: Invalid HTTP request received."
+            }
         # slow headers (slowloris): the request line and headers never finish; closed, not held
         with socket.create_connection(("127.0.0.1", service.port), timeout=20) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

@@ -7,7 +7,7 @@ PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
 .PHONY: install install-bench run index-demo test lint typecheck bench bench-quick bench-speed bench-load clean browser \
-	dashboard-screenshot bench-featurize
+	dashboard-screenshot bench-featurize bench-lm
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ $(BERGSON_VENV)/.installed: $(VENV)/.installed-bench
 	$(BERGSON_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio
 	$(BERGSON_VENV)/bin/python -c 'import bergson, torch; assert torch.__version__ == "2.13.0+cpu", torch.__version__'
 	touch $@
+
+bench-lm: index-demo  ## the text demo: throughput vs bergson and the floor, query latency, planted-copy retrieval (~10 min): benchmarks/results/LM.md
+	$(if $(QUICK),,@$(MAKE) --no-print-directory $(BERGSON_VENV)/.installed || echo "bergson did not install: its rows say so")
+	$(PY) -m benchmarks.lm --index-root $(INDEX_ROOT) $(if $(QUICK),--quick --out var/bench-lm-quick/lm.json)
 
 bench-featurize: install-bench  ## featurization examples/s and peak memory vs traker, dattri, bergson (~25 min): benchmarks/results/FEATURIZE.md
 	@$(MAKE) --no-print-directory $(BERGSON_VENV)/.installed || echo "bergson did not install: its cells say so"

@@ -7,7 +7,8 @@ Run from the repository root::
 
 1. The model is the text demo's (``stdlib-lm``: :mod:`indexer.demo.lm`, built under ``--index-root`` if it
    is not there), its inputs the demo's training passages (`(n, 64)` token ids).
-2. Throughput, on the first ``n_throughput`` passages in batches of ``batch_size``: infotrace's Kronecker
+2. Throughput, on the first ``n_throughput`` passages in batches of ``batch_size``, ``rounds`` times with
+   the methods in turn (the medians and the median same-round ratios are reported): infotrace's Kronecker
    featurizer (the index's own plan, k = 512), bergson's ``InMemoryCollector`` (per-module two-sided
    projection with the same total k, the same summed margins backpropagated) when bergson is installed
    (``make bench-featurize`` installs it in ``var/bergson-venv``; it runs in that interpreter as a
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks.common import benchmark_parser, latency_stats, load_average, machine_info, write_report_files
 from indexer.build import build_index
@@ -75,16 +77,18 @@ class Settings:
     Attributes:
         n_throughput: passages featurized per method; batch_size: passages per batch.
         n_latency: repetitions per query kind; n_planted: planted copies (stored queries).
+        rounds: throughput rounds (each method once per round, in turn; medians are reported).
     """
 
     n_throughput: int
     batch_size: int
     n_latency: int
     n_planted: int
+    rounds: int
 
 
-FULL = Settings(n_throughput=1024, batch_size=32, n_latency=30, n_planted=100)
-QUICK = Settings(n_throughput=96, batch_size=32, n_latency=3, n_planted=10)
+FULL = Settings(n_throughput=256, batch_size=32, n_latency=30, n_planted=100, rounds=4)
+QUICK = Settings(n_throughput=96, batch_size=32, n_latency=3, n_planted=10, rounds=1)
 
 _WORD = re.compile(r"\b[A-Za-z]{4,}\b ")
 
@@ -170,6 +174,42 @@ def _bergson_run(
             return {"error": f"bergson failed: {done.stderr.strip().splitlines()[-1:]}"}
         result: dict[str, Any] = json.loads(out.read_text())
         return result
+
+
+THROUGHPUT_METHODS = (
+    "infotrace (Kronecker hooks)",
+    "bergson (InMemoryCollector)",
+    "floor (forward + backward)",
+)
+"""The throughput table's rows, in the order they run in each round."""
+
+
+def _median_round(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's rounds: the median examples/s and tokens/s, each round's examples/s, or the error."""
+    ok = [run for run in runs if "error" not in run]
+    if not ok:
+        return runs[0]
+    return {
+        **ok[0],
+        "examples_per_s": statistics.median(run["examples_per_s"] for run in ok),
+        "tokens_per_s": statistics.median(run["tokens_per_s"] for run in ok),
+        "rounds_examples_per_s": [run["examples_per_s"] for run in ok],
+    }
+
+
+def _ratios(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, float | None]:
+    """Median over rounds of infotrace's examples/s over bergson's and over the floor's (same round)."""
+    ours, bergson, floor = (rounds[name] for name in THROUGHPUT_METHODS)
+
+    def median_ratio(other: list[dict[str, Any]]) -> float | None:
+        pairs = [
+            a["examples_per_s"] / b["examples_per_s"]
+            for a, b in zip(ours, other, strict=True)
+            if "error" not in b
+        ]
+        return statistics.median(pairs) if pairs else None
+
+    return {"infotrace / bergson": median_ratio(bergson), "infotrace / floor": median_ratio(floor)}
 
 
 def _latency(engine: AttributionEngine, n: int) -> dict[str, Any]:
@@ -264,7 +304,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "# Language model: the text demo (`benchmarks/lm.py`)",
         "",
         f"Model: the text demo's GPT ({m['n_params']:,} parameters, {m['length']} positions, vocabulary "
-        f"{m['vocab']}); {s['n_throughput']} training passages in batches of {s['batch_size']}; one run on "
+        f"{m['vocab']}); {s['n_throughput']} training passages per method and round, batches of "
+        f"{s['batch_size']}; on "
         f"{report['machine']['cpu_count']} CPUs "
         f"(load average at start {report['loadavg_at_start']}). {report['mode']} mode.",
         "",
@@ -279,6 +320,14 @@ def _markdown(report: dict[str, Any]) -> str:
         else:
             k = row.get("k", "-")
             lines.append(f"| {name} | {row['examples_per_s']:.1f} | {row['tokens_per_s']:.0f} | {k} |")
+    ratios = report["throughput_ratios"]
+    shown = {name: "-" if value is None else f"{value:.2f}" for name, value in ratios.items()}
+    lines += [
+        "",
+        f"Median of {s['rounds']} rounds, the methods in turn within each round; median ratio of the same "
+        f"round's examples/s: infotrace / bergson {shown['infotrace / bergson']}, infotrace / floor "
+        f"{shown['infotrace / floor']}.",
+    ]
     lines += ["", "## Query latency (in process, ms)", ""]
     lines += ["| query | featurize p50 | p90 | rank top 10 p50 |", "|---|---|---|---|"]
     for name, row in report["latency"].items():
@@ -327,13 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     batches = _batches(index, settings.n_throughput, settings.batch_size)
-    report["throughput"] = {
-        "infotrace (Kronecker hooks)": _infotrace_throughput(engine, batches),
-        "bergson (InMemoryCollector)": _bergson_run(
-            index_dir, settings.n_throughput, settings.batch_size, index.k, None
-        ),
-        "floor (forward + backward)": _floor_throughput(engine, batches),
-    }
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in THROUGHPUT_METHODS}
+    for _ in tqdm(range(settings.rounds), desc="throughput rounds", disable=args.quick):
+        # the methods take turns, round after round: the machine's load changes, their ratio less
+        rounds[THROUGHPUT_METHODS[0]].append(_infotrace_throughput(engine, batches))
+        rounds[THROUGHPUT_METHODS[1]].append(
+            _bergson_run(index_dir, settings.n_throughput, settings.batch_size, index.k, None)
+        )
+        rounds[THROUGHPUT_METHODS[2]].append(_floor_throughput(engine, batches))
+    report["throughput"] = {name: _median_round(runs) for name, runs in rounds.items()}
+    report["throughput_ratios"] = _ratios(rounds)
     report["latency"] = _latency(engine, settings.n_latency)
     with tempfile.TemporaryDirectory(dir=args.index_root.parent) as scratch:
         planted_dir = Path(scratch) / "planted"

@@ -89,7 +89,10 @@ class InputQuery(BaseModel):
         min_length=1,
         description="raw model input as nested lists with the index's input_shape (e.g. 784 floats)",
     )
-    target: StrictInt | StrictFloat | list[StrictInt] | None = Field(
+    target: Annotated[
+        StrictInt | StrictFloat | list[StrictInt] | None,
+        _scan((int,), "a number, or a list of integer token ids"),
+    ] = Field(
         None,
         description="label (class index) or regression target to explain, or for a language model one token "
         "id per position (-100: not scored); default: the prediction",

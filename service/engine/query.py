@@ -306,18 +306,25 @@ class QueryFeaturizer:
                 f"text is {len(prompt)} tokens; this model reads {n_positions}, and at least one must be "
                 "left for the continuation"
             )
+        pad = self._pad_id(tokenizer)
+        if pad in prompt:
+            raise InvalidQueryError(f"text holds the padding token (id {pad}, e.g. '<pad>' written out)")
         if continuation is None:
             new = self._greedy(model, prompt, min(max_new_tokens, n_positions - len(prompt)))
         else:
             new = tokenizer.encode(continuation).ids
             if not new:
                 raise InvalidQueryError("continuation encodes to no token; give text or leave it out")
+            if pad in new:
+                raise InvalidQueryError(
+                    f"continuation holds the padding token (id {pad}, e.g. '<pad>' written out)"
+                )
             if len(prompt) + len(new) > n_positions:
                 raise InvalidQueryError(
                     f"text and continuation are {len(prompt)} + {len(new)} tokens; this model reads at most "
                     f"{n_positions}"
                 )
-        ids = torch.full((1, n_positions), self._pad_id(tokenizer), dtype=torch.int64)
+        ids = torch.full((1, n_positions), pad, dtype=torch.int64)
         ids[0, : len(prompt) + len(new)] = torch.tensor(prompt + new)
         mask = (torch.arange(n_positions) < len(prompt) + len(new)).long()[None]
         targets = causal_lm_targets(ids, mask, prompt_length=len(prompt))
@@ -470,6 +477,9 @@ class QueryFeaturizer:
             high = 2.0 ** (info.bits - (1 if info.min < 0 else 0))  # one past the largest value, exact
             if given.size and (given.min() < info.min or given.max() >= high):
                 raise InvalidQueryError(f"input values must fit {name} ({info.min}..{info.max})")
+            vocab = getattr(self.output_fn, "vocab_size", None)
+            if vocab is not None and given.size and given.min() < 0:
+                raise InvalidQueryError(f"input token ids must be in 0..{vocab - 1}; got {int(given.min())}")
             return torch.from_numpy(given.astype(np.int64)).to(recorded)[None]
         with np.errstate(over="ignore"):
             x = torch.from_numpy(given.astype(np.float64)).to(recorded)

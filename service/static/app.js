@@ -128,6 +128,12 @@
     if (!state.index) return;
     const params = new URLSearchParams({ index: state.index.name, mode: state.mode });
     if (state.source === "stored") params.set("query", $("query-id").value);
+    if (state.source === "text") {
+      params.set("source", "text");
+      params.set("text", $("query-text").value);
+      if ($("query-continuation").value !== "") params.set("continuation", $("query-continuation").value);
+      params.set("max_new_tokens", $("max-new-tokens").value);
+    }
     if (state.mode === "ranking") {
       params.set("score", $("score-select").value);
       params.set("direction", $("direction-select").value);
@@ -152,6 +158,12 @@
     set("subset-size", hash.size);
     set("subset-candidates", hash.candidates);
     if (hash.mode === "subset") setMode("subset", false);
+    if (hash.source === "text" && state.index && state.index.text_queries) {
+      $("query-text").value = hash.text ?? $("query-text").value;
+      $("query-continuation").value = hash.continuation ?? "";
+      set("max-new-tokens", hash.max_new_tokens);
+      setSource("text", false);
+    }
   }
 
   // ---- indexes ---------------------------------------------------------------------------------------
@@ -250,6 +262,20 @@
     return value;
   }
 
+  /** A target as typed: a number, or a JSON list of token ids (a language model's, -100 where not scored). */
+  function parseTarget(text) {
+    let value;
+    try {
+      value = JSON.parse(text);
+    } catch (err) {
+      throw new Error(`the target must be a number or a JSON list of token ids: ${err.message}`);
+    }
+    if (typeof value !== "number" && !Array.isArray(value)) {
+      throw new Error("the target must be a number or a JSON list of token ids");
+    }
+    return value;
+  }
+
   /** The query object of the request body, plus a GET URL when the query is a stored id. */
   function currentQuery() {
     if (state.source === "stored") {
@@ -266,7 +292,7 @@
     }
     const spec = { input: parseRawInput() };
     const target = $("raw-target").value.trim();
-    if (target !== "") spec.target = Number(target);
+    if (target !== "") spec.target = parseTarget(target);
     return { spec, storedId: null };
   }
 
@@ -654,7 +680,7 @@
       const id = intValue("query-id", 0);
       const info = await fetchJson(`${queryJsonUrl(id)}?include_input=true`);
       $("raw-input").value = JSON.stringify(info.input);
-      $("raw-target").value = info.label ?? "";
+      $("raw-target").value = info.label === null || info.label === undefined ? "" : JSON.stringify(info.label);
     } catch (err) {
       setStatus("error", err.message);
     }

@@ -283,6 +283,23 @@ def test_a_text_index_takes_sentences_and_shows_passages(page: Any, live_url: st
     assert page.inner_text("#query-passage mark") == " and return"
     label = page.inner_text('#query-table tr[data-key="explained target"] td')
     assert label == f"{sum(t != -100 for t in response['query']['target'])} tokens"
+    # the view is in the URL: a reload brings the text query back
+    assert "source=text" in page.url
+    page.reload()
+    wait_ready(page, mode="ranking", query="text", score="information_loss", index=text_index)
+    assert page.input_value("#query-continuation") == " and return"
+    assert rendered_ids(page) == [r["id"] for r in response["results"]]
+    # a stored query's token ids and token targets, copied into the raw-input form: the same query
+    page.click("#source-stored")
+    wait_ready(page, mode="ranking", query="0", index=text_index)
+    stored_output = page.inner_text('#query-table tr[data-key="output (margin)"] td')
+    page.click("#source-input")
+    page.click("#copy-stored-input")
+    page.wait_for_function("document.getElementById('raw-target').value.startsWith('[')")
+    page.click("#run-button")
+    wait_ready(page, mode="ranking", query="input", index=text_index)
+    assert page.inner_text('#query-table tr[data-key="output (margin)"] td') == stored_output
+    page.click("#source-text")
     page.fill("#query-continuation", "")  # the model's own greedy continuation
     page.click("#run-button")
     page.wait_for_function("document.getElementById('query-table').innerText.includes('greedy')")

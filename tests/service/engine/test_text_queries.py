@@ -185,3 +185,27 @@ def test_a_live_server_answers_text_like_the_library(
         assert greedy.json()["query"]["continuation_source"] == "greedy"
         by_id = client.get("/v1/indexes/lm/attributions", params={"query_id": 0, "top_k": 2})
         assert by_id.status_code == 200 and len(by_id.json()["query"]["prediction"]) == LENGTH
+
+
+def test_review_findings_on_text_indexes(lm_root: Path) -> None:
+    """A newcomer review: a million-element target took 15 s of pydantic errors on the event loop (and
+    answered a wall of union errors); '<pad>' written out was explained as padding; a negative token id
+    got the embedding's IndexError."""
+    with TestClient(create_app(Settings(index_root=lm_root))) as client:
+        url = "/v1/indexes/lm/attributions"
+        huge = client.post(url, json={"query": {"input": [5] * LENGTH, "target": [True] * 1_000_000}})
+        (error,) = huge.json()["detail"]  # one error from one pass (pydantic made one per element and branch)
+        assert (
+            error["msg"] == "expected a number, or a list of integer token ids; position 0 holds true/false"
+        )
+        (floats,) = client.post(
+            url, json={"query": {"input": [5] * LENGTH, "target": [1.0] * LENGTH}}
+        ).json()["detail"]
+        assert floats["loc"] == ["body", "query", "target"] and "position 0 holds float" in floats["msg"]
+        for body, expected in (
+            ({"text": "Return", "continuation": "<pad>"}, "continuation holds the padding token (id 0"),
+            ({"text": "<pad> Return"}, "text holds the padding token (id 0"),
+            ({"input": [-1] * LENGTH}, f"input token ids must be in 0..{VOCAB - 1}; got -1"),
+        ):
+            response = client.post(url, json={"query": body})
+            assert response.status_code == 422 and expected in response.json()["detail"], response.text

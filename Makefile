@@ -26,10 +26,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 
 install-bench: $(VENV)/.installed-bench  ## add the quality harness's peers (traker, dattri, captum) and matplotlib
 
-index-demo: install  ## train (cached) the digits classifier and build its index under $(INDEX_ROOT)
+index-demo: install  ## train (cached) the demo models (digits MLP and CNN, the text LM) and build their indexes under $(INDEX_ROOT)
 	$(VENV)/bin/infotrace-index demo --index-root $(INDEX_ROOT)
 
-run: index-demo  ## build the demo index if needed and serve the API on $(HOST):$(PORT)
+run: index-demo  ## build the demo indexes if needed and serve the API on $(HOST):$(PORT)
 	INFOTRACE_INDEX_ROOT=$(INDEX_ROOT) INFOTRACE_HOST=$(HOST) INFOTRACE_PORT=$(PORT) $(VENV)/bin/infotrace-serve run
 
 lint: install

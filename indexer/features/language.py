@@ -225,19 +225,26 @@ class LanguageModelMargin(OutputFunction):
         position scored given the input before it (teacher forcing); from the `(n, 2 T)` summaries."""
         return self.predict(model_outputs)[0]
 
-    def predictive_entropy(self, model_outputs: np.ndarray, posterior_variance: np.ndarray) -> np.ndarray:
-        """The summed entropies of the next-token distributions at every position, in nats.
+    def predictive_entropy(
+        self, model_outputs: np.ndarray, posterior_variance: np.ndarray, targets: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The summed entropies of the next-token distributions at the scored positions, in nats.
 
-        ``sum_t -sum_c p_tc log p_tc`` over all T positions (the targets are not known here), each position's
-        softmax given the input before it; posterior_variance `(n,)` is unused.
+        ``sum_t -sum_c p_tc log p_tc`` over the positions whose target is not :data:`IGNORE_INDEX` (over all
+        T positions when ``targets`` is None), each position's softmax given the input before it;
+        posterior_variance `(n,)` is unused.
 
         Args:
             model_outputs: `(n, 2 T)` summaries (:meth:`summarize`).
+            targets: `(n, T)` the targets explained, or None.
 
         Returns:
             `(n,)` float64 nats.
         """
-        return self._halves(model_outputs)[1].astype(np.float64).sum(axis=1)
+        entropies = self._halves(model_outputs)[1].astype(np.float64)
+        if targets is not None:
+            entropies = np.where(np.asarray(targets) != IGNORE_INDEX, entropies, 0.0)
+        return entropies.sum(axis=1)
 
     @staticmethod
     def _halves(summaries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

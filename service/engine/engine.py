@@ -17,6 +17,7 @@ import numpy as np
 
 from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import NotStoredError
+from indexer.features.language import LanguageModelMargin
 from indexer.features.tasks import gaussian_entropy
 from indexer.store.layout import (
     KEY_H,
@@ -113,7 +114,16 @@ class AttributionEngine:
         """The query's prediction, posterior variance and entropies (nats), and a stored query's metadata."""
         v = query.terms.posterior_variance
         predictive = None
-        if query.model_output is not None:
+        fn = self.queries.output_fn
+        if (
+            query.model_output is not None
+            and isinstance(fn, LanguageModelMargin)
+            and isinstance(query.target, list)
+        ):
+            # the explained tokens' positions only (a text query's continuation, a stored passage's tokens)
+            targets = np.array([query.target])
+            predictive = float(fn.predictive_entropy(query.model_output[None], np.array([v]), targets)[0])
+        elif query.model_output is not None:
             predictive = float(
                 self.queries.output_fn.predictive_entropy(query.model_output[None], np.array([v]))[0]
             )

@@ -105,6 +105,12 @@ def test_a_text_query_equals_its_token_ids(engine: AttributionEngine) -> None:
     )
     assert query.target == targets and all(type(t) is int for t in query.target)
     assert query.output == pytest.approx(raw.output, rel=1e-6)
+    # the predictive entropy sums the next-token entropies at the explained positions only
+    with torch.no_grad():
+        log_p = torch.log_softmax(engine.queries.model(torch.tensor([ids])).double()[0], dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1).numpy()
+    scored = np.array(targets) != IGNORE_INDEX
+    assert engine.describe(query).predictive_entropy == pytest.approx(entropy[scored].sum(), rel=1e-5)
 
 
 def test_without_a_continuation_the_greedy_one_is_explained(engine: AttributionEngine) -> None:

@@ -62,6 +62,7 @@ __all__ = [
     "edit_passage",
     "main",
     "planted_retrieval",
+    "markdown_report",
     "rank_metrics",
 ]
 
@@ -298,7 +299,8 @@ def bergson_retrieval(features: Path, n_train: int, n_planted: int) -> dict[str,
     return rank_metrics([int((cosine[q] > cosine[q, n_train + q]).sum()) + 1 for q in range(n_planted)])
 
 
-def _markdown(report: dict[str, Any]) -> str:
+def markdown_report(report: dict[str, Any]) -> str:
+    """``LM.md`` from the report :func:`main` writes (a method that did not run gets a row saying why)."""
     s, m = report["settings"], report["model"]
     lines = [
         "# Language model: the text demo (`benchmarks/lm.py`)",
@@ -345,7 +347,9 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for name, row in planted.items():
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "error" in row:
+            lines.append(f"| {name} | not run: {row['error']} | | |")
+        elif isinstance(row, dict):
             lines.append(
                 f"| {name} | {row['recall_at_1']:.3f} | {row['recall_at_10']:.3f} | {row['mrr']:.3f} |"
             )
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             report["planted"]["bergson cosine"] = bergson_retrieval(
                 features, index.n_train, settings.n_planted
             )
-    markdown = write_report_files(args.out, report, _markdown(report), "LM.md")
+    markdown = write_report_files(args.out, report, markdown_report(report), "LM.md")
     print(markdown.read_text())
     return 0
 

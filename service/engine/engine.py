@@ -110,6 +110,21 @@ class AttributionEngine:
         """Why raw inputs are refused, or None."""
         return self.queries.model_error
 
+    def _metadata(self, split: str, ids: list[int]) -> dict[int, dict[str, Any]]:
+        """The stored metadata of ``ids``; for an index with a tokenizer and stored token ids, a row without
+        ``text`` gets its tokens decoded as ``text`` (padding left out), so results carry the passage."""
+        meta = self.data.metadata.get(split, [int(i) for i in ids])
+        tokenizer = self.queries.tokenizer
+        inputs = self.data.inputs if split == SPLIT_TRAIN else self.data.query_inputs
+        if tokenizer is None or inputs is None or inputs.ndim != 2:
+            return meta
+        pad = tokenizer.token_to_id("<pad>")
+        for i in ids:
+            row = meta.setdefault(int(i), {})
+            if "text" not in row:
+                row["text"] = tokenizer.decode([int(t) for t in inputs[int(i)] if t != pad])
+        return meta
+
     def describe(self, query: Query) -> QueryDescription:
         """The query's prediction, posterior variance and entropies (nats), and a stored query's metadata."""
         v = query.terms.posterior_variance
@@ -129,7 +144,7 @@ class AttributionEngine:
             )
         metadata = None
         if query.id is not None:
-            metadata = _without_label(self.data.metadata.get_one(SPLIT_QUERY, query.id))
+            metadata = _without_label(self._metadata(SPLIT_QUERY, [query.id]).get(query.id, {}))
         return QueryDescription(
             kind=query.kind,
             id=query.id,
@@ -166,7 +181,7 @@ class AttributionEngine:
         """
         ranked = self.rank(query, score, direction, top_k, candidates)
         ids = [int(i) for i in ranked.ids]
-        meta = self.data.metadata.get(SPLIT_TRAIN, ids)
+        meta = self._metadata(SPLIT_TRAIN, ids)
         predictions = self.data.examples[KEY_PREDICTION][ranked.ids]
         examples = [
             RankedExample(
@@ -209,7 +224,7 @@ class AttributionEngine:
         greedy = surrogate.greedy_subset(objective, query.terms, pool.ids, size)
         top_single_joint = surrogate.joint_score(objective, query.terms, pool.ids[:size])
         ids = [int(i) for i in pool.ids[greedy.indices]]
-        meta = self.data.metadata.get(SPLIT_TRAIN, ids)
+        meta = self._metadata(SPLIT_TRAIN, ids)
         members = [
             SubsetMember(
                 step=step + 1,
@@ -247,7 +262,7 @@ class AttributionEngine:
         self.data.check_ids(SPLIT_QUERY, ids)
         result = self.data.surrogate.coreset(self.data.query_phi[ids], size)
         rows = [int(i) for i in result.indices]
-        meta = self.data.metadata.get(SPLIT_TRAIN, rows)
+        meta = self._metadata(SPLIT_TRAIN, rows)
         members = [
             CoresetMember(
                 step=step + 1,
@@ -268,7 +283,7 @@ class AttributionEngine:
         """
         self.data.check_ids(split, [example_id])
         stats = self.data.examples if split == SPLIT_TRAIN else self.data.queries
-        meta = self.data.metadata.get_one(split, example_id)
+        meta = self._metadata(split, [example_id]).get(example_id, {})
         probabilities = stats.get(KEY_PROBABILITIES)
         h = stats.get(KEY_H) if split == SPLIT_TRAIN else None
         info = self.data.manifest.model

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from benchmarks.live_server import running_service
 from indexer.build import build_index
+from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.demo.text import train_tokenizer
 from indexer.enums import Direction, Score
@@ -215,3 +216,30 @@ def test_review_findings_on_text_indexes(lm_root: Path) -> None:
         ):
             response = client.post(url, json={"query": body})
             assert response.status_code == 422 and expected in response.json()["detail"], response.text
+
+
+def test_an_index_without_passage_metadata_decodes_its_token_ids(text_lm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A CLI-built LM index (a data file has no metadata) answered `metadata: {}`: the passages are now
+    decoded from the stored token ids with the index's tokenizer."""
+    source = load_index(Path(text_lm.root) / "lm")
+    assert source.inputs is not None and source.manifest.model.spec is not None
+    ids = torch.from_numpy(np.array(source.inputs[:6]))
+    data = Dataset(ids, torch.from_numpy(np.array(source.examples["label"][:6])))  # no metadata
+    build_index(
+        build_model(source.manifest.model.spec), LanguageModelMargin(VOCAB), data, tmp_path / "bare",
+        queries=data, model_spec=source.manifest.model.spec, config=IndexConfig(k=16, min_coverage=0.0),
+        tokenizer=source.tokenizer_path, progress=False,
+    )  # fmt: skip
+    engine = AttributionEngine(load_index(tmp_path / "bare"))
+
+    def read(i: int) -> str:  # the passage as the model reads it: its first 24 tokens
+        text = engine.example("train", i).metadata["text"]
+        assert set(engine.example("train", i).metadata) == {"text"} and len(text) > 20
+        assert text_lm.texts[i].startswith(text)
+        return str(text)
+
+    passages = [read(i) for i in range(6)]
+    assert passages[2] == "Convert a string to lower case and strip the"
+    ranked = engine.attribute(engine.queries.stored(1), Score.INFLUENCE, Direction.BOTH, 3, 6)
+    assert all(example.metadata["text"] == passages[example.id] for example in ranked.examples)
+    assert engine.describe(engine.queries.stored(1)).metadata == {"text": passages[1]}

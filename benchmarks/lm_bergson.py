@@ -45,6 +45,7 @@ class _Model(nn.Module):
 
 
 def _featurize(collector, model, output_fn, ids, targets, batch_size, offset):  # type: ignore[no-untyped-def]
+    """Seconds per batch and `(n, k)` float32 features of ``ids`` (rows ``offset ..`` of the collector)."""
     seconds, features = [], []
     for start in range(0, len(ids), batch_size):
         x, y = ids[start : start + batch_size], targets[start : start + batch_size]
@@ -61,6 +62,11 @@ def _featurize(collector, model, output_fn, ids, targets, batch_size, offset):  
 
 
 def main() -> int:
+    """Featurize with bergson as the module docstring says; write ``--out`` (and ``--features``).
+
+    Returns:
+        0. Raises whatever bergson raises (the caller, :mod:`benchmarks.lm`, reports it as not run).
+    """
     parser = argparse.ArgumentParser(prog="benchmarks.lm_bergson")
     parser.add_argument("--index", type=Path, required=True)
     parser.add_argument("--n", type=int, required=True)

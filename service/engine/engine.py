@@ -118,7 +118,7 @@ class AttributionEngine:
         inputs = self.data.inputs if split == SPLIT_TRAIN else self.data.query_inputs
         if tokenizer is None or inputs is None or inputs.ndim != 2:
             return meta
-        pad = tokenizer.token_to_id("<pad>")
+        pad = self.queries.pad_id
         for i in ids:
             row = meta.setdefault(int(i), {})
             if "text" not in row:
@@ -139,9 +139,7 @@ class AttributionEngine:
             targets = np.array([query.target])
             predictive = float(fn.predictive_entropy(query.model_output[None], np.array([v]), targets)[0])
         elif query.model_output is not None:
-            predictive = float(
-                self.queries.output_fn.predictive_entropy(query.model_output[None], np.array([v]))[0]
-            )
+            predictive = float(fn.predictive_entropy(query.model_output[None], np.array([v]))[0])
         metadata = None
         if query.id is not None:
             metadata = _without_label(self._metadata(SPLIT_QUERY, [query.id]).get(query.id, {}))

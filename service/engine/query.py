@@ -110,6 +110,8 @@ class QueryFeaturizer:
         projection: the index's dense projection (None for a Kronecker index, or without ``model``).
         hooks: the index's Kronecker featurizer hooked into ``model`` (None for a dense index).
         tokenizer: the index's ``tokenizers.Tokenizer`` (``tokenizer.json``), or None.
+        pad_id: the tokenizer's ``<pad>`` token id, or None (no tokenizer, or one without ``<pad>``: text
+            queries are then padded with id 0, a position the causal model never attends to or scores).
         model_error: why raw inputs are refused (no spec, an untrusted factory, another checkpoint, or a
             model that cannot be rebuilt: a missing module, weights that do not fit), or None.
 
@@ -133,10 +135,11 @@ class QueryFeaturizer:
         self.projection: DenseProjection | None = None
         self.hooks: HookFeaturizer | None = None
         self.tokenizer: Any = None
-        if (
-            data.tokenizer_path is not None
-        ):  # verified with the index's other files; checked against the model
+        self.pad_id: int | None = None
+        if data.tokenizer_path is not None:  # verified with the other files; checked against the model here
             self.tokenizer = load_tokenizer(data.tokenizer_path, getattr(self.output_fn, "vocab_size", None))
+            pad = self.tokenizer.token_to_id("<pad>")
+            self.pad_id = None if pad is None else int(pad)
         self.model_error = self._refusal(checkpoint, trusted_factories)
         if info.spec is not None and self.model_error is None:
             try:
@@ -306,7 +309,7 @@ class QueryFeaturizer:
                 f"text is {len(prompt)} tokens; this model reads {n_positions}, and at least one must be "
                 "left for the continuation"
             )
-        pad = self._pad_id(tokenizer)
+        pad = self._pad()
         if pad in prompt:
             raise InvalidQueryError(f"text holds the padding token (id {pad}, e.g. '<pad>' written out)")
         if continuation is None:
@@ -324,9 +327,7 @@ class QueryFeaturizer:
                     f"text and continuation are {len(prompt)} + {len(new)} tokens; this model reads at most "
                     f"{n_positions}"
                 )
-        ids = torch.full((1, n_positions), pad, dtype=torch.int64)
-        ids[0, : len(prompt) + len(new)] = torch.tensor(prompt + new)
-        mask = (torch.arange(n_positions) < len(prompt) + len(new)).long()[None]
+        ids, mask = self._padded(prompt + new)
         targets = causal_lm_targets(ids, mask, prompt_length=len(prompt))
         inputs = self._as_model_input(ids, mask)
         summary = self.output_fn.summarize(self._logits(model, inputs)).numpy()
@@ -428,20 +429,22 @@ class QueryFeaturizer:
     def _greedy(self, model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
         """The model's ``n`` most likely next tokens after ``prompt``, one at a time."""
         tokens = list(prompt)
-        n_positions = int(self.data.manifest.model.input_shape[0])
-        pad = self._pad_id(self.tokenizer)
         for _ in range(n):
-            ids = torch.full((1, n_positions), pad, dtype=torch.int64)
-            ids[0, : len(tokens)] = torch.tensor(tokens)
-            mask = (torch.arange(n_positions) < len(tokens)).long()[None]
-            logits = self._logits(model, self._as_model_input(ids, mask)).reshape(n_positions, -1)
+            ids, mask = self._padded(tokens)
+            logits = self._logits(model, self._as_model_input(ids, mask)).reshape(ids.shape[1], -1)
             tokens.append(int(logits[len(tokens) - 1].argmax()))
         return tokens[len(prompt) :]
 
-    @staticmethod
-    def _pad_id(tokenizer: Any) -> int:
-        pad = tokenizer.token_to_id("<pad>")
-        return 0 if pad is None else int(pad)
+    def _pad(self) -> int:
+        return 0 if self.pad_id is None else self.pad_id
+
+    def _padded(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(1, T)` int64 ids of ``tokens`` right-padded to the index's length, and their attention mask."""
+        n_positions = int(self.data.manifest.model.input_shape[0])
+        ids = torch.full((1, n_positions), self._pad(), dtype=torch.int64)
+        ids[0, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        mask = (torch.arange(n_positions) < len(tokens)).long()[None]
+        return ids, mask
 
     def _input_tensor(self, raw: Any) -> torch.Tensor:
         """`(1, *input_shape)` tensor of a raw input in the dtype the index's inputs had when it was built

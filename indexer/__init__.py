@@ -52,11 +52,13 @@ from indexer.gp import (
     fit_surrogate,
 )
 from indexer.plugins import PluginError, load_plugins
+from indexer.precomputed import build_from_features
 from indexer.store import IndexData, Manifest, load_index, make_faiss_index, read_manifest
 
 __all__ = [
     "ClassificationMargin",
     "PluginError",
+    "build_from_features",
     "load_plugins",
     "CoresetResult",
     "Dataset",

@@ -15,16 +15,18 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from torch import nn
 
 from indexer.config import IndexConfig
 from indexer.data import Batch, Dataset, Examples
-from indexer.enums import ProjectionKind, Score
+from indexer.enums import ProjectionKind
 from indexer.exceptions import InvalidTargetsError
 from indexer.features.factory import make_featurizer
 from indexer.features.featurize import Features, Featurizer, count_parameters, model_outputs, to_device
@@ -34,31 +36,58 @@ from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS
 from indexer.features.stream import check_batch, tangent_features
 from indexer.features.tasks import OutputFunction
-from indexer.gp.surrogate import fit_surrogate
-from indexer.store.faiss_index import check_factory, make_faiss_index
+from indexer.gp.surrogate import Surrogate, fit_surrogate
+from indexer.store.faiss_index import check_factory
 from indexer.store.hashing import sha256_file, tensor_digest
 from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
-    EXAMPLE_STATS_FILE,
     INDEX_NAME_PATTERN,
+    KEY_PHI_NORM,
     PHI_FILE,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
-    QUERY_STATS_FILE,
     SPLIT_QUERY,
     SPLIT_TRAIN,
     TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
-    WHITENED_FILE,
+    example_file,
+    query_stats_file,
     scratch_prefix,
 )
-from indexer.store.records import build_manifest, example_stats, metadata_rows, query_stats
-from indexer.store.sections import ProjectionInfo
+from indexer.store.records import (
+    build_manifest,
+    example_stats,
+    keyed_files,
+    metadata_rows,
+    query_stats,
+    stored_features,
+)
+from indexer.store.search import (
+    Searcher,
+    SearchKnobs,
+    make_approximate_index,
+    measure_recall,
+    recall_queries,
+    search_params,
+)
+from indexer.store.sections import EXACT_FACTORY, FaissInfo, ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
 from indexer.store.writer import write_index_dir
 
-__all__ = ["build_index", "check_finite_inputs", "check_targets", "probe_outputs"]
+__all__ = [
+    "build_index",
+    "assemble_index",
+    "check_index_name",
+    "approximate_retrieval",
+    "check_finite_inputs",
+    "check_targets",
+    "probe_outputs",
+    "RECALL_CANDIDATES",
+]
+
+RECALL_CANDIDATES = 100
+"""Retrieval depth at which an approximate index's recall@10 is measured: the service's default depth."""
 
 log = logging.getLogger("infotrace.indexer")
 
@@ -166,54 +195,26 @@ def build_index(
             )
         featurize_seconds = time.perf_counter() - started
 
-        # beta_i and beta_i r_i come from the featurizer's forward pass (per-token margins, DESIGN.md 1.8)
-        surrogate = fit_surrogate(
-            tangent.phi, tangent.beta, tangent.grad_term, config.prior_precision, config.s_floor
-        )
-        faiss_indexes = {
-            score: make_faiss_index(surrogate.score_vectors(score), config.faiss_factory) for score in Score
-        }
-        manifest = build_manifest(
-            name or out_dir.name,
-            model_spec,
-            checkpoint_sha256,
-            sha256_file(Path(checkpoint)) if checkpoint is not None else None,
-            n_params,
-            n_outputs,
-            output_fn,
-            train.image_shape,
+        path = assemble_index(
+            out_dir,
             tangent,
-            surrogate,
+            query_tangent,
+            output_fn,
             config,
             projection,
-            n_query=len(query_tangent.phi),
-            timings={"featurize": featurize_seconds, "total": time.perf_counter() - started},
-            extra=extra_manifest or {},
-        )
-        arrays = {
-            PHI_FILE: tangent.phi,
-            WHITENED_FILE: surrogate.whitened,
-            CHOLESKY_FILE: surrogate.cholesky,
-            QUERY_PHI_FILE: query_tangent.phi,
-        }
-        if keep:
-            assert tangent.inputs is not None  # kept by tangent_features
-            arrays[TRAIN_INPUTS_FILE] = tangent.inputs
-            arrays[QUERY_INPUTS_FILE] = (
-                query_tangent.inputs
-                if query_tangent.inputs is not None
-                else np.zeros((0, *tangent.input_shape), dtype=tangent.inputs.dtype)
-            )
-        path = write_index_dir(
-            out_dir,
-            manifest,
-            arrays=arrays,
-            npz={
-                EXAMPLE_STATS_FILE: example_stats(tangent, output_fn, surrogate),
-                QUERY_STATS_FILE: query_stats(query_tangent, output_fn),
+            model={
+                "model_spec": model_spec,
+                "checkpoint_sha256": checkpoint_sha256,
+                "source_checkpoint_sha256": sha256_file(Path(checkpoint)) if checkpoint is not None else None,
+                "n_params": n_params,
+                "n_outputs": n_outputs,
+                "image_shape": train.image_shape,
             },
-            faiss_indexes=faiss_indexes,
-            metadata_rows=metadata_rows(tangent, query_tangent),
+            name=name or out_dir.name,
+            started=started,
+            timings={"featurize": featurize_seconds},
+            extra_manifest=extra_manifest or {},
+            keep_inputs=keep,
             extra_files={CHECKPOINT_FILE: stored_checkpoint}
             | ({} if tokenizer is None else {TOKENIZER_FILE: Path(tokenizer)}),
         )
@@ -222,6 +223,139 @@ def build_index(
         for stale in remove_stale_siblings(out_dir, keep=Path(scratch)):
             log.info("removed %s, left by an interrupted write of %s", stale, out_dir)
         return path
+
+
+def assemble_index(
+    out_dir: Path,
+    tangent: Features,
+    query_tangent: Features,
+    output_fn: OutputFunction,
+    config: IndexConfig,
+    projection: ProjectionInfo,
+    *,
+    model: dict[str, Any],
+    name: str,
+    started: float,
+    timings: dict[str, float],
+    extra_manifest: dict[str, Any],
+    keep_inputs: bool,
+    extra_files: dict[str, Path],
+) -> Path:
+    """Features in, index directory out: store the features in the configured dtype, fit the surrogate on
+    the stored values, build and measure the approximate index when asked for, write atomically
+    (DESIGN.md 1.2, 2.1). Shared by :func:`build_index` and
+    :func:`~indexer.precomputed.build_from_features`.
+
+    Args:
+        out_dir: the index folder; tangent, query_tangent: the training and stored-query features;
+        output_fn: the output function; config: the build settings; projection: the manifest's projection;
+        model: :func:`~indexer.store.records.build_manifest`'s model fields (``model_spec``,
+            ``checkpoint_sha256``, ``source_checkpoint_sha256``, ``n_params``, ``n_outputs``,
+            ``image_shape``);
+        name: the index name; started: ``time.perf_counter()`` at the build's start; timings: stages so far
+            (seconds); extra_manifest: more manifest fields; keep_inputs: store the raw inputs;
+        extra_files: file name -> source path copied in (the checkpoint, the tokenizer).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ValueError: a feature beyond float16's range (use ``feature_dtype="float32"``), a degenerate data
+            term, or a FAISS factory that cannot be trained on these vectors.
+    """
+    dtype = config.feature_dtype.value
+    tangent = replace(tangent, phi=stored_features(tangent.phi, dtype, SPLIT_TRAIN))
+    query_tangent = replace(query_tangent, phi=stored_features(query_tangent.phi, dtype, SPLIT_QUERY))
+    t0 = time.perf_counter()
+    # beta_i and beta_i r_i come from the featurizer's forward pass (per-token margins, DESIGN.md 1.8)
+    surrogate = fit_surrogate(
+        tangent.phi, tangent.beta, tangent.grad_term, config.prior_precision, config.s_floor
+    )
+    timings = {**timings, "fit": time.perf_counter() - t0}
+    train_stats = example_stats(tangent, output_fn, surrogate)
+    t0 = time.perf_counter()
+    faiss_index, faiss_info = approximate_retrieval(
+        surrogate, train_stats[KEY_PHI_NORM], query_tangent.phi, config
+    )
+    timings = {**timings, "faiss": time.perf_counter() - t0, "total": time.perf_counter() - started}
+    manifest = build_manifest(
+        name,
+        model["model_spec"],
+        model["checkpoint_sha256"],
+        model["source_checkpoint_sha256"],
+        model["n_params"],
+        model["n_outputs"],
+        output_fn,
+        model["image_shape"],
+        tangent,
+        surrogate,
+        config,
+        projection,
+        faiss_info,
+        n_query=len(query_tangent.phi),
+        timings=timings,
+        extra=extra_manifest,
+    )
+    arrays = {
+        PHI_FILE: tangent.phi,
+        CHOLESKY_FILE: surrogate.cholesky,
+        QUERY_PHI_FILE: query_tangent.phi,
+        **keyed_files(train_stats, example_file),
+        **keyed_files(query_stats(query_tangent, output_fn), query_stats_file),
+    }
+    if keep_inputs:
+        assert tangent.inputs is not None  # kept by tangent_features
+        arrays[TRAIN_INPUTS_FILE] = tangent.inputs
+        arrays[QUERY_INPUTS_FILE] = (
+            query_tangent.inputs
+            if query_tangent.inputs is not None
+            else np.zeros((0, *tangent.input_shape), dtype=tangent.inputs.dtype)
+        )
+    return write_index_dir(
+        out_dir,
+        manifest,
+        arrays=arrays,
+        faiss_index=faiss_index,
+        metadata_rows=metadata_rows(tangent, query_tangent),
+        extra_files=extra_files,
+    )
+
+
+def approximate_retrieval(
+    surrogate: Surrogate, phi_norm: np.ndarray, query_phi: np.ndarray, config: IndexConfig
+) -> tuple[faiss.Index | None, FaissInfo]:
+    """The approximate FAISS index of ``config.faiss_factory`` with its recall@10 measured against the exact
+    scan on held-out queries (DESIGN.md 2.1); ``(None, exact info)`` for ``"Flat"``.
+
+    Args:
+        surrogate: the fitted surrogate; phi_norm: `(n_train,)` |phi_i|; query_phi: `(n_query, k)` stored
+            query features (the held-out queries, topped up with training features); config: the settings.
+
+    Returns:
+        ``(index or None, FaissInfo)``.
+
+    Raises:
+        ValueError: FAISS cannot build or train the factory on these vectors, or a knob the index does not
+            take.
+    """
+    if config.faiss_factory == EXACT_FACTORY:
+        return None, FaissInfo(factory=EXACT_FACTORY)
+    index = make_approximate_index(surrogate, config.faiss_factory, seed=config.seed)
+    knobs = SearchKnobs(nprobe=config.nprobe, ef_search=config.ef_search)
+    search_params(index, knobs)  # refuse a knob this index does not take
+    queries = recall_queries(surrogate, query_phi, config.recall_queries, seed=config.seed)
+    exact = Searcher(surrogate, phi_norm)
+    approximate = Searcher(surrogate, phi_norm, index, knobs)
+    recall = measure_recall(exact, approximate, queries, RECALL_CANDIDATES)
+    log.info("approximate index %s: recall@10 %s", config.faiss_factory, recall)
+    return index, FaissInfo(
+        factory=config.faiss_factory,
+        recall_at_10=recall,
+        recall_queries=len(queries),
+        recall_candidates=RECALL_CANDIDATES,
+        nprobe=config.nprobe,
+        ef_search=config.ef_search,
+    )
 
 
 def _check_query_probe(queries: Examples | None, probe: Batch) -> None:
@@ -244,6 +378,19 @@ def _check_query_probe(queries: Examples | None, probe: Batch) -> None:
         raise ValueError(f"query examples do not match the training examples: {why}") from exc
 
 
+def check_index_name(out_dir: Path) -> None:
+    """Refuse an index folder name the service could not serve (it serves an index under its folder name).
+
+    Raises:
+        ValueError: the name does not match :data:`~indexer.store.layout.INDEX_NAME_PATTERN`.
+    """
+    if not re.fullmatch(INDEX_NAME_PATTERN, Path(out_dir).name):
+        raise ValueError(
+            f"index folder name {Path(out_dir).name!r} must match {INDEX_NAME_PATTERN} (letters, digits, "
+            "'_', '.', '-'): the service serves an index under its folder name"
+        )
+
+
 def _prepare(
     model: nn.Module,
     output_fn: OutputFunction,
@@ -258,11 +405,7 @@ def _prepare(
     Returns:
         The first training batch (the probe).
     """
-    if not re.fullmatch(INDEX_NAME_PATTERN, out_dir.name):
-        raise ValueError(
-            f"index folder name {out_dir.name!r} must match {INDEX_NAME_PATTERN} (letters, digits, '_', '.', "
-            "'-'): the service serves an index under its folder name"
-        )
+    check_index_name(out_dir)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
     model.eval()

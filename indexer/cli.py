@@ -32,6 +32,7 @@ from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import output_function_from_spec
 from indexer.plugins import load_plugins
+from indexer.precomputed import build_from_features, load_feature_file
 
 __all__ = ["app", "config_options"]
 
@@ -212,6 +213,43 @@ def build(
             model_spec=spec,
             config=config,
             tokenizer=tokenizer,
+        )
+    typer.echo(f"wrote index {path}")
+
+
+@app.command("build-from-features")
+@config_options
+def build_from_features_command(
+    out: Annotated[Path, typer.Option(help="index folder to write (its name is the index name)")],
+    features: Annotated[
+        Path,
+        typer.Option(
+            help=".safetensors/.npz with phi (n, k), outputs (n,), targets (n,) [, beta, grad_term, "
+            "query_phi, query_outputs, query_targets]"
+        ),
+    ],
+    output: Annotated[
+        str, typer.Option(help="likelihood of the outputs: classification_margin or regression")
+    ] = OutputKind.CLASSIFICATION_MARGIN.value,
+    sigma: Annotated[float, typer.Option(help="noise std for --output regression")] = 1.0,
+    *,
+    config: IndexConfig,
+) -> None:
+    """Index precomputed projected tangent features (no model: stored and feature queries are served)."""
+    with _user_errors():
+        arrays = load_feature_file(features)
+        path = build_from_features(
+            arrays.pop("phi"),
+            out,
+            outputs=arrays.pop("outputs"),
+            targets=arrays.pop("targets"),
+            output_function=output_function_from_spec(output, _output_params(output, sigma, None)),
+            beta=arrays.get("beta"),
+            grad_term=arrays.get("grad_term"),
+            query_phi=arrays.get("query_phi"),
+            query_outputs=arrays.get("query_outputs"),
+            query_targets=arrays.get("query_targets"),
+            config=config,
         )
     typer.echo(f"wrote index {path}")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from indexer.enums import Device, Distribution, ProjectionKind, Uncovered, parse_enum
+from indexer.enums import Device, Distribution, FeatureDtype, ProjectionKind, Uncovered, parse_enum
 from indexer.gp.surrogate import S_FLOOR
 
 __all__ = ["IndexConfig"]
@@ -35,7 +35,15 @@ class IndexConfig:
         prior_precision: tau; None for the mean eigenvalue of the data term (DESIGN.md 1.1).
         s_floor: floor on one minus the leverage (DESIGN.md 1.5).
         batch_size: examples per vmap call when featurizing.
-        faiss_factory: FAISS ``index_factory`` string; ``"Flat"`` is exact inner-product search.
+        faiss_factory: FAISS ``index_factory`` string; ``"Flat"`` (the default) keeps no FAISS index: every
+            score's exact top-k is one scan of the stored features. Any other string (``"IVF1024,Flat"``,
+            ``"HNSW32"``, ``"IVF1024,PQ64"``, ``"SQ8"``, ...) builds an approximate index over the
+            information-gain vectors whose recall@10 the build measures (DESIGN.md 2.1).
+        feature_dtype: ``"float16"`` (default) or ``"float32"`` storage of phi.
+        recall_queries: held-out queries on which an approximate index's recall@10 is measured (the stored
+            queries first, then a seeded sample of training features).
+        nprobe: IVF lists searched by default (approximate IVF indexes; None: FAISS's default, 1).
+        ef_search: HNSW search depth by default (approximate HNSW indexes; None: FAISS's default, 16).
         buffer_bytes: gradients gathered per pass over the projection's blocks, in bytes.
 
     Raises:
@@ -78,6 +86,19 @@ class IndexConfig:
     faiss_factory: str = field(
         default="Flat", metadata={"help": "FAISS index_factory string ('Flat' = exact search)"}
     )
+    feature_dtype: FeatureDtype = field(
+        default=FeatureDtype.FLOAT16, metadata={"help": "storage of the features phi: float16 or float32"}
+    )
+    recall_queries: int = field(
+        default=200,
+        metadata={"help": "held-out queries on which an approximate index's recall@10 is measured"},
+    )
+    nprobe: int | None = field(
+        default=None, metadata={"help": "IVF lists searched by default (approximate IVF indexes)"}
+    )
+    ef_search: int | None = field(
+        default=None, metadata={"help": "HNSW search depth by default (approximate HNSW indexes)"}
+    )
     buffer_bytes: int = field(
         default=256 * 2**20,
         metadata={"help": "dense projection: bytes of per-example gradients gathered per pass over R"},
@@ -89,6 +110,7 @@ class IndexConfig:
             ("distribution", Distribution),
             ("uncovered", Uncovered),
             ("device", Device),
+            ("feature_dtype", FeatureDtype),
         ):
             object.__setattr__(self, name, parse_enum(enum, getattr(self, name)))
         if not 0 <= self.min_coverage <= 1:
@@ -101,6 +123,12 @@ class IndexConfig:
                 f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
                 f"{self.batch_size}, {self.buffer_bytes}"
             )
+        if self.recall_queries <= 0:
+            raise ValueError(f"recall_queries must be positive; got {self.recall_queries}")
+        for knob in ("nprobe", "ef_search"):
+            value = getattr(self, knob)
+            if value is not None and value <= 0:
+                raise ValueError(f"{knob} must be positive; got {value}")
         if self.seed < 0:
             raise ValueError(f"seed must be non-negative; got {self.seed}")
         if self.prior_precision is not None and not (

@@ -24,7 +24,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-__all__ = ["DATA_KEYS", "Batch", "BatchLayout", "Dataset", "Examples", "StreamedDataset", "load_arrays"]
+__all__ = [
+    "DATA_KEYS",
+    "read_array_file",
+    "Batch",
+    "BatchLayout",
+    "Dataset",
+    "Examples",
+    "StreamedDataset",
+    "load_arrays",
+]
 
 
 @dataclass(frozen=True)
@@ -219,21 +228,17 @@ DATA_KEYS = ("train_inputs", "train_targets", "query_inputs", "query_targets")
 """The arrays of a dataset file (:func:`load_arrays`); the query pair is optional."""
 
 
-def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
-    """Read a dataset file for the CLI: ``.safetensors`` or ``.npz`` (read with ``allow_pickle=False``).
+def read_array_file(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The arrays of a ``.safetensors`` or ``.npz`` file (``allow_pickle=False``), each as a tensor of its
+    own dtype (a safetensors file may hold bfloat16).
 
-    Keys: ``train_inputs``, ``train_targets`` and optionally ``query_inputs``, ``query_targets``. Every
-    array keeps the dtype it has in the file (a safetensors file may hold bfloat16, which numpy cannot);
-    integer inputs (token ids) stay integers. (``infotrace-index build`` then casts floating-point
-    inputs to the model's parameter dtype.)
-
-    Returns:
-        ``(train, queries)``; queries is None when the file has none.
+    Args:
+        path: the file; keys: the array names allowed in it.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a folder, an unsupported suffix, a file that is not an archive, a pickled or
-            non-numeric array, a missing or an unknown key.
+        ValueError: a folder, an unsupported suffix, a file that is not an archive, a pickled or non-numeric
+            array, an unknown key (the message lists the allowed ones).
     """
     path = Path(path)
     if path.is_dir():
@@ -258,9 +263,30 @@ def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
         arrays = {key: _tensor(path, key, array) for key, array in raw.items()}
     else:
         raise ValueError(f"dataset file {path} must end in .safetensors or .npz")
-    unknown = sorted(set(arrays) - set(DATA_KEYS))
+    unknown = sorted(set(arrays) - set(keys))
     if unknown:
-        raise ValueError(f"dataset file {path} has unknown array(s) {unknown}; expected {list(DATA_KEYS)}")
+        raise ValueError(f"dataset file {path} has unknown array(s) {unknown}; expected {list(keys)}")
+    return arrays
+
+
+def load_arrays(path: Path) -> tuple[Dataset, Dataset | None]:
+    """Read a dataset file for the CLI: ``.safetensors`` or ``.npz`` (read with ``allow_pickle=False``).
+
+    Keys: ``train_inputs``, ``train_targets`` and optionally ``query_inputs``, ``query_targets``. Every
+    array keeps the dtype it has in the file (a safetensors file may hold bfloat16, which numpy cannot);
+    integer inputs (token ids) stay integers. (``infotrace-index build`` then casts floating-point
+    inputs to the model's parameter dtype.)
+
+    Returns:
+        ``(train, queries)``; queries is None when the file has none.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a folder, an unsupported suffix, a file that is not an archive, a pickled or
+            non-numeric array, a missing or an unknown key.
+    """
+    path = Path(path)
+    arrays = read_array_file(path, DATA_KEYS)
     for key in ("train_inputs", "train_targets"):
         if key not in arrays:
             raise ValueError(f"dataset file {path} has no array {key!r}; it has {sorted(arrays)}")

@@ -10,6 +10,7 @@ __all__ = [
     "Direction",
     "ProjectionKind",
     "Distribution",
+    "FeatureDtype",
     "Uncovered",
     "Device",
     "OutputKind",
@@ -59,6 +60,16 @@ class ProjectionKind(str, Enum):
     neither R nor the per-example gradient is ever formed (DESIGN.md 1.7). The default."""
     DENSE = "dense"
     """One dense `(P, k)` matrix applied to whole per-example gradients: the reference, for small models."""
+
+
+class FeatureDtype(str, Enum):
+    """How the index stores its features phi (DESIGN.md 2.1); the surrogate is fitted on the stored values,
+    so every score is exact for what is stored."""
+
+    FLOAT16 = "float16"
+    """Half precision: 2 bytes per coordinate (the default; values beyond 65504 are refused at build)."""
+    FLOAT32 = "float32"
+    """Single precision: 4 bytes per coordinate."""
 
 
 class Distribution(str, Enum):

@@ -26,8 +26,9 @@ def _head(data: Dataset, n: int) -> Dataset:
     return Dataset(data.inputs[:n], data.targets[:n], data.metadata[:n], data.image_shape)
 
 
-def build_small_digits_index(root: Path, name: str = "digits") -> Path:
-    """A real but small index: 600 training digits, 80 stored queries, MLP 784-16-10, k = 64."""
+def build_small_digits_index(root: Path, name: str = "digits", config: IndexConfig | None = None) -> Path:
+    """A real but small index: 600 training digits, 80 stored queries, MLP 784-16-10, k = 64 (``config``
+    overrides the build settings, e.g. an approximate FAISS factory)."""
     train, test = load_mnist_sample(n_train=4000, seed=0)
     train, test = _head(train, 600), _head(test, 80)
     torch.manual_seed(0)
@@ -39,9 +40,15 @@ def build_small_digits_index(root: Path, name: str = "digits") -> Path:
         root / name,
         queries=test,
         model_spec=SMALL_SPEC,
-        config=IndexConfig(k=SMALL_K, seed=0),
+        config=config or IndexConfig(k=SMALL_K, seed=0),
         progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def digits_builder():
+    """:func:`build_small_digits_index`, for tests that build the small index with other settings."""
+    return build_small_digits_index
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ __all__ = [
     "score_vectors",
     "query_vector",
     "score_from_inner",
+    "scan_query_vector",
+    "scan_weights",
     "information_gain_of_ratio",
     "safe_div",
 ]
@@ -35,12 +37,16 @@ class QueryTerms:
         whitened: `(k,)` float64 u_q = L^-1 phi_q.
         posterior_variance: v_q = |u_q|^2, posterior variance of f_q (output units squared).
         phi_norm: |phi_q|.
+        precision_phi: `(k,)` float64 A^-1 phi_q = L^-T u_q, so that the posterior covariance
+            c_qi = u_q . u_i = phi_i . A^-1 phi_q is one inner product with the stored feature (DESIGN.md 2.1:
+            no whitened copy of the features is kept).
     """
 
     phi: np.ndarray
     whitened: np.ndarray
     posterior_variance: float
     phi_norm: float
+    precision_phi: np.ndarray
 
 
 def safe_div(num: np.ndarray, den: np.ndarray | float) -> np.ndarray:
@@ -77,7 +83,6 @@ def example_scores(
     query: QueryTerms,
     *,
     phi: np.ndarray,
-    whitened: np.ndarray,
     beta: np.ndarray,
     grad_term: np.ndarray,
     s: np.ndarray,
@@ -92,8 +97,8 @@ def example_scores(
 
     Args:
         query: the query's :class:`QueryTerms`.
-        phi: `(m, k)` features of the examples.
-        whitened: `(m, k)` float64 whitened features u_i.
+        phi: `(m, k)` features of the examples (any float dtype; used in float64). The posterior covariance
+            c_qi = u_q . u_i is computed as phi_i . A^-1 phi_q (``query.precision_phi``).
         beta: `(m,)` likelihood weights.
         grad_term: `(m,)` beta_i r_i.
         s: `(m,)` one minus leverage (already clamped).
@@ -103,7 +108,7 @@ def example_scores(
         ``{Score: (m,) float64}`` for all five scores.
     """
     phi64 = np.asarray(phi, dtype=np.float64)
-    c = whitened @ query.whitened
+    c = phi64 @ query.precision_phi
     x = phi64 @ query.phi
     phi_norm = np.linalg.norm(phi64, axis=1)
     information_loss = 0.5 * np.log1p(safe_div(beta * c**2, query.posterior_variance * s))
@@ -137,7 +142,7 @@ def score_vectors(
     score: Score,
     *,
     phi: np.ndarray,
-    whitened: np.ndarray,
+    whitened: np.ndarray | None,
     beta: np.ndarray,
     grad_term: np.ndarray,
     s: np.ndarray,
@@ -152,12 +157,15 @@ def score_vectors(
 
     Args:
         score: which score.
-        phi: `(n, k)` features; whitened: `(n, k)` u_i; beta, grad_term, s: `(n,)`; prior_precision: tau.
+        phi: `(n, k)` features; whitened: `(n, k)` u_i (needed by information_loss and influence only, None
+            otherwise); beta, grad_term, s: `(n,)`; prior_precision: tau.
 
     Returns:
         `(n, k)` float64 vectors.
     """
     phi64 = np.asarray(phi, dtype=np.float64)
+    if score in (Score.INFORMATION_LOSS, Score.INFLUENCE) and whitened is None:
+        raise ValueError(f"the {score.value} vectors need the whitened features")
     if score is Score.INFORMATION_LOSS:
         return whitened * np.sqrt(beta / s)[:, None]
     if score is Score.INFORMATION_GAIN:
@@ -202,3 +210,51 @@ def score_from_inner(score: Score, inner: np.ndarray, query: QueryTerms) -> np.n
     if score is Score.INFORMATION_GAIN:
         return information_gain_of_ratio(safe_div(x**2, np.full_like(x, query.phi_norm**2)))
     return x
+
+
+def scan_query_vector(score: Score, query: QueryTerms) -> np.ndarray:
+    """The query vector b_q of the scan form ``x_i = w_i <b_q, phi_i>`` (DESIGN.md 2.1).
+
+    Returns:
+        `(k,)` float64: A^-1 phi_q for information_loss and influence, phi_q for information_gain and
+        inner_product, phi_q / |phi_q| for cosine (0 for a zero query).
+    """
+    if score in (Score.INFORMATION_LOSS, Score.INFLUENCE):
+        return query.precision_phi
+    return query_vector(score, query)
+
+
+def scan_weights(
+    score: Score,
+    *,
+    beta: np.ndarray,
+    grad_term: np.ndarray,
+    s: np.ndarray,
+    phi_norm: np.ndarray,
+    prior_precision: float,
+) -> np.ndarray:
+    """Per-example weights w_i of the scan form: ``x_i = w_i <b_q, phi_i>`` equals the vector form's
+    <a_q, z_i> (DESIGN.md 1.3, 2.1), so :func:`score_from_inner` maps it to the score; every score's exact
+    top-k is one scan of the stored features.
+
+    - information_loss: w_i = sign(beta_i r_i) sqrt(beta_i / s_i) (|x_i| = |<u_q, z_i>|; the sign of x_i is
+      the sign of the influence, so x_i is the information loss's signed key)
+    - information_gain: w_i = sqrt(beta_i) / sqrt(beta_i |phi_i|^2 + tau)
+    - influence: w_i = beta_i r_i / s_i ; inner_product: 1 ; cosine: 1 / |phi_i| (0 for a zero feature)
+
+    Args:
+        score: which score.
+        beta, grad_term, s: `(n,)` float64 per-example terms; phi_norm: `(n,)` |phi_i|; prior_precision: tau.
+
+    Returns:
+        `(n,)` float64 weights.
+    """
+    if score is Score.INFORMATION_LOSS:
+        return np.sign(grad_term) * np.sqrt(beta / s)
+    if score is Score.INFORMATION_GAIN:
+        return np.sqrt(beta) / np.sqrt(beta * phi_norm**2 + prior_precision)
+    if score is Score.INFLUENCE:
+        return grad_term / s
+    if score is Score.INNER_PRODUCT:
+        return np.ones_like(phi_norm, dtype=np.float64)
+    return safe_div(np.ones_like(phi_norm, dtype=np.float64), phi_norm)

@@ -20,7 +20,7 @@ from indexer.gp.coreset import CoresetResult, coreset_information_gain, summed_i
 from indexer.gp.scores import QueryTerms, example_scores, score_vectors
 from indexer.gp.subset import GreedyResult, greedy_subset, joint_score
 
-__all__ = ["S_FLOOR", "Surrogate", "QueryTerms", "fit_surrogate", "default_prior_precision"]
+__all__ = ["S_FLOOR", "Surrogate", "QueryTerms", "fit_surrogate", "default_prior_precision", "whiten"]
 
 S_FLOOR = 1e-6
 """Default floor on s_i = 1 - beta_i h_i (DESIGN.md 1.5): keeps influence and information loss finite."""
@@ -36,9 +36,10 @@ class Surrogate:
     Attributes:
         prior_precision: tau.
         cholesky: `(k, k)` float64 lower-triangular L with A = tau I + Phi^T B Phi = L L^T.
-        phi: `(n_train, k)` the features the surrogate was fitted on (float32 as stored, or float64); every
-            score is computed from these values in float64.
-        whitened: `(n_train, k)` float64 u_i = L^-1 phi_i.
+        phi: `(n_train, k)` the features the surrogate was fitted on (float16 or float32 as stored, possibly
+            memory-mapped, or float64); every score is computed from these values in float64. No whitened
+            copy is kept (DESIGN.md 2.1): u_i = L^-1 phi_i is formed for the rows that need it
+            (:meth:`whiten`), and c_qi = phi_i . A^-1 phi_q.
         beta: `(n_train,)` float64 likelihood weights.
         grad_term: `(n_train,)` float64 beta_i r_i.
         h: `(n_train,)` float64 posterior variance |u_i|^2 of f_i.
@@ -50,7 +51,6 @@ class Surrogate:
     prior_precision: float
     cholesky: np.ndarray
     phi: np.ndarray
-    whitened: np.ndarray
     beta: np.ndarray
     grad_term: np.ndarray
     h: np.ndarray
@@ -87,8 +87,24 @@ class Surrogate:
             raise InvalidQueryError("query feature must be finite; it contains NaN or infinity")
         u = solve_triangular(self.cholesky, phi, lower=True)
         return QueryTerms(
-            phi=phi, whitened=u, posterior_variance=float(u @ u), phi_norm=float(np.linalg.norm(phi))
+            phi=phi,
+            whitened=u,
+            posterior_variance=float(u @ u),
+            phi_norm=float(np.linalg.norm(phi)),
+            precision_phi=solve_triangular(self.cholesky, u, lower=True, trans="T"),
         )
+
+    def whiten(self, rows: Rows = None) -> np.ndarray:
+        """u_i = L^-1 phi_i of the given rows (DESIGN.md 1.2), computed from the stored features.
+
+        Args:
+            rows: `(m,)` row ids, a slice, or None for all (memory: m x k float64, so ask for what you need).
+
+        Returns:
+            `(m, k)` float64.
+        """
+        take = slice(None) if rows is None else rows
+        return whiten(self.cholesky, self.phi[take])
 
     def scores(self, query: QueryTerms, rows: Rows = None) -> dict[Score, np.ndarray]:
         """Every single-example score of DESIGN.md 1.3 for ``query`` (information loss and gain in nats,
@@ -102,25 +118,31 @@ class Surrogate:
             ``{Score: (m,) float64}``.
         """
         take = slice(None) if rows is None else rows
+        many = np.arange(self.n_train)[take] if isinstance(take, slice) else np.asarray(take)
+        if many.ndim == 1 and len(many) > FIT_CHUNK_ROWS:  # a deep rerank: float64 a chunk at a time
+            parts = [self.scores(query, many[rows]) for rows in _chunks(len(many))]
+            return {score: np.concatenate([p[score] for p in parts]) for score in Score}
         return example_scores(
             query,
             phi=self.phi[take],
-            whitened=self.whitened[take],
             beta=self.beta[take],
             grad_term=self.grad_term[take],
             s=self.s[take],
             prior_precision=self.prior_precision,
         )
 
-    def score_vectors(self, score: Score) -> np.ndarray:
-        """`(n_train, k)` float64 per-example vectors z_i of the vector-database form (DESIGN.md 1.3)."""
+    def score_vectors(self, score: Score, rows: Rows = None) -> np.ndarray:
+        """`(m, k)` float64 per-example vectors z_i of the vector-database form (DESIGN.md 1.3) of ``rows``
+        (None: all; the posterior scores whiten those rows, so ask for what you need)."""
+        take = slice(None) if rows is None else rows
+        posterior = score in (Score.INFORMATION_LOSS, Score.INFLUENCE)
         return score_vectors(
             score,
-            phi=self.phi,
-            whitened=self.whitened,
-            beta=self.beta,
-            grad_term=self.grad_term,
-            s=self.s,
+            phi=self.phi[take],
+            whitened=self.whiten(take) if posterior else None,
+            beta=self.beta[take],
+            grad_term=self.grad_term[take],
+            s=self.s[take],
             prior_precision=self.prior_precision,
         )
 
@@ -142,7 +164,7 @@ class Surrogate:
             parse_enum(Objective, objective),
             query,
             self.phi[rows],
-            self.whitened[rows],
+            self.whiten(rows),
             self.beta[rows],
             self.prior_precision,
         )
@@ -168,7 +190,7 @@ class Surrogate:
             parse_enum(Objective, objective),
             query,
             self.phi[pool],
-            self.whitened[pool],
+            self.whiten(pool),
             self.beta[pool],
             self.prior_precision,
             size,
@@ -199,6 +221,18 @@ class Surrogate:
 
 FIT_CHUNK_ROWS = 65536
 """Rows of features converted to float64 at a time by :func:`fit_surrogate` (the data term is a sum)."""
+
+
+def whiten(cholesky: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """u = L^-1 phi for each row of ``phi`` (DESIGN.md 1.2).
+
+    Args:
+        cholesky: `(k, k)` float64 lower factor L; phi: `(m, k)` features, any float dtype.
+
+    Returns:
+        `(m, k)` float64.
+    """
+    return solve_triangular(cholesky, np.asarray(phi, dtype=np.float64).T, lower=True).T
 
 
 def _chunks(n: int) -> list[slice]:
@@ -274,17 +308,16 @@ def fit_surrogate(
             raise ValueError("trace(Phi^T B Phi) is zero or not finite; pass an explicit prior precision tau")
         raise ValueError(f"prior precision tau must be positive and finite; got {tau}")
     cholesky = np.linalg.cholesky(tau * np.eye(k) + data_term)
-    whitened = np.empty((n, k))
-    for rows in _chunks(n):
-        whitened[rows] = solve_triangular(cholesky, phi64[rows].T, lower=True).T
-    h = np.einsum("nk,nk->n", whitened, whitened)
+    h = np.empty(n)
+    for rows in _chunks(n):  # h_i = |L^-1 phi_i|^2, a chunk at a time (no whitened copy is kept)
+        u = whiten(cholesky, phi64[rows])
+        h[rows] = np.einsum("nk,nk->n", u, u)
     s_raw = 1.0 - beta * h
     s = np.maximum(s_raw, s_floor)
     return Surrogate(
         prior_precision=tau,
         cholesky=cholesky,
         phi=np.asarray(phi),
-        whitened=whitened,
         beta=beta,
         grad_term=grad_term,
         h=h,

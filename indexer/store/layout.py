@@ -10,20 +10,25 @@ from pathlib import Path
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_FORMAT_VERSIONS",
+    "LEGACY_EXAMPLE_STATS_FILE",
+    "LEGACY_QUERY_STATS_FILE",
     "MANIFEST_FILE",
     "MANIFEST_CHECKSUM_FIELD",
     "PHI_FILE",
-    "WHITENED_FILE",
     "CHOLESKY_FILE",
-    "EXAMPLE_STATS_FILE",
+    "example_file",
+    "query_stats_file",
+    "FAISS_FILE",
     "QUERY_PHI_FILE",
     "TRAIN_INPUTS_FILE",
     "QUERY_INPUTS_FILE",
-    "QUERY_STATS_FILE",
     "METADATA_FILE",
+    "EXAMPLE_FILE_PREFIX",
+    "QUERY_STATS_FILE_PREFIX",
+    "keys_of",
     "CHECKPOINT_FILE",
     "TOKENIZER_FILE",
-    "faiss_file",
     "KEY_BETA",
     "KEY_GRAD_TERM",
     "KEY_H",
@@ -44,31 +49,51 @@ __all__ = [
     "lock_path",
 ]
 
-FORMAT_VERSION = 1
-"""Version of the index directory layout; the loader refuses any other value."""
+READABLE_FORMAT_VERSIONS = (1, 2)
+"""Layouts the loader reads: version 1 (float32 features, ``examples.npz``/``queries.npz``, one flat FAISS
+index per score) is served by the exact scan of its features, its other files left unread."""
+LEGACY_EXAMPLE_STATS_FILE = "examples.npz"  # format 1: the per-example arrays in one archive
+LEGACY_QUERY_STATS_FILE = "queries.npz"  # format 1: the per-query arrays in one archive
+FORMAT_VERSION = 2
+"""Version of the index directory layout; the loader refuses any other value. Version 2: the features stored
+once (float16 by default), no whitened copy, one memory-mappable ``.npy`` per per-example array, FAISS only
+for an approximate index (exact retrieval scans the features)."""
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_CHECKSUM_FIELD = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this field
-PHI_FILE = "phi.npy"  # `(n_train, k)` float32: raw projected tangent features
-WHITENED_FILE = "whitened.npy"  # `(n_train, k)` float64: u_i = L^-1 phi_i
+PHI_FILE = "phi.npy"  # `(n_train, k)` float16 (or float32): projected tangent features, stored once
 CHOLESKY_FILE = "cholesky.npy"  # `(k, k)` float64: lower factor L of the posterior precision A
-EXAMPLE_STATS_FILE = "examples.npz"  # per-example vectors (beta, h, s, gradient term, norms, outputs)
-QUERY_PHI_FILE = "query_phi.npy"  # `(n_query, k)` float32: stored query features (held-out split)
+QUERY_PHI_FILE = "query_phi.npy"  # `(n_query, k)` phi's dtype: stored query features (held-out split)
+FAISS_FILE = "faiss.index"  # an approximate FAISS index over the information-gain vectors, when asked for
 TRAIN_INPUTS_FILE = "inputs.npy"  # `(n_train, *input_shape)`: the training inputs, for rendering examples
 QUERY_INPUTS_FILE = "query_inputs.npy"  # `(n_query, *input_shape)`: the stored queries' inputs
-QUERY_STATS_FILE = "queries.npz"  # per-query outputs, labels and predictions
 METADATA_FILE = "metadata.sqlite"  # one row per training example and per stored query
 CHECKPOINT_FILE = "model.safetensors"  # the weights the features were taken from
 TOKENIZER_FILE = "tokenizer.json"  # a language model's tokenizer (``tokenizers`` JSON), when given
-_FAISS_FILE_TEMPLATE = "faiss_{score}.index"  # one FAISS index per score (DESIGN.md 1.3, vector form)
+EXAMPLE_FILE_PREFIX = "examples."  # examples.<key>.npy: one `(n_train, ...)` array per key below
+QUERY_STATS_FILE_PREFIX = "queries."  # queries.<key>.npy: one `(n_query, ...)` array per key below
 
 
-def faiss_file(score: str) -> str:
-    """File name of the FAISS index over the vectors of ``score`` (a :class:`~indexer.enums.Score` value)."""
-    return _FAISS_FILE_TEMPLATE.format(score=score)
+def example_file(key: str) -> str:
+    """File of the per-example array ``key`` (``examples.beta.npy``): memory-mapped by the reader."""
+    return f"{EXAMPLE_FILE_PREFIX}{key}.npy"
 
 
-# Keys of examples.npz / queries.npz
+def query_stats_file(key: str) -> str:
+    """File of the per-stored-query array ``key`` (``queries.label.npy``)."""
+    return f"{QUERY_STATS_FILE_PREFIX}{key}.npy"
+
+
+def keys_of(files: list[str] | set[str], prefix: str) -> list[str]:
+    """The array keys of the files named ``<prefix><key>.npy`` among ``files``, sorted."""
+    return sorted(
+        name[len(prefix) : -len(".npy")]
+        for name in files
+        if name.startswith(prefix) and name.endswith(".npy")
+    )
+
+
+# Keys of the per-example and per-query arrays
 KEY_BETA = "beta"  # likelihood weight beta_i (noise precision)
 KEY_GRAD_TERM = "grad_term"  # beta_i r_i: derivative of the log-likelihood w.r.t. the output
 KEY_H = "h"  # posterior variance of f_i

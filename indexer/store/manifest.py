@@ -16,7 +16,12 @@ from typing import Any
 
 from indexer.exceptions import IndexCorruptError, IndexFormatError, IndexNotFoundError
 from indexer.store.hashing import sha256_json
-from indexer.store.layout import FORMAT_VERSION, MANIFEST_CHECKSUM_FIELD, MANIFEST_FILE
+from indexer.store.layout import (
+    FORMAT_VERSION,
+    MANIFEST_CHECKSUM_FIELD,
+    MANIFEST_FILE,
+    READABLE_FORMAT_VERSIONS,
+)
 from indexer.store.sections import (
     Counts,
     FaissInfo,
@@ -122,17 +127,19 @@ class Manifest:
             The :class:`Manifest`.
 
         Raises:
-            IndexFormatError: not an object, a missing or mistyped field, or a format version other than
-                :data:`~indexer.store.layout.FORMAT_VERSION`; the message names the file and the field.
+            IndexFormatError: not an object, a missing or mistyped field, or a format version outside
+                :data:`~indexer.store.layout.READABLE_FORMAT_VERSIONS`; the message names the file and the
+                field.
         """
         r = JsonReader(document, "", path)
         missing = [key for key in _SECTIONS if key not in document]
         if missing:
             raise IndexFormatError(f"{path} lacks the field(s) {missing}")
         version = document["format_version"]
-        if version != FORMAT_VERSION or isinstance(version, bool):
+        if version not in READABLE_FORMAT_VERSIONS or isinstance(version, bool):
+            readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise IndexFormatError(
-                f"{path}: format_version is {version!r}; this infotrace reads version {FORMAT_VERSION}: "
+                f"{path}: format_version is {version!r}; this infotrace reads versions {readable}: "
                 "rebuild the index with this version's infotrace-index"
             )
         files_reader = r.section("files")
@@ -175,7 +182,11 @@ class Manifest:
             (not 0 < s.s_floor < 1, "0 < surrogate.s_floor < 1"),
             (min(self.counts.n_train, self.projection.k, self.counts.k) < 1, "counts.n_train and k >= 1"),
             (self.counts.n_query < 0 or s.n_clamped < 0, "counts.n_query and surrogate.n_clamped >= 0"),
-            (self.model.n_params < 1, "model.n_params >= 1"),
+            (self.model.n_params < 0, "model.n_params >= 0"),
+            (
+                self.counts.feature_dtype not in ("float16", "float32"),
+                "counts.feature_dtype float16 or float32",
+            ),
             (
                 self.model.image_shape is not None
                 and self.model.image_shape[0] * self.model.image_shape[1]

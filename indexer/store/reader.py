@@ -1,10 +1,12 @@
 """Loading an index directory with every checksum, shape and dtype verified (DESIGN.md 2.1).
 
-Layout (names in :mod:`indexer.store.layout`): ``manifest.json``; ``phi.npy``, ``whitened.npy``,
-``cholesky.npy``; ``examples.npz`` (beta, grad_term, h, s, phi_norm, output, label, prediction);
-``query_phi.npy`` and ``queries.npz`` for the stored queries; ``inputs.npy`` and ``query_inputs.npy``
-(the raw inputs, for rendering examples); one FAISS index per score; ``metadata.sqlite``;
-``model.safetensors``. Arrays are read with ``allow_pickle=False``.
+Layout (names in :mod:`indexer.store.layout`): ``manifest.json``; ``phi.npy`` (float16 or float32, the
+features stored once) and ``cholesky.npy``; ``examples.<key>.npy`` (beta, grad_term, h, s, phi_norm, output,
+label, prediction, ...); ``query_phi.npy`` and ``queries.<key>.npy`` for the stored queries; ``inputs.npy``
+and ``query_inputs.npy`` (the raw inputs, for rendering examples); ``faiss.index`` for an approximate index;
+``metadata.sqlite``; ``model.safetensors``. Arrays are read with ``allow_pickle=False`` and memory-mapped
+(read-only): loading an index does not read its features into RAM, the operating system pages in what a
+query touches, and processes serving the same index share those pages.
 """
 
 from __future__ import annotations
@@ -19,29 +21,32 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.enums import Score
 from indexer.exceptions import IndexCorruptError, UnknownExampleError
 from indexer.gp.surrogate import Surrogate
 from indexer.store.faiss_index import read_faiss_index
 from indexer.store.hashing import sha256_file
 from indexer.store.layout import (
     CHOLESKY_FILE,
-    EXAMPLE_STATS_FILE,
+    EXAMPLE_FILE_PREFIX,
+    FAISS_FILE,
     KEY_BETA,
     KEY_GRAD_TERM,
     KEY_H,
+    KEY_PHI_NORM,
     KEY_S,
+    LEGACY_EXAMPLE_STATS_FILE,
+    LEGACY_QUERY_STATS_FILE,
     METADATA_FILE,
     PHI_FILE,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
-    QUERY_STATS_FILE,
+    QUERY_STATS_FILE_PREFIX,
     SPLIT_TRAIN,
     SQLITE_TABLE,
     TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
-    WHITENED_FILE,
-    faiss_file,
+    example_file,
+    keys_of,
 )
 from indexer.store.manifest import Manifest, read_manifest
 
@@ -113,14 +118,14 @@ class IndexData:
         path: the index folder.
         manifest: the typed :class:`~indexer.store.manifest.Manifest`.
         surrogate: the :class:`~indexer.gp.surrogate.Surrogate` rebuilt from the stored arrays (no refit);
-            its ``phi`` are the `(n_train, k)` float32 stored features.
-        examples: per-example vectors of ``examples.npz``, each `(n_train, ...)`.
-        query_phi: `(n_query, k)` float32 stored query features.
+            its ``phi`` are the `(n_train, k)` stored features (float16 or float32, memory-mapped).
+        examples: per-example arrays ``examples.<key>.npy``, each `(n_train, ...)` (memory-mapped).
+        query_phi: `(n_query, k)` stored query features (phi's dtype, memory-mapped).
         inputs: `(n_train, *input_shape)` training inputs (memory-mapped, read-only), or None when the
             index was built without them (``store_inputs=False``).
         query_inputs: `(n_query, *input_shape)` stored queries' inputs (memory-mapped, read-only), or None.
-        queries: per-query vectors of ``queries.npz``, each `(n_query, ...)`.
-        faiss_indexes: score -> FAISS index over the vectors z_i of DESIGN.md 1.3.
+        queries: per-query arrays ``queries.<key>.npy``, each `(n_query, ...)` (memory-mapped).
+        faiss_index: the approximate FAISS index over the information-gain vectors, or None (exact scan).
         metadata: the :class:`MetadataStore`.
     """
 
@@ -132,7 +137,7 @@ class IndexData:
     inputs: np.ndarray | None
     query_inputs: np.ndarray | None
     queries: dict[str, np.ndarray]
-    faiss_indexes: dict[Score, faiss.Index]
+    faiss_index: faiss.Index | None
     metadata: MetadataStore
 
     @property
@@ -143,7 +148,7 @@ class IndexData:
 
     @property
     def phi(self) -> np.ndarray:
-        """`(n_train, k)` float32 stored training features (the surrogate's)."""
+        """`(n_train, k)` stored training features (the surrogate's; float16 or float32, memory-mapped)."""
         return self.surrogate.phi
 
     @property
@@ -211,28 +216,33 @@ def _verify(index_dir: Path, manifest: Manifest) -> None:
             )
 
 
-def _load_npy(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise IndexCorruptError(f"{path} is not a plain .npy array: {exc}") from exc
-    if array.shape != shape or array.dtype != np.dtype(dtype):
-        raise IndexCorruptError(f"{path} holds {array.dtype}{array.shape}; expected {np.dtype(dtype)}{shape}")
-    return array
+def _mmap(path: Path) -> np.ndarray:
+    """A read-only memory map of a plain ``.npy`` file (an empty array is read: numpy cannot map 0 bytes).
 
-
-def _load_inputs(path: Path, shape: tuple[int, ...]) -> np.ndarray:
-    # memory-mapped: inputs are only read to render single examples, never all at once
+    Raises:
+        IndexCorruptError: not a plain ``.npy`` array (a pickled object array included).
+    """
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except ValueError as exc:
+        if "empty" in str(exc) or "cannot mmap" in str(exc):
+            return np.load(path, allow_pickle=False)
         raise IndexCorruptError(f"{path} is not a plain .npy array: {exc}") from exc
-    if array.shape != shape:
-        raise IndexCorruptError(f"{path} has shape {array.shape}; expected {shape}")
+    if array.dtype.hasobject:
+        raise IndexCorruptError(f"{path} holds Python objects; an index holds numbers only")
+    return array
+
+
+def _load_npy(path: Path, shape: tuple[int, ...], dtype: type | str | None = None) -> np.ndarray:
+    array = _mmap(path)
+    if array.shape != shape or (dtype is not None and array.dtype != np.dtype(dtype)):
+        want = np.dtype(dtype) if dtype is not None else ""
+        raise IndexCorruptError(f"{path} holds {array.dtype}{array.shape}; expected {want}{shape}")
     return array
 
 
 def _load_npz(path: Path, n: int) -> dict[str, np.ndarray]:
+    """A format-1 ``.npz`` of per-row arrays, each with ``n`` rows (read whole: such indexes are small)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             out = {key: npz[key] for key in npz.files}
@@ -241,6 +251,18 @@ def _load_npz(path: Path, n: int) -> dict[str, np.ndarray]:
     for key, array in out.items():
         if array.shape[:1] != (n,):
             raise IndexCorruptError(f"{path}: {key!r} has shape {array.shape}; expected first dimension {n}")
+    return out
+
+
+def _load_keyed(index_dir: Path, files: list[str], prefix: str, n: int) -> dict[str, np.ndarray]:
+    """The per-row arrays ``<prefix><key>.npy`` listed in the manifest, each with ``n`` rows."""
+    out = {}
+    for key in keys_of(files, prefix):
+        path = index_dir / f"{prefix}{key}.npy"
+        array = _mmap(path)
+        if array.shape[:1] != (n,):
+            raise IndexCorruptError(f"{path} has shape {array.shape}; expected first dimension {n}")
+        out[key] = array
     return out
 
 
@@ -263,22 +285,41 @@ def load_index(index_dir: Path) -> IndexData:
     manifest = read_manifest(index_dir)
     _verify(index_dir, manifest)
     n, n_query, k = manifest.counts.n_train, manifest.counts.n_query, manifest.counts.k
-    phi = _load_npy(index_dir / PHI_FILE, (n, k), np.float32)
-    whitened = _load_npy(index_dir / WHITENED_FILE, (n, k), np.float64)
-    cholesky = _load_npy(index_dir / CHOLESKY_FILE, (k, k), np.float64)
-    examples = _load_npz(index_dir / EXAMPLE_STATS_FILE, n)
-    query_phi = _load_npy(index_dir / QUERY_PHI_FILE, (n_query, k), np.float32)
+    dtype = manifest.counts.feature_dtype
+    phi = _load_npy(index_dir / PHI_FILE, (n, k), dtype)
+    cholesky = np.array(_load_npy(index_dir / CHOLESKY_FILE, (k, k), np.float64))
+    files = list(manifest.files)
+    legacy = manifest.format_version == 1
+    if legacy:
+        examples = _load_npz(index_dir / LEGACY_EXAMPLE_STATS_FILE, n)
+    else:
+        examples = _load_keyed(index_dir, files, EXAMPLE_FILE_PREFIX, n)
+    for key in (KEY_BETA, KEY_GRAD_TERM, KEY_H, KEY_S, KEY_PHI_NORM):
+        if key not in examples:
+            raise IndexCorruptError(f"{index_dir / example_file(key)} is missing from the manifest")
+        if examples[key].shape != (n,) or examples[key].dtype != np.float64:
+            raise IndexCorruptError(f"{index_dir / example_file(key)} must hold float64 ({n},)")
+    query_phi = _load_npy(index_dir / QUERY_PHI_FILE, (n_query, k), dtype)
     input_shape = manifest.model.input_shape
     stored = TRAIN_INPUTS_FILE in manifest.files
-    inputs = _load_inputs(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape)) if stored else None
-    query_inputs = _load_inputs(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape)) if stored else None
-    queries = _load_npz(index_dir / QUERY_STATS_FILE, n_query)
-    faiss_indexes = {score: read_faiss_index(index_dir / faiss_file(score.value), n, k) for score in Score}
+    inputs = _load_npy(index_dir / TRAIN_INPUTS_FILE, (n, *input_shape)) if stored else None
+    query_inputs = _load_npy(index_dir / QUERY_INPUTS_FILE, (n_query, *input_shape)) if stored else None
+    if legacy:
+        queries = _load_npz(index_dir / LEGACY_QUERY_STATS_FILE, n_query)
+    else:
+        queries = _load_keyed(index_dir, files, QUERY_STATS_FILE_PREFIX, n_query)
+    faiss_index = None
+    if not manifest.faiss.exact and not legacy:
+        if FAISS_FILE not in manifest.files:
+            raise IndexCorruptError(
+                f"{index_dir}: the manifest names the approximate factory {manifest.faiss.factory!r} but "
+                f"lists no {FAISS_FILE}"
+            )
+        faiss_index = read_faiss_index(index_dir / FAISS_FILE, n, k)
     surrogate = Surrogate(
         prior_precision=manifest.surrogate.prior_precision,
         cholesky=cholesky,
         phi=phi,
-        whitened=whitened,
         beta=examples[KEY_BETA],
         grad_term=examples[KEY_GRAD_TERM],
         h=examples[KEY_H],
@@ -295,6 +336,6 @@ def load_index(index_dir: Path) -> IndexData:
         inputs=inputs,
         query_inputs=query_inputs,
         queries=queries,
-        faiss_indexes=faiss_indexes,
+        faiss_index=faiss_index,
         metadata=MetadataStore(index_dir / METADATA_FILE),
     )

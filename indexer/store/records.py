@@ -1,9 +1,11 @@
-"""What an index stores of its examples, made from their features: the per-example arrays of
-``examples.npz`` and ``queries.npz`` and the rows of ``metadata.sqlite`` (DESIGN.md 2.1)."""
+"""What an index stores of its examples, made from their features: the per-example arrays
+``examples.<key>.npy`` and ``queries.<key>.npy``, the stored features in their storage dtype and the rows of
+``metadata.sqlite`` (DESIGN.md 2.1)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,18 +33,75 @@ from indexer.store.manifest import Manifest
 from indexer.store.sections import Counts, FaissInfo, ModelInfo, ProjectionInfo, SurrogateInfo
 from indexer.store.writer import MetadataRow
 
-__all__ = ["build_manifest", "example_stats", "query_stats", "metadata_rows"]
+__all__ = [
+    "build_manifest",
+    "example_stats",
+    "query_stats",
+    "metadata_rows",
+    "stored_features",
+    "keyed_files",
+    "row_norms",
+]
+
+
+def stored_features(phi: np.ndarray, dtype: str, what: str = "training") -> np.ndarray:
+    """The features as the index stores them (DESIGN.md 2.1): the surrogate is fitted on these values, so
+    every score is exact for what is stored.
+
+    Args:
+        phi: `(n, k)` projected tangent features, any float dtype.
+        dtype: ``"float16"`` or ``"float32"``.
+        what: which features, for the error message.
+
+    Returns:
+        `(n, k)` array of ``dtype`` (``phi`` itself when it already has it).
+
+    Raises:
+        ValueError: a value beyond the dtype's range (float16: 65504), naming the first example.
+    """
+    target = np.dtype(dtype)
+    if phi.dtype == target:
+        return phi
+    with np.errstate(over="ignore"):
+        out = phi.astype(target)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{what} example {row}: a feature value of magnitude {float(np.abs(phi[row]).max()):.3g} is "
+            f"beyond {dtype}'s range ({float(np.finfo(target).max):.6g}); build with feature_dtype='float32' "
+            "(--feature-dtype float32)"
+        )
+    return out
+
+
+def row_norms(phi: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """`(n,)` float64 |phi_i| of the stored values, a chunk of rows in float64 at a time."""
+    out = np.empty(len(phi))
+    for start in range(0, len(phi), chunk):
+        out[start : start + chunk] = np.linalg.norm(
+            np.asarray(phi[start : start + chunk], np.float64), axis=1
+        )
+    return out
+
+
+def keyed_files(arrays: dict[str, np.ndarray], name: Callable[[str], str]) -> dict[str, np.ndarray]:
+    """``{file name: array}`` for per-row arrays keyed as in :mod:`indexer.store.layout` (one ``.npy``
+    each, so that the reader memory-maps them)."""
+    return {name(key): array for key, array in arrays.items()}
 
 
 def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
-    prediction, probabilities = output_fn.predict(features.model_outputs)
     stats = {
         KEY_OUTPUT: features.outputs,
         KEY_LABEL: features.targets,
-        KEY_PREDICTION: prediction,
-        KEY_PHI_NORM: np.linalg.norm(features.phi.astype(np.float64), axis=1),
-        KEY_MODEL_OUTPUT: features.model_outputs,
+        KEY_PHI_NORM: row_norms(features.phi),
     }
+    if features.model_outputs.shape[1:] == (0,):  # precomputed features: no model outputs, no predictions
+        return stats
+    prediction, probabilities = output_fn.predict(features.model_outputs)
+    stats[KEY_PREDICTION] = prediction
+    stats[KEY_MODEL_OUTPUT] = features.model_outputs
     if probabilities is not None:
         stats[KEY_PROBABILITIES] = probabilities
     return stats
@@ -51,7 +110,7 @@ def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarra
 def example_stats(
     features: Features, output_fn: OutputFunction, surrogate: Surrogate
 ) -> dict[str, np.ndarray]:
-    """``examples.npz``: what the model says of each training example, and the surrogate's caches.
+    """``examples.<key>.npy``: what the model says of each training example, and the surrogate's caches.
 
     Returns:
         key -> `(n_train, ...)` array (keys in :mod:`indexer.store.layout`).
@@ -66,7 +125,7 @@ def example_stats(
 
 
 def query_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
-    """``queries.npz``: what the model says of each stored query (empty arrays when there are none).
+    """``queries.<key>.npy``: what the model says of each stored query (empty arrays when there are none).
 
     Returns:
         key -> `(n_query, ...)` array.
@@ -97,7 +156,7 @@ def metadata_rows(train: Features, queries: Features) -> list[MetadataRow]:
 def build_manifest(
     name: str,
     model_spec: ModelSpec | None,
-    checkpoint_sha256: str,
+    checkpoint_sha256: str | None,
     source_checkpoint_sha256: str | None,
     n_params: int,
     n_outputs: int,
@@ -107,6 +166,7 @@ def build_manifest(
     surrogate: Surrogate,
     config: IndexConfig,
     projection: ProjectionInfo,
+    faiss: FaissInfo,
     n_query: int,
     timings: dict[str, float],
     extra: dict[str, Any],
@@ -140,8 +200,13 @@ def build_manifest(
             n_clamped=surrogate.n_clamped,
             n_train=len(tangent.phi),
         ),
-        faiss=FaissInfo(factory=config.faiss_factory),
-        counts=Counts(n_train=len(tangent.phi), n_query=n_query, k=projection.k),
+        faiss=faiss,
+        counts=Counts(
+            n_train=len(tangent.phi),
+            n_query=n_query,
+            k=projection.k,
+            feature_dtype=config.feature_dtype.value,
+        ),
         config=config.to_json(),
         timings_seconds=timings,
         extra=extra,

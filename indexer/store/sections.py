@@ -84,7 +84,8 @@ class ModelInfo:
 
     Attributes:
         spec: how to rebuild the architecture, or None (then raw-input queries cannot be served).
-        checkpoint_sha256: sha256 of the index's own copy of the weights (``model.safetensors``).
+        checkpoint_sha256: sha256 of the index's own copy of the weights (``model.safetensors``); None for an
+            index built from precomputed features (no model).
         source_checkpoint_sha256: sha256 of the checkpoint file the build was given, if any.
         n_params: P, number of trainable parameters (the length of a tangent feature).
         output_function: registry name of the output function.
@@ -102,7 +103,7 @@ class ModelInfo:
     """
 
     spec: ModelSpec | None
-    checkpoint_sha256: str
+    checkpoint_sha256: str | None
     source_checkpoint_sha256: str | None
     n_params: int
     output_function: str
@@ -155,7 +156,7 @@ class ModelInfo:
         target_shape = r.get("target_shape", list, optional=True)
         return cls(
             spec=spec,
-            checkpoint_sha256=r.get("checkpoint_sha256", str),
+            checkpoint_sha256=r.get("checkpoint_sha256", str, optional=True),
             source_checkpoint_sha256=r.get("source_checkpoint_sha256", str, optional=True),
             n_params=r.get("n_params", int),
             output_function=output.get("name", str),
@@ -237,17 +238,30 @@ class SurrogateInfo(_FlatSection):
 
 @dataclass(frozen=True)
 class FaissInfo(_FlatSection):
-    """The FAISS indexes over the score vectors (DESIGN.md 1.3, vector form).
+    """Retrieval (DESIGN.md 1.3 vector form, 2.1): the exact scan of the stored features, or an approximate
+    FAISS index over the information-gain vectors with its measured recall.
 
     Attributes:
-        factory: ``faiss.index_factory`` string.
+        factory: ``faiss.index_factory`` string; ``"Flat"``: no FAISS index, the exact scan.
         metric: always ``"inner_product"``.
-        exact: whether search is exhaustive (the factory is ``"Flat"``), so that results can be proved
-            equal to the brute-force top-k.
+        recall_at_10: score -> mean recall@10 (direction ``both``) of the approximate index against the exact
+            answer, measured at build on ``recall_queries`` held-out queries with the default knobs below;
+            None for the exact scan.
+        recall_queries: how many queries the recall was measured on (0 for the exact scan).
+        recall_candidates: the retrieval depth (candidates reranked) the recall was measured at.
+        nprobe: default IVF lists searched (None: not an IVF index, or FAISS's default).
+        ef_search: default HNSW depth (None: not an HNSW index, or FAISS's default).
+        exact: whether retrieval is the exact scan (the factory is ``"Flat"``), so that results are the
+            brute-force top-k.
     """
 
     factory: str
     metric: str = "inner_product"
+    recall_at_10: dict | None = None
+    recall_queries: int = 0
+    recall_candidates: int = 0
+    nprobe: int | None = None
+    ef_search: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -255,21 +269,35 @@ class FaissInfo(_FlatSection):
         return self.factory == EXACT_FACTORY
 
     def to_json(self) -> dict[str, Any]:
-        """The manifest's ``faiss`` object (``exact`` is written for readers of the file)."""
-        return {**asdict(self), "exact": self.exact}
+        """The manifest's ``faiss`` object (``exact`` is written for readers of the file; the fields of an
+        approximate index only when set, so that an older manifest round-trips exactly)."""
+        later = ("recall_at_10", "recall_queries", "recall_candidates", "nprobe", "ef_search")
+        document = {key: value for key, value in asdict(self).items() if key not in later or value}
+        return {**document, "exact": self.exact}
 
 
 @dataclass(frozen=True)
 class Counts(_FlatSection):
-    """Sizes of the index.
+    """Sizes and storage of the index.
 
     Attributes:
         n_train: training examples N; n_query: stored queries; k: projected dimension.
+        feature_dtype: numpy dtype name of the stored features ``phi.npy`` and ``query_phi.npy``
+            (``"float16"`` or ``"float32"``).
     """
 
     n_train: int
     n_query: int
     k: int
+    feature_dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``counts`` object (``feature_dtype`` left out when it is the default, float32, as
+        manifests written before it was recorded have it)."""
+        document = asdict(self)
+        if self.feature_dtype == "float32":
+            del document["feature_dtype"]
+        return document
 
 
 Section = TypeVar("Section")

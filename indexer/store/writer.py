@@ -19,14 +19,13 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.enums import Score
 from indexer.store.faiss_index import write_faiss_index
 from indexer.store.hashing import sha256_file
 from indexer.store.layout import (
+    FAISS_FILE,
     MANIFEST_FILE,
     METADATA_FILE,
     SQLITE_TABLE,
-    faiss_file,
     replaced_prefix,
     scratch_prefix,
 )
@@ -43,8 +42,7 @@ def write_index_dir(
     out_dir: Path,
     manifest: Manifest,
     arrays: dict[str, np.ndarray],
-    npz: dict[str, dict[str, np.ndarray]],
-    faiss_indexes: dict[Score, faiss.Index],
+    faiss_index: faiss.Index | None,
     metadata_rows: list[MetadataRow],
     extra_files: dict[str, Path],
 ) -> Path:
@@ -53,9 +51,9 @@ def write_index_dir(
     Args:
         out_dir: final index folder; an existing index there is replaced only once the new one is complete.
         manifest: the manifest; its ``files`` are filled in here.
-        arrays: file name -> array, each saved with ``np.save`` (no pickle).
-        npz: file name -> {key: array}, each saved with ``np.savez`` (byte-deterministic).
-        faiss_indexes: score -> FAISS index, saved under :func:`~indexer.store.layout.faiss_file`.
+        arrays: file name -> array, each saved with ``np.save`` (no pickle; memory-mappable by the reader).
+        faiss_index: the approximate FAISS index, saved as :data:`~indexer.store.layout.FAISS_FILE`; None for
+            the exact scan.
         metadata_rows: the rows of the SQLite table.
         extra_files: file name -> source path, copied in (the checkpoint).
 
@@ -72,13 +70,8 @@ def write_index_dir(
     try:
         for name, array in arrays.items():
             np.save(tmp / name, array, allow_pickle=False)
-        for name, members in npz.items():
-            # byte-deterministic: savez adds members via ZipFile.open(name, "w"), whose ZipInfo carries the
-            # fixed date 1980-01-01, not the clock; a resumed build's checksums rely on it
-            with open(tmp / name, "wb") as fh:
-                np.savez(fh, **members)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
-        for score, index in faiss_indexes.items():
-            write_faiss_index(index, tmp / faiss_file(score.value))
+        if faiss_index is not None:
+            write_faiss_index(faiss_index, tmp / FAISS_FILE)
         _write_metadata(tmp / METADATA_FILE, metadata_rows)
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)

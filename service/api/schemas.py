@@ -193,6 +193,12 @@ class AttributionRequest(BaseModel):
         ge=1,
         description="retrieval depth before the exact rerank (default from settings; deepened as needed)",
     )
+    nprobe: StrictInt | None = Field(
+        None, ge=1, description="IVF lists visited (approximate IVF indexes only; default: the index's)"
+    )
+    ef_search: StrictInt | None = Field(
+        None, ge=1, description="HNSW search depth (approximate HNSW indexes only; default: the index's)"
+    )
 
 
 class SubsetRequest(BaseModel):
@@ -314,8 +320,12 @@ class AttributionResponse(BaseModel):
     score: Score
     direction: Direction
     top_k: int
-    candidates_searched: int = Field(description="retrieval depth finally used per FAISS search")
+    candidates_searched: int = Field(description="retrieval depth finally used (candidates reranked exactly)")
     exact: bool = Field(description="true when the result equals the brute-force top-k over all examples")
+    recall_at_10: float | None = Field(
+        description="approximate index: its recall@10 for this score measured at build against the exact "
+        "answer (at the default depth and knobs); null when the result is exact"
+    )
     query: QueryInfo
     results: list[AttributedExample]
     timings: Timings

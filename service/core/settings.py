@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
     max_candidates: int = Field(100_000, ge=1, description="largest retrieval depth a request may ask for")
     default_candidates: int = Field(100, ge=1, description="retrieval depth before the exact rerank")
+    max_nprobe: int = Field(
+        4096, ge=1, description="largest nprobe a request may ask of an approximate IVF index"
+    )
+    max_ef_search: int = Field(
+        4096, ge=1, description="largest ef_search a request may ask of an approximate HNSW index"
+    )
     max_subset_size: int = Field(200, ge=1, description="largest greedy subset a request may ask for")
     max_coreset_size: int = Field(
         100, ge=1, description="largest coreset a request may ask for (about 6 steps/s on the demo index)"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from indexer.enums import Direction, Objective, Score
-from indexer.exceptions import NotStoredError
+from indexer.exceptions import InvalidQueryError, NotStoredError
 from indexer.features.language import LanguageModelMargin
 from indexer.features.tasks import gaussian_entropy
 from indexer.store.layout import (
@@ -29,6 +29,7 @@ from indexer.store.layout import (
     SPLIT_TRAIN,
 )
 from indexer.store.reader import IndexData
+from indexer.store.search import search_params
 from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 from service.engine.query import Query, QueryFeaturizer, to_python
 from service.engine.results import (
@@ -42,7 +43,7 @@ from service.engine.results import (
     SubsetMember,
     Timings,
 )
-from service.engine.retrieval import Ranked, Retriever
+from service.engine.retrieval import Ranked, Retriever, SearchKnobs
 from service.render import render_png
 
 __all__ = ["AttributionEngine"]
@@ -88,7 +89,7 @@ class AttributionEngine:
     ) -> None:
         self.data = data
         self.queries = QueryFeaturizer(data, projection_cache_bytes, checkpoint, trusted_factories)
-        self.retriever = Retriever(data.surrogate, data.faiss_indexes, data.manifest.faiss.exact, use_gpu)
+        self.retriever = Retriever(data, use_gpu)
 
     @property
     def name(self) -> str:
@@ -160,27 +161,63 @@ class AttributionEngine:
             continuation_source=query.continuation_source,
         )
 
-    def rank(self, query: Query, score: Score, direction: Direction, top_k: int, candidates: int) -> Ranked:
+    def rank(
+        self,
+        query: Query,
+        score: Score,
+        direction: Direction,
+        top_k: int,
+        candidates: int,
+        knobs: SearchKnobs | None = None,
+    ) -> Ranked:
         """Top-k training example ids with every score (see :class:`~service.engine.retrieval.Retriever`)."""
-        return self.retriever.rank(query.terms, score, direction, top_k, candidates)
+        return self.retriever.rank(query.terms, score, direction, top_k, candidates, knobs)
+
+    def check_knobs(self, knobs: SearchKnobs) -> None:
+        """Refuse search knobs this index does not take.
+
+        Raises:
+            InvalidQueryError: a knob on the exact scan, ``nprobe`` on a non-IVF or ``ef_search`` on a
+                non-HNSW index (the message says which the index takes).
+        """
+        if knobs.nprobe is None and knobs.ef_search is None:
+            return
+        index = self.retriever.searcher.faiss_index
+        if index is None:
+            raise InvalidQueryError(
+                "nprobe and ef_search tune an approximate index; this index is searched exactly (its factory "
+                "is 'Flat'): leave them out"
+            )
+        try:
+            search_params(index, knobs)
+        except ValueError as exc:
+            raise InvalidQueryError(f"{exc} (its factory is {self.data.manifest.faiss.factory!r})") from exc
 
     def attribute(
-        self, query: Query, score: Score, direction: Direction, top_k: int, candidates: int
+        self,
+        query: Query,
+        score: Score,
+        direction: Direction,
+        top_k: int,
+        candidates: int,
+        knobs: SearchKnobs | None = None,
     ) -> Attribution:
         """Training examples ranked by ``score`` for ``query``, with labels, predictions and metadata.
 
         Args:
             query: a featurized query.
             score: the ranking score; direction: proponents, opponents or both (by magnitude).
-            top_k: results wanted; candidates: initial FAISS depth (deepened when the index is exact).
+            top_k: results wanted; candidates: initial retrieval depth (deepened when the index is exact).
+            knobs: search knobs of an approximate index (see :meth:`check_knobs`).
 
         Returns:
             :class:`Attribution`.
         """
-        ranked = self.rank(query, score, direction, top_k, candidates)
+        ranked = self.rank(query, score, direction, top_k, candidates, knobs)
         ids = [int(i) for i in ranked.ids]
         meta = self._metadata(SPLIT_TRAIN, ids)
-        predictions = self.data.examples[KEY_PREDICTION][ranked.ids]
+        stored = self.data.examples.get(KEY_PREDICTION)  # absent from an index built from features alone
+        predictions = stored[ranked.ids] if stored is not None else [None] * len(ids)
         examples = [
             RankedExample(
                 rank=r + 1,
@@ -199,7 +236,8 @@ class AttributionEngine:
             direction=direction,
             top_k=top_k,
             depth=ranked.depth,
-            exact=self.exact,
+            exact=ranked.exact,
+            recall_at_10=None if ranked.exact else (self.retriever.recall_at_10 or {}).get(score.value),
             query=self.describe(query),
             examples=examples,
             timings=Timings(query.featurize_ms, ranked.retrieve_ms, ranked.rerank_ms),
@@ -289,7 +327,7 @@ class AttributionEngine:
             split=split,
             id=example_id,
             label=to_python(stats[KEY_LABEL][example_id]),
-            prediction=to_python(stats[KEY_PREDICTION][example_id]),
+            prediction=to_python(stats[KEY_PREDICTION][example_id]) if KEY_PREDICTION in stats else None,
             probabilities=None if probabilities is None else probabilities[example_id].tolist(),
             output=float(stats[KEY_OUTPUT][example_id]),
             posterior_variance=None if h is None else float(h[example_id]),

@@ -214,7 +214,7 @@ class QueryFeaturizer:
             if digest not in {info.checkpoint_sha256, info.source_checkpoint_sha256}:
                 return (
                     f"checkpoint {weights} (sha256 {digest[:12]}...) is not the one index {name!r} "
-                    f"was built from (sha256 {info.checkpoint_sha256[:12]}...); raw inputs "
+                    f"was built from (sha256 {(info.checkpoint_sha256 or '')[:12]}...); raw inputs "
                     "would mix two models, so only stored-id and feature queries are served"
                 )
         return None
@@ -235,7 +235,7 @@ class QueryFeaturizer:
             id=query_id,
             target=to_python(q[KEY_LABEL][query_id]),
             label=to_python(q[KEY_LABEL][query_id]),
-            prediction=to_python(q[KEY_PREDICTION][query_id]),
+            prediction=to_python(q[KEY_PREDICTION][query_id]) if KEY_PREDICTION in q else None,
             probabilities=None if probabilities is None else probabilities[query_id].tolist(),
             output=float(q[KEY_OUTPUT][query_id]),
             model_output=None if model_output is None else model_output[query_id],
@@ -381,6 +381,11 @@ class QueryFeaturizer:
                 "the tangent feature of this input is not finite (its gradient overflows float32): the input "
                 "is far outside the range the model works in"
             )
+        # rounded as the index stores its query features, so that a stored query's raw input or text answers
+        # exactly what its id does (kept in float32 when beyond the storage dtype's range)
+        with np.errstate(over="ignore"):
+            stored = phi.astype(self.data.phi.dtype)
+        phi = stored if np.all(np.isfinite(stored)) else phi
         return Query(
             kind=kind,
             terms=self.data.surrogate.query_terms(phi),

@@ -83,13 +83,15 @@ class RankedExample:
 @dataclass(frozen=True)
 class Attribution:
     """The answer to one attribution query: ranked examples, the query's description, the retrieval depth
-    used, whether the result is provably the exact top-k, and timings."""
+    used, whether the result is provably the exact top-k (else the recall@10 recorded at build for the
+    score), and timings."""
 
     score: Score
     direction: Direction
     top_k: int
     depth: int
     exact: bool
+    recall_at_10: float | None
     query: QueryDescription
     examples: list[RankedExample]
     timings: Timings

@@ -12,7 +12,6 @@ import torch
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset, StreamedDataset
-from indexer.enums import Score
 from indexer.features.featurize import model_outputs
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.language import IGNORE_INDEX, LanguageModelMargin, causal_lm_targets
@@ -109,16 +108,22 @@ def test_build_is_the_library_pipeline_and_records_it(tmp_path: Path, tiny_probl
     )
     np.testing.assert_array_equal(sur.cholesky, refit.cholesky)
     np.testing.assert_array_equal(sur.s, refit.s)
-    for score in Score:
-        stored = index.faiss_indexes[score].reconstruct_n(0, index.n_train)
-        np.testing.assert_array_equal(stored, refit.score_vectors(score).astype(np.float32))
+    assert index.phi.dtype == np.float16 and index.faiss_index is None  # the exact scan: no FAISS copy
+    for key in ("h", "phi_norm"):  # the caches are those of the stored (float16) features
+        want = refit.h if key == "h" else np.linalg.norm(index.phi.astype(np.float64), axis=1)
+        np.testing.assert_array_equal(index.examples[key], want)
     m = index.manifest
     assert m.name == "tiny" and m.model.spec == spec and m.model.n_params == 6 * 5 + 5 + 5 * 3 + 3
     assert (m.model.input_shape, m.model.input_dtype, m.model.n_outputs) == ((6,), "float32", 3)
     assert m.model.output_function == "classification_margin" and m.model.output_params == {}
     assert m.projection.to_json() == {"kind": "dense", "k": 8, "seed": 3, "distribution": "gaussian"}
     assert m.surrogate.prior_precision == 0.7 and m.surrogate.prior_precision_source == "given"
-    assert m.faiss.exact and m.counts.to_json() == {"n_train": 40, "n_query": 0, "k": 8}
+    assert m.faiss.exact and m.counts.to_json() == {
+        "n_train": 40,
+        "n_query": 0,
+        "k": 8,
+        "feature_dtype": "float16",
+    }
     assert m.config == config.to_json() and m.config["projection"] == "dense"
     assert set(m.files) == {p.name for p in out.iterdir()} - {MANIFEST_FILE}
     document = json.loads((out / MANIFEST_FILE).read_text())
@@ -213,7 +218,7 @@ def test_a_language_model_index_with_token_targets_and_masks(tmp_path: Path, tin
     plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
     with HookFeaturizer(model.eval(), plan) as featurizer:
         want = featurizer.featurize(lm, {"input_ids": train.ids, "attention_mask": train.mask}, train.targets)
-    np.testing.assert_allclose(index.phi, want.phi, rtol=1e-5, atol=1e-6 * np.abs(want.phi).max())
+    np.testing.assert_array_equal(index.phi, want.phi.astype(np.float16))  # stored as float16
 
 
 def test_a_language_model_index_from_plain_token_ids(tmp_path: Path, tiny_lm) -> None:

@@ -99,7 +99,7 @@ def test_a_gpt2_index(tmp_path: Path, explicit_kronecker) -> None:
 
     plan = KroneckerProjection.from_coverage_json(0, "gaussian", coverage)
     want = explicit_kronecker(plan, reference_gradients(model, data, lm))
-    np.testing.assert_allclose(index.phi, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(index.phi, want, rtol=1e-3, atol=1e-5 * np.abs(want).max())  # float16
     with torch.no_grad():
         logits = model(input_ids=data.ids, attention_mask=data.mask).logits.reshape(N, -1)
     np.testing.assert_allclose(index.examples["model_output"], lm.summarize(logits), rtol=1e-5)

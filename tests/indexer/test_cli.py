@@ -364,7 +364,7 @@ def test_the_cli_builds_models_of_every_float_dtype(
     index = load_index(tmp_path / "cli")
     assert index.manifest.model.input_dtype == model_dtype
     inputs = x.to(getattr(torch, file_dtype)).to(getattr(torch, model_dtype))
-    assert index.phi.dtype == np.float32 and np.all(np.isfinite(index.phi))
+    assert index.phi.dtype == np.float16 and np.all(np.isfinite(index.phi))
     via_api = build_index(
         model,
         ClassificationMargin(),

@@ -41,6 +41,7 @@ from service.engine.engine import AttributionEngine
 from service.engine.query import Query
 from service.engine.results import QueryDescription
 from service.engine.results import Timings as EngineTimings
+from service.engine.retrieval import SearchKnobs
 
 __all__ = ["router"]
 
@@ -100,8 +101,14 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     _check_limit("top_k", request.top_k, min(settings.max_top_k, n), "the service limit and the index size")
     candidates = request.candidates or settings.default_candidates
     _check_limit("candidates", candidates, settings.max_candidates, "the service limit")
+    knobs = SearchKnobs(nprobe=request.nprobe, ef_search=request.ef_search)
+    if knobs.nprobe is not None:
+        _check_limit("nprobe", knobs.nprobe, settings.max_nprobe, "the service limit")
+    if knobs.ef_search is not None:
+        _check_limit("ef_search", knobs.ef_search, settings.max_ef_search, "the service limit")
+    engine.check_knobs(knobs)
     query = _query(engine, request.query)
-    found = engine.attribute(query, request.score, request.direction, request.top_k, candidates)
+    found = engine.attribute(query, request.score, request.direction, request.top_k, candidates, knobs)
     return AttributionResponse(
         index=engine.name,
         score=found.score,
@@ -109,6 +116,7 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
         top_k=found.top_k,
         candidates_searched=found.depth,
         exact=found.exact,
+        recall_at_10=found.recall_at_10,
         query=_query_info(found.query),
         results=[
             AttributedExample(**{**vars(example), "scores": _score_set(example.scores)})

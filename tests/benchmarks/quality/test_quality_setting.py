@@ -103,7 +103,6 @@ def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -
             ref = example_scores(
                 sur.query_terms(phi_q[j]),
                 phi=feats.train.phi,
-                whitened=sur.whitened,
                 beta=sur.beta,
                 grad_term=sur.grad_term,
                 s=sur.s,

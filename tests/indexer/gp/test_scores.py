@@ -219,7 +219,7 @@ def test_query_terms_against_explicit_inverse(problem, rtol):
         assert terms.phi_norm == pytest.approx(np.sqrt(phi_q @ phi_q), rel=rtol)
         # u_q . u_i is the posterior covariance phi_q^T A^-1 phi_i
         np.testing.assert_allclose(
-            sur.whitened @ terms.whitened, problem.phi @ a_inv @ phi_q, rtol=rtol, atol=1e-14
+            sur.whiten() @ terms.whitened, problem.phi @ a_inv @ phi_q, rtol=rtol, atol=1e-14
         )
 
 
@@ -338,7 +338,7 @@ def test_saturated_and_zero_examples_give_finite_scores(rtol):
                     np.testing.assert_array_equal(values, np.zeros(n), err_msg=score.value)
             else:
                 # beta = 0 but a nonzero gradient term: influence keeps its closed form c_qi grad_i / s_i
-                c = sur.whitened @ terms.whitened
+                c = sur.whiten() @ terms.whitened
                 assert scores[Score.INFLUENCE][1] == pytest.approx(c[1] * grad_term[1] / sur.s[1], rel=rtol)
                 assert scores[Score.INFORMATION_LOSS][4:].min() > 0
 

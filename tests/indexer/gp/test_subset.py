@@ -39,7 +39,7 @@ def library_joint(objective: Objective, sur: Surrogate, phi: np.ndarray, phi_q: 
     idx = np.asarray(subset, dtype=int)
     terms = sur.query_terms(phi_q)
     if objective is Objective.INFORMATION_LOSS:
-        return joint_information_loss(terms, sur.whitened[idx], sur.beta[idx])
+        return joint_information_loss(terms, sur.whiten(idx), sur.beta[idx])
     return joint_information_gain(terms, phi[idx], sur.beta[idx], sur.prior_precision)
 
 
@@ -122,7 +122,7 @@ def test_size_one_joint_equals_single_example_score(problem, rtol):
         terms = sur.query_terms(phi_q)
         single = sur.scores(terms)
         for i in range(problem.n):
-            il = joint_information_loss(terms, sur.whitened[i : i + 1], sur.beta[i : i + 1])
+            il = joint_information_loss(terms, sur.whiten(slice(i, i + 1)), sur.beta[i : i + 1])
             ig = joint_information_gain(
                 terms, problem.phi[i : i + 1], sur.beta[i : i + 1], sur.prior_precision
             )

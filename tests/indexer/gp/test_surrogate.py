@@ -21,5 +21,5 @@ def test_chunked_fit_equals_the_whole_product(monkeypatch: pytest.MonkeyPatch, t
     sur = fit_surrogate(phi, beta, grad_term, prior_precision=tau)
     assert sur.prior_precision == pytest.approx(want_tau, rel=1e-12)
     np.testing.assert_allclose(sur.cholesky, want, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sur.whitened, np.linalg.solve(want, phi64.T).T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sur.whiten(), np.linalg.solve(want, phi64.T).T, rtol=1e-10, atol=1e-12)
     assert sur.phi is phi or np.shares_memory(sur.phi, phi)  # the stored features are kept, not copied

@@ -40,7 +40,7 @@ def test_the_json_layout_round_trips_exactly() -> None:
 
 def test_typed_fields() -> None:
     m = read_manifest(OLD_INDEX)
-    assert m.format_version == FORMAT_VERSION and m.name == "tiny-v1"
+    assert m.format_version == 1 < FORMAT_VERSION and m.name == "tiny-v1"  # read as it was written
     assert m.model.spec == ModelSpec("mlp", {"in_features": 5, "hidden": [4], "out_features": 3})
     assert m.model.input_shape == (5,) and m.model.n_params == 5 * 4 + 4 + 4 * 3 + 3
     assert m.model.image_shape is None and m.model.source_checkpoint_sha256 is None

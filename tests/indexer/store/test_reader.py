@@ -35,9 +35,11 @@ def test_load_round_trip(index_root: Path, test_digits: Dataset) -> None:
     data = load_index(index_root / "digits")
     assert data.inputs.shape == (600, 784) and data.query_inputs.shape == (80, 784)
     assert np.array_equal(data.query_inputs, test_digits.inputs.numpy())
-    assert data.phi.shape == (600, 64) and data.phi.dtype == np.float32
-    assert data.surrogate.whitened.shape == (600, 64) and data.surrogate.whitened.dtype == np.float64
-    assert data.query_phi.shape == (80, 64)
+    # the features stored once, float16 by default, memory-mapped; no whitened copy
+    assert data.phi.shape == (600, 64) and data.phi.dtype == np.float16 and isinstance(data.phi, np.memmap)
+    assert data.query_phi.shape == (80, 64) and data.query_phi.dtype == np.float16
+    assert data.manifest.counts.feature_dtype == "float16" and data.faiss_index is None
+    assert not any("whitened" in name or name.startswith("faiss") for name in data.manifest.files)
     assert data.manifest.format_version == FORMAT_VERSION
     projection = data.manifest.projection
     assert (projection.kind, projection.k, projection.seed, projection.distribution) == (
@@ -62,19 +64,19 @@ def test_altered_file_is_named(index_copy: Path) -> None:
 
 
 def test_truncated_and_missing_files_are_named(index_copy: Path) -> None:
-    whitened = index_copy / "whitened.npy"
-    whitened.write_bytes(whitened.read_bytes()[:100])
-    with pytest.raises(IndexCorruptError, match=r"whitened\.npy has 100 bytes"):
+    beta = index_copy / "examples.beta.npy"
+    beta.write_bytes(beta.read_bytes()[:100])
+    with pytest.raises(IndexCorruptError, match=r"examples\.beta\.npy has 100 bytes"):
         load_index(index_copy)
-    whitened.unlink()
-    with pytest.raises(IndexCorruptError, match=r"whitened\.npy is listed in the manifest but missing"):
+    beta.unlink()
+    with pytest.raises(IndexCorruptError, match=r"examples\.beta\.npy is listed in the manifest but missing"):
         load_index(index_copy)
 
 
 def test_manifest_problems(index_copy: Path, tmp_path: Path) -> None:
     manifest = json.loads((index_copy / MANIFEST_FILE).read_text())
     (index_copy / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 99}))
-    with pytest.raises(IndexFormatError, match="format_version is 99; this infotrace reads version 1"):
+    with pytest.raises(IndexFormatError, match="format_version is 99; this infotrace reads versions 1, 2"):
         load_index(index_copy)
     del manifest["surrogate"]
     resign(index_copy / MANIFEST_FILE, manifest)
@@ -110,7 +112,7 @@ def test_shape_that_disagrees_with_manifest(index_copy: Path) -> None:
     manifest["counts"]["k"] = 65
     resign(index_copy / MANIFEST_FILE, manifest)
     with pytest.raises(
-        IndexCorruptError, match=r"phi\.npy holds float32\(600, 64\); expected float32\(600, 65\)"
+        IndexCorruptError, match=r"phi\.npy holds float16\(600, 64\); expected float16\(600, 65\)"
     ):
         load_index(index_copy)
 

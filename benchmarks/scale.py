@@ -1,0 +1,237 @@
+"""The vector store at scale (DESIGN.md 2.1): synthetic features at N = 100,000 and 1,000,000, k = 512.
+
+For each N: bytes per example on disk, build and load time, RSS after loading and after queries, stored-id
+query latency (p50/p99, in-process) of the exact scan against this machine's memory-bandwidth floor for one
+scan of the stored features (an int64 sum over the same bytes, measured in the same run), and each
+approximate FAISS factory with its recall@10 (measured by the build against the exact scan) and latency.
+
+Features are drawn once (seeded: 64 clusters plus noise, written as float16) and cached under
+``var/bench-scale``. ``--quick`` runs N = 20,000 and two factories (what CI runs).
+
+    python -m benchmarks.scale --out benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import benchmark_parser, latency_stats, machine_info, write_report_files
+from indexer.config import IndexConfig
+from indexer.enums import Direction, Score
+from indexer.precomputed import build_from_features
+from indexer.store.layout import PHI_FILE
+from indexer.store.reader import load_index
+from service.engine import AttributionEngine
+
+__all__ = ["draw_features", "floor_ms", "measure", "main"]
+
+K = 512
+N_QUERIES = 200
+CLUSTERS = 64
+FACTORIES_FULL: dict[str, dict[str, Any]] = {
+    "IVF1024,Flat": {"nprobe": 16},
+    "IVF1024,SQ8": {"nprobe": 16},
+    "IVF1024,PQ64": {"nprobe": 32},
+    "HNSW32": {"ef_search": 128},
+}
+HNSW_MAX_N = 200_000
+"""HNSW is built only up to this N here: its graph build over a million 512-d vectors takes longer than the
+rest of the benchmark on 2 cores (reported as left out)."""
+FACTORIES_QUICK: dict[str, dict[str, Any]] = {"IVF64,Flat": {"nprobe": 8}, "IVF64,PQ32": {"nprobe": 8}}
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, bytes (from /proc/self/statm)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def draw_features(cache: Path, n: int, k: int = K, seed: int = 0) -> tuple[np.memmap, dict[str, Any]]:
+    """`(n, k)` float16 clustered features (memory-mapped from the cache) and the outputs, targets and
+    held-out query features, drawn once per (n, k, seed)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"phi-{n}x{k}-{seed}.npy"
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLUSTERS, k)).astype(np.float32) * 0.6
+    direction = rng.standard_normal(k) / np.sqrt(k)
+    if not path.exists():
+        partial = path.with_suffix(".partial.npy")
+        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, k))
+        for start in range(0, n, 65536):
+            m = min(65536, n - start)
+            chunk = centres[rng.integers(0, CLUSTERS, m)] + rng.standard_normal((m, k), dtype=np.float32)
+            out[start : start + m] = chunk
+        out.flush()
+        del out
+        partial.rename(path)
+    phi = np.load(path, mmap_mode="r")
+    outputs = np.empty(n)
+    for start in range(0, n, 65536):  # margins: a linear function of the features plus noise
+        outputs[start : start + 65536] = np.asarray(phi[start : start + 65536], np.float32) @ direction * 2
+    outputs += np.random.default_rng(seed + 1).standard_normal(n)
+    targets = (outputs + np.random.default_rng(seed + 2).standard_normal(n) > 0).astype(np.int64)
+    q_rng = np.random.default_rng(seed + 3)
+    query_phi = (
+        centres[q_rng.integers(0, CLUSTERS, N_QUERIES)] + q_rng.standard_normal((N_QUERIES, k))
+    ).astype(np.float32)
+    extra = {
+        "outputs": outputs,
+        "targets": targets,
+        "query_phi": query_phi,
+        "query_outputs": query_phi @ direction * 2,
+        "query_targets": np.ones(N_QUERIES, dtype=np.int64),
+    }
+    return phi, extra
+
+
+def floor_ms(phi_path: Path, repeats: int = 7) -> float:
+    """The memory-bandwidth floor of one scan of the stored features: an int64 sum over the same bytes (page
+    cache warm), best of ``repeats``, milliseconds."""
+    phi = np.load(phi_path, mmap_mode="r")
+    flat = phi.reshape(-1).view(np.int64)
+    flat.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        flat.sum()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def _latency(engine: AttributionEngine, n_queries: int, rounds: int) -> dict[str, Any]:
+    times = []
+    for r in range(rounds):
+        for q in range(n_queries):
+            query = engine.queries.stored(q)
+            t0 = time.perf_counter()
+            engine.attribute(query, Score.INFORMATION_GAIN, Direction.BOTH, 10, 100)
+            if r:  # the first round warms the page cache and the per-score weights
+                times.append((time.perf_counter() - t0) * 1e3)
+    return latency_stats(times)
+
+
+def measure(
+    root: Path, cache: Path, n: int, factories: dict[str, dict[str, int]], rounds: int
+) -> dict[str, Any]:
+    """Everything of one N (see the module docstring)."""
+    phi, extra = draw_features(cache, n)
+    rows: list[dict[str, Any]] = []
+    chosen = {f: kn for f, kn in factories.items() if not (f.startswith("HNSW") and n > HNSW_MAX_N)}
+    runs: dict[str, dict[str, Any]] = {"Flat": {}, **chosen}
+    for factory, knobs in runs.items():
+        out = root / f"scale-{n}-{factory.replace(',', '_')}"
+        shutil.rmtree(out, ignore_errors=True)
+        gc.collect()
+        t0 = time.perf_counter()
+        build_from_features(
+            phi, out, config=IndexConfig(faiss_factory=factory, recall_queries=100, **knobs), **extra
+        )
+        build_s = time.perf_counter() - t0
+        before = rss_bytes()
+        t0 = time.perf_counter()
+        index = load_index(out)
+        engine = AttributionEngine(index)
+        load_s = time.perf_counter() - t0
+        after_load = rss_bytes() - before
+        latency = _latency(engine, min(50, N_QUERIES), rounds)
+        after_queries = rss_bytes() - before
+        files = index.manifest.files
+        disk = sum(f.bytes for f in files.values())
+        faiss_bytes = files["faiss.index"].bytes if "faiss.index" in files else 0
+        row = {
+            "factory": factory,
+            "knobs": knobs,
+            "exact": index.manifest.faiss.exact,
+            "recall_at_10": index.manifest.faiss.recall_at_10,
+            "build_s": build_s,
+            "load_s": load_s,
+            "disk_bytes_per_example": disk / n,
+            "features_bytes_per_example": files[PHI_FILE].bytes / n,
+            "faiss_bytes_per_example": faiss_bytes / n,
+            "rss_after_load_bytes_per_example": after_load / n,
+            "rss_after_queries_bytes_per_example": after_queries / n,
+            "query_ms": latency,
+        }
+        if factory == "Flat":
+            row["floor_ms"] = floor_ms(out / PHI_FILE)
+            row["p50_over_floor"] = latency["p50_ms"] / row["floor_ms"]
+        rows.append(row)
+        print(f"N={n} {factory}: {row}", flush=True)
+        del engine, index
+        shutil.rmtree(out, ignore_errors=True)
+    left_out = sorted(set(factories) - set(chosen))
+    return {"n": n, "k": K, "methods": rows, "left_out": left_out}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The markdown report."""
+    lines = [
+        "# Vector store at scale",
+        "",
+        "Synthetic clustered features (float16 store, k = 512), built with `build_from_features`; stored-id",
+        "queries in-process (information gain, top 10, depth 100), after one warm-up round. Floor: one int64",
+        "sum over the stored features' bytes (page cache warm): the memory-bandwidth floor of a scan.",
+        f"Machine: {report['machine'].get('cpu_model')}, {report['machine'].get('cpu_count')} CPUs, "
+        f"load average at start {report['machine'].get('loadavg_at_start')}.",
+        "",
+        "| N | factory | recall@10 (IG) | build s | load s | disk B/ex | FAISS B/ex | RSS after load B/ex | "
+        "RSS after queries B/ex | p50 ms | p99 ms | floor ms | p50 / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scale in report["scales"]:
+        for r in scale["methods"]:
+            recall = "exact" if r["exact"] else f"{r['recall_at_10']['information_gain']:.3f}"
+            floor = f"{r['floor_ms']:.1f}" if "floor_ms" in r else ""
+            ratio = f"{r['p50_over_floor']:.2f}" if "p50_over_floor" in r else ""
+            lines.append(
+                f"| {scale['n']:,} | {r['factory']} | {recall} | {r['build_s']:.1f} | {r['load_s']:.2f} | "
+                f"{r['disk_bytes_per_example']:,.0f} | {r['faiss_bytes_per_example']:,.0f} | "
+                f"{r['rss_after_load_bytes_per_example']:,.0f} | "
+                f"{r['rss_after_queries_bytes_per_example']:,.0f} | "
+                f"{r['query_ms']['p50_ms']:.2f} | {r['query_ms']['p99_ms']:.2f} | {floor} | {ratio} |"
+            )
+    for scale in report["scales"]:
+        if scale.get("left_out"):
+            lines.append(
+                f"\nLeft out at N = {scale['n']:,}: {', '.join(scale['left_out'])} (HNSW graph build time on "
+                f"this machine; built up to N = {HNSW_MAX_N:,})."
+            )
+    lines += ["", "Recall@10 of every score (approximate indexes, candidates reranked exactly):", ""]
+    for scale in report["scales"]:
+        for r in scale["methods"]:
+            if not r["exact"]:
+                scores = ", ".join(f"{s} {v:.3f}" for s, v in sorted(r["recall_at_10"].items()))
+                lines.append(f"- N = {scale['n']:,}, {r['factory']} {r['knobs']}: {scores}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write its JSON and SCALE.md."""
+    parser = benchmark_parser("benchmarks.scale", __doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
+    parser.add_argument("--cache", type=Path, default=Path("var/bench-scale"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--factories", nargs="*", default=None, help="a subset of the approximate factories")
+    parser.add_argument("--quick", action="store_true", help="N = 20,000, two factories (CI)")
+    args = parser.parse_args(argv)
+    sizes = [20_000] if args.quick else args.sizes
+    factories = FACTORIES_QUICK if args.quick else FACTORIES_FULL
+    if args.factories is not None:
+        factories = {name: knobs for name, knobs in factories.items() if name in args.factories}
+    root = args.cache / "indexes"
+    root.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": machine_info(),
+        "scales": [measure(root, args.cache, n, factories, rounds=2 if args.quick else 3) for n in sizes],
+    }
+    path = write_report_files(args.out, report, render(report), "SCALE.md")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The one store and its retrieval (DESIGN.md 2.1): the exact scan of the stored features equals the
+brute-force top-k of every score and direction, for float16 and float32 storage, at any scale of the
+features and on the chunked float32 path; an approximate index's recorded recall is the recall recomputed;
+knobs are checked; precomputed features round-trip; loading does not read the features into RAM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from indexer.cli import app
+from indexer.config import IndexConfig
+from indexer.enums import Direction, Score
+from indexer.gp.scores import signed_score
+from indexer.gp.surrogate import fit_surrogate
+from indexer.precomputed import build_from_features
+from indexer.store.layout import KEY_PHI_NORM, PHI_FILE
+from indexer.store.reader import load_index
+from indexer.store.records import row_norms
+from indexer.store.search import (
+    FeatureScan,
+    Searcher,
+    SearchKnobs,
+    information_gain_vectors,
+    make_approximate_index,
+    measure_recall,
+    recall_queries,
+    search_params,
+)
+
+
+def brute_force(surrogate, phi_q: np.ndarray, score: Score, direction: Direction, top_k: int) -> list[int]:
+    """The exact answer: every example scored in float64 by the surrogate, sorted (ties by id)."""
+    terms = surrogate.query_terms(phi_q)
+    signed = signed_score(score, surrogate.scores(terms))
+    key = {Direction.PROPONENTS: signed, Direction.OPPONENTS: -signed, Direction.BOTH: np.abs(signed)}[
+        direction
+    ]
+    eligible = {Direction.PROPONENTS: signed > 0, Direction.OPPONENTS: signed < 0}.get(
+        direction, np.ones(len(signed), dtype=bool)
+    )
+    order = np.lexsort((np.arange(len(signed)), -key))
+    return order[eligible[order]][:top_k].tolist()
+
+
+def problem(n: int, k: int, dtype: str, scale: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, k)) * 2
+    phi = (centres[rng.integers(0, 20, n)] + rng.standard_normal((n, k))) * scale
+    phi[:5] = 0.0  # zero features score 0, never NaN (DESIGN.md 1.5)
+    stored = phi.astype(dtype)
+    margin = rng.standard_normal(n) * 3
+    p = 1 / (1 + np.exp(-margin))
+    surrogate = fit_surrogate(stored, p * (1 - p), 1 - p)
+    queries = (centres[rng.integers(0, 20, 8)] + rng.standard_normal((8, k))) * scale
+    return surrogate, row_norms(stored), queries
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_the_exact_scan_is_the_brute_force_top_k(dtype: str, scale: float) -> None:
+    surrogate, norms, queries = problem(3000, 24, dtype, scale)
+    searcher = Searcher(surrogate, norms)
+    assert searcher.scan.mode == ("half" if dtype == "float16" else "float32")
+    for phi_q in queries:
+        terms = surrogate.query_terms(phi_q)
+        for score in Score:
+            for direction in Direction:
+                # a shallow start (5) makes the scan deepen until its bound proves the answer
+                found = searcher.rank(terms, score, direction, 10, 5)
+                assert found.exact
+                assert found.ids.tolist() == brute_force(surrogate, phi_q, score, direction, 10), (
+                    score,
+                    direction,
+                )
+                want = surrogate.scores(terms, found.ids)
+                for s in Score:  # the same formulas; BLAS may sum another batch of rows in another order
+                    np.testing.assert_allclose(found.scores[s], want[s], rtol=1e-12, atol=1e-300)
+
+
+def test_the_chunked_float32_path_is_exact_too() -> None:
+    surrogate, norms, queries = problem(2000, 16, "float16")
+    searcher = Searcher(surrogate, norms)
+    searcher.scan.mode = "upcast"  # the path taken where the half-precision kernel breaks its error bound
+    searcher.scan.relative, searcher.scan.absolute = 2.0**-23, 16 * 2.0**-23 + 2.0**-11
+    for phi_q in queries[:3]:
+        terms = surrogate.query_terms(phi_q)
+        for score in Score:
+            found = searcher.rank(terms, score, Direction.PROPONENTS, 7, 3)
+            assert found.ids.tolist() == brute_force(surrogate, phi_q, score, Direction.PROPONENTS, 7)
+
+
+def test_the_scan_bound_holds_for_every_example() -> None:
+    surrogate, norms, queries = problem(5000, 64, "float16", scale=50.0)
+    scan = FeatureScan(surrogate.phi, norms)
+    for phi_q in queries:
+        x, err = scan.inner(phi_q)
+        exact = np.asarray(surrogate.phi, dtype=np.float64) @ phi_q
+        assert np.all(np.abs(x.double().numpy() - exact) <= err.double().numpy())
+
+
+def test_a_zero_query_scores_zero_everywhere() -> None:
+    surrogate, norms, _ = problem(500, 8, "float16")
+    found = Searcher(surrogate, norms).rank(
+        surrogate.query_terms(np.zeros(8)), Score.INFLUENCE, Direction.BOTH, 5, 5
+    )
+    assert found.ids.tolist() == [0, 1, 2, 3, 4] and np.all(found.signed == 0)
+    none = Searcher(surrogate, norms).rank(
+        surrogate.query_terms(np.zeros(8)), Score.COSINE, Direction.PROPONENTS, 5, 5
+    )
+    assert len(none.ids) == 0
+
+
+@pytest.mark.parametrize(
+    ("factory", "knobs"), [("IVF16,Flat", SearchKnobs(nprobe=4)), ("HNSW16", SearchKnobs(ef_search=32))]
+)
+def test_recorded_recall_is_the_recall_recomputed(tmp_path: Path, factory: str, knobs: SearchKnobs) -> None:
+    rng = np.random.default_rng(3)
+    phi = rng.standard_normal((4000, 32)).astype(np.float32)
+    query_phi = rng.standard_normal((30, 32)).astype(np.float32)
+    out = build_from_features(
+        phi,
+        tmp_path / "approx",
+        outputs=rng.standard_normal(4000),
+        targets=rng.integers(0, 2, 4000),
+        query_phi=query_phi,
+        query_outputs=np.zeros(30),
+        query_targets=np.zeros(30, dtype=np.int64),
+        config=IndexConfig(
+            faiss_factory=factory, recall_queries=40, nprobe=knobs.nprobe, ef_search=knobs.ef_search
+        ),
+    )
+    index = load_index(out)
+    info = index.manifest.faiss
+    assert not info.exact and index.faiss_index is not None and info.recall_queries == 40
+    norms = index.examples[KEY_PHI_NORM]
+    exact = Searcher(index.surrogate, norms)
+    approximate = Searcher(index.surrogate, norms, index.faiss_index, knobs)
+    queries = recall_queries(index.surrogate, index.query_phi, 40)  # 30 stored queries + 10 training rows
+    assert len(queries) == 40 and np.array_equal(queries[:30], index.query_phi.astype(np.float64))
+    assert measure_recall(exact, approximate, queries, info.recall_candidates) == info.recall_at_10
+    assert set(info.recall_at_10 or {}) == {s.value for s in Score}
+    assert 0.5 < (info.recall_at_10 or {})["information_gain"] <= 1.0
+    terms = index.surrogate.query_terms(queries[0])
+    assert not approximate.rank(terms, Score.INFORMATION_GAIN, Direction.BOTH, 10, 100).exact
+
+
+def test_knobs_are_checked_against_the_index_type() -> None:
+    surrogate, _, _ = problem(600, 8, "float32")
+    ivf = make_approximate_index(surrogate, "IVF4,Flat")
+    hnsw = make_approximate_index(surrogate, "HNSW8")
+    flat_sq = make_approximate_index(surrogate, "SQ8")
+    assert search_params(ivf, SearchKnobs(nprobe=2)).nprobe == 2
+    assert search_params(hnsw, SearchKnobs(ef_search=40)).efSearch == 40
+    assert search_params(flat_sq, SearchKnobs()) is None
+    with pytest.raises(ValueError, match="nprobe applies to IVF indexes only"):
+        search_params(hnsw, SearchKnobs(nprobe=2))
+    with pytest.raises(ValueError, match="ef_search applies to HNSW indexes only"):
+        search_params(ivf, SearchKnobs(ef_search=2))
+    pre = make_approximate_index(surrogate, "PCA4,IVF4,Flat")
+    wrapped = search_params(pre, SearchKnobs(nprobe=4))  # the IVF inside a pre-transform: every list
+    assert isinstance(wrapped, faiss.SearchParametersPreTransform)
+    probe = np.asarray(surrogate.phi[:3], dtype=np.float32)
+    _, found = pre.search(probe, 5, params=wrapped)
+    exhaustive = faiss.index_factory(4, "Flat", faiss.METRIC_INNER_PRODUCT)
+    exhaustive.add(pre.chain.at(0).apply(information_gain_vectors(surrogate, slice(None))))
+    assert found.tolist() == exhaustive.search(pre.chain.at(0).apply(probe), 5)[1].tolist()
+    with pytest.raises(ValueError, match="cannot train 'IVF1024,Flat' on 600 vectors"):
+        make_approximate_index(surrogate, "IVF1024,Flat")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_precomputed_features_round_trip(tmp_path: Path, dtype: str) -> None:
+    rng = np.random.default_rng(1)
+    phi = rng.standard_normal((700, 40))
+    outputs, targets = rng.standard_normal(700), rng.integers(0, 3, 700)
+    out = build_from_features(
+        phi, tmp_path / dtype, outputs=outputs, targets=targets, config=IndexConfig(feature_dtype=dtype, k=3)
+    )
+    index = load_index(out)
+    assert index.phi.dtype == np.dtype(dtype) and isinstance(index.phi, np.memmap)
+    np.testing.assert_array_equal(index.phi, phi.astype(dtype))
+    assert index.manifest.counts.k == 40 and index.manifest.model.spec is None and index.faiss_index is None
+    refit = fit_surrogate(
+        phi.astype(dtype), index.surrogate.beta, index.surrogate.grad_term
+    )  # on stored values
+    np.testing.assert_allclose(index.surrogate.cholesky, refit.cholesky, rtol=1e-12)
+    np.testing.assert_allclose(index.surrogate.h, refit.h, rtol=1e-10)
+    np.testing.assert_array_equal(index.examples["output"], outputs)
+    assert index.metadata.get_one("train", 9)["label"] == int(targets[9])
+    # the store: the features once plus 7 float64 per-example arrays and the SQLite row; no float64 copy
+    per_example = sum(e.bytes for e in index.manifest.files.values()) / 700
+    assert per_example <= 40 * np.dtype(dtype).itemsize + 7 * 8 + 120  # a small index: headers count
+
+
+def test_float16_overflow_is_refused_with_the_remedy(tmp_path: Path) -> None:
+    phi = np.ones((10, 4))
+    phi[6, 2] = 1e6
+    with pytest.raises(
+        ValueError, match=r"train example 6: .* beyond float16's range .*feature_dtype='float32'"
+    ):
+        build_from_features(phi, tmp_path / "big", outputs=np.zeros(10), targets=np.zeros(10, dtype=np.int64))
+
+
+def test_the_cli_builds_from_a_feature_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    np.savez(
+        tmp_path / "f.npz",
+        phi=rng.standard_normal((300, 16)).astype(np.float32),
+        outputs=rng.standard_normal(300),
+        targets=rng.integers(0, 2, 300),
+        query_phi=rng.standard_normal((5, 16)).astype(np.float32),
+        query_outputs=np.zeros(5),
+        query_targets=np.zeros(5, dtype=np.int64),
+    )
+    shown = CliRunner().invoke(
+        app, ["build-from-features", "--out", str(tmp_path / "cli"), "--features", str(tmp_path / "f.npz")]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert load_index(tmp_path / "cli").n_query == 5
+    np.savez(tmp_path / "bad.npz", phi=np.zeros((3, 2)), outputs=np.zeros(3), labels=np.zeros(3))
+    shown = CliRunner().invoke(
+        app, ["build-from-features", "--out", str(tmp_path / "x"), "--features", str(tmp_path / "bad.npz")]
+    )
+    assert shown.exit_code == 2 and "unknown array(s) ['labels']" in shown.output
+
+
+def test_loading_maps_the_features_instead_of_reading_them(tmp_path: Path) -> None:
+    """RSS after loading grows by far less than the features' size (measured in a fresh process)."""
+    rng = np.random.default_rng(4)
+    n, k = 120_000, 256  # 61 MB of float16 features
+    out = build_from_features(
+        rng.standard_normal((n, k), dtype=np.float32),
+        tmp_path / "mapped",
+        outputs=rng.standard_normal(n),
+        targets=rng.integers(0, 2, n),
+    )
+    phi_bytes = (out / PHI_FILE).stat().st_size
+    script = f"""
+import json, resource, sys
+from indexer.store.reader import load_index
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss()
+index = load_index({str(out)!r})
+after = rss()
+print(json.dumps({{"grown": after - before}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown = json.loads(result.stdout.strip().splitlines()[-1])["grown"]
+    assert grown < 0.25 * phi_bytes, (grown, phi_bytes)

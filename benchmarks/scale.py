@@ -176,6 +176,9 @@ def render(report: dict[str, Any]) -> str:
         "Synthetic clustered features (float16 store, k = 512), built with `build_from_features`; stored-id",
         "queries in-process (information gain, top 10, depth 100), after one warm-up round. Floor: one int64",
         "sum over the stored features' bytes (page cache warm): the memory-bandwidth floor of a scan.",
+        "RSS columns: growth of the benchmark process's resident set over loading and over the queries; they",
+        "understate (memory the earlier builds in the process freed is reused without new pages): the",
+        "memory-mapping claim rests on tests/indexer/store/test_search.py, which measures a fresh process.",
         f"Machine: {report['machine'].get('cpu_model')}, {report['machine'].get('cpu_count')} CPUs, "
         f"load average at start {report['machine'].get('loadavg_at_start')}.",
         "",

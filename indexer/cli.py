@@ -33,6 +33,8 @@ from indexer.features.models import ModelSpec, build_model
 from indexer.features.tasks import output_function_from_spec
 from indexer.plugins import load_plugins
 from indexer.precomputed import build_from_features, load_feature_file
+from indexer.store.reader import load_index
+from indexer.update import add_examples, add_features, remove_examples
 
 __all__ = ["app", "config_options"]
 
@@ -252,6 +254,69 @@ def build_from_features_command(
             config=config,
         )
     typer.echo(f"wrote index {path}")
+
+
+@app.command("add")
+def add_command(
+    index: Annotated[Path, typer.Option(help="the index folder to add to (replaced by its new version)")],
+    data: Annotated[
+        Path, typer.Option(help=".safetensors/.npz with train_inputs, train_targets: the new examples")
+    ],
+    batch_size: Annotated[int, typer.Option(help="examples per forward and backward pass")] = 128,
+) -> None:
+    """Add training examples, featurized with the index's own model and projection (tau unchanged)."""
+    with _user_errors():
+        train, queries = load_arrays(data)
+        if queries is not None:
+            raise ValueError("the data file holds query arrays; an update adds training examples only")
+        built = load_index(index)
+        if built.manifest.model.spec is not None:
+            train = _as_model_inputs(train, build_model(built.manifest.model.spec), None)
+        path = add_examples(index, train, batch_size=batch_size, progress=True)
+    typer.echo(f"added {len(train)} examples: {path} now holds {load_index(path).n_train}")
+
+
+@app.command("add-features")
+def add_features_command(
+    index: Annotated[Path, typer.Option(help="the index folder to add to (replaced by its new version)")],
+    features: Annotated[
+        Path,
+        typer.Option(
+            help=".safetensors/.npz with phi (m, k), outputs (m,), targets (m,) [, beta, grad_term]"
+        ),
+    ],
+) -> None:
+    """Add training examples given by their projected features (tau unchanged)."""
+    with _user_errors():
+        arrays = load_feature_file(features)
+        extra = sorted(key for key in arrays if key.startswith("query_"))
+        if extra:
+            raise ValueError(f"the feature file holds {extra}; an update adds training examples only")
+        path = add_features(
+            index,
+            arrays["phi"],
+            outputs=arrays["outputs"],
+            targets=arrays["targets"],
+            beta=arrays.get("beta"),
+            grad_term=arrays.get("grad_term"),
+        )
+    typer.echo(f"added {len(arrays['phi'])} examples: {path} now holds {load_index(path).n_train}")
+
+
+@app.command("remove")
+def remove_command(
+    index: Annotated[
+        Path, typer.Option(help="the index folder to remove from (replaced by its new version)")
+    ],
+    ids: Annotated[str, typer.Option(help="comma-separated training example ids, e.g. 3,17,250")],
+) -> None:
+    """Remove training examples: the posterior as if they had never been there; the rest are renumbered."""
+    parts = [part.strip() for part in ids.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise typer.BadParameter(f"--ids must be comma-separated non-negative integers; got {ids!r}")
+    with _user_errors():
+        path = remove_examples(index, [int(part) for part in parts])
+    typer.echo(f"removed {len(parts)} examples: {path} now holds {load_index(path).n_train}")
 
 
 def _as_model_inputs(data: Dataset, model: torch.nn.Module, image_shape: tuple[int, int] | None) -> Dataset:

@@ -23,7 +23,7 @@ from indexer.features.tasks import OutputFunction, output_function_from_spec
 from indexer.store.sections import ProjectionInfo
 from indexer.store.shards import build_lock
 
-__all__ = ["FEATURE_KEYS", "build_from_features", "load_feature_file"]
+__all__ = ["FEATURE_KEYS", "build_from_features", "load_feature_file", "precomputed_features"]
 
 FEATURE_KEYS = (
     "phi",
@@ -56,7 +56,7 @@ def load_feature_file(path: Path) -> dict[str, np.ndarray]:
     return {key: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for key, t in tensors.items()}
 
 
-def _features(
+def precomputed_features(
     phi: np.ndarray,
     outputs: np.ndarray,
     targets: np.ndarray,
@@ -66,6 +66,16 @@ def _features(
     metadata: list[dict[str, Any]] | None,
     split: str,
 ) -> Features:
+    """:class:`~indexer.features.featurize.Features` of precomputed features, checked, with beta_i and
+    beta_i r_i from the output function unless given.
+
+    Args:
+        phi: `(n, k)` features; outputs: `(n,)` m_i; targets: `(n,)`; output_fn: the likelihood; beta,
+            grad_term: `(n,)` overrides (both or neither); metadata: n dicts; split: for error messages.
+
+    Raises:
+        ValueError: shapes, dtypes or non-finite values (the message names the split and the array).
+    """
     phi = np.asarray(phi)
     if phi.ndim != 2 or not np.issubdtype(phi.dtype, np.floating):
         raise ValueError(f"{split} features must be a float (n, k) array; got {phi.dtype}{list(phi.shape)}")
@@ -155,7 +165,7 @@ def build_from_features(
     output_fn = (
         output_function_from_spec(output_function) if isinstance(output_function, str) else output_function
     )
-    train = _features(phi, outputs, targets, output_fn, beta, grad_term, metadata, "train")
+    train = precomputed_features(phi, outputs, targets, output_fn, beta, grad_term, metadata, "train")
     k = train.phi.shape[1]
     config = replace(config or IndexConfig(), k=k)  # the features' width, whatever the config said
     if query_phi is None:
@@ -163,7 +173,9 @@ def build_from_features(
         query_outputs, query_targets = np.zeros(0), np.zeros(0, dtype=train.targets.dtype)
     if query_outputs is None or query_targets is None:
         raise ValueError("query_phi needs query_outputs and query_targets")
-    queries = _features(query_phi, query_outputs, query_targets, output_fn, None, None, None, "query")
+    queries = precomputed_features(
+        query_phi, query_outputs, query_targets, output_fn, None, None, None, "query"
+    )
     if queries.phi.shape[1] != k:
         raise ValueError(f"query features have width {queries.phi.shape[1]}; the training features have {k}")
     projection = ProjectionInfo(kind="precomputed", k=k, seed=config.seed)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,6 +24,8 @@ from service.api.routes import attributions, dashboard, examples, indexes
 from service.core.observability import BodyGuard, Metrics, install_request_middleware
 from service.core.settings import Settings
 from service.engine.registry import IndexRegistry
+
+log = logging.getLogger("infotrace.service")
 
 __all__ = ["create_app"]
 
@@ -62,14 +67,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             frozenset(settings.trusted_model_factories),
             settings.use_gpu,
         )
-        for name, engine in registry.engines.items():
-            metrics.index_examples.labels(name).set(engine.data.n_train)
-            metrics.index_bytes.labels(name).set(sum(p.stat().st_size for p in engine.data.path.iterdir()))
-            metrics.index_ready.labels(name).set(1)
-        for name in registry.failures:
-            metrics.index_ready.labels(name).set(0)
+
+        def publish() -> None:
+            for name, engine in list(registry.engines.items()):
+                metrics.index_examples.labels(name).set(engine.data.n_train)
+                with contextlib.suppress(OSError):  # a folder being replaced by a newer version
+                    metrics.index_bytes.labels(name).set(
+                        sum(p.stat().st_size for p in engine.data.path.iterdir())
+                    )
+                metrics.index_ready.labels(name).set(1)
+            for name in list(registry.failures):
+                metrics.index_ready.labels(name).set(0)
+
+        publish()
         app.state.registry = registry
+        stop = threading.Event()
+
+        def watch() -> None:  # new versions of indexes (DESIGN.md 2.1), swapped in without a restart
+            while not stop.wait(settings.reload_interval):
+                try:
+                    if registry.refresh():
+                        publish()
+                except Exception:  # a broken new version is logged by refresh; keep watching
+                    log.exception("checking for new index versions failed")
+
+        watcher = threading.Thread(target=watch, name="infotrace-index-watch", daemon=True)
+        if settings.reload_interval > 0:
+            watcher.start()
         yield
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(timeout=5)
         app.state.registry = None
 
     app = FastAPI(

@@ -12,6 +12,7 @@ query touches, and processes serving the same index share those pages.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ class MetadataStore:
     """Read-only access to ``metadata.sqlite``: labels and metadata of training examples and stored queries.
 
     One read-only connection per thread: safe under concurrent requests without a lock, and without the
-    cost of opening the file on every call.
+    cost of opening the file on every call. The file is opened once at construction and connections go
+    through that descriptor (``/proc/self/fd``, where there is one), so that an engine still answering
+    while a new version of its index replaces (and deletes) the old folder keeps reading its own file.
 
     Args:
         path: the SQLite file.
@@ -66,11 +69,20 @@ class MetadataStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        self._fd: int | None = None
+        if Path("/proc/self/fd").is_dir():
+            self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
 
     def _connect(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            target = f"/proc/self/fd/{self._fd}" if self._fd is not None else str(self.path)
+            # immutable: every version of an index is a new file that is never written again
+            db = sqlite3.connect(f"file:{target}?mode=ro&immutable=1", uri=True, check_same_thread=False)
             self._local.db = db
         return db
 
@@ -97,6 +109,14 @@ class MetadataStore:
             int(r): {"label": json.loads(label) if isinstance(label, str) else label, **json.loads(meta)}
             for r, label, meta in found
         }
+
+    def all_rows(self) -> list[tuple[str, int, Any, dict[str, Any]]]:
+        """Every row as ``(split, row, label, metadata)`` (an update copies them into its new version)."""
+        found = self._connect().execute(f"SELECT split, row, label, metadata FROM {SQLITE_TABLE}").fetchall()
+        return [
+            (split, int(row), json.loads(label) if isinstance(label, str) else label, json.loads(meta))
+            for split, row, label, meta in found
+        ]
 
     def get_one(self, split: str, row: int) -> dict[str, Any]:
         """Metadata of one row.

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
     max_candidates: int = Field(100_000, ge=1, description="largest retrieval depth a request may ask for")
     default_candidates: int = Field(100, ge=1, description="retrieval depth before the exact rerank")
+    reload_interval: float = Field(
+        2.0,
+        ge=0,
+        description="seconds between checks for new index versions (an update's add or remove), loaded and "
+        "swapped in without a restart; 0: never",
+    )
     max_nprobe: int = Field(
         4096, ge=1, description="largest nprobe a request may ask of an approximate IVF index"
     )

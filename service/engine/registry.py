@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from indexer.exceptions import IndexNotFoundError, IndexNotReadyError
@@ -20,16 +21,32 @@ log = logging.getLogger("infotrace.service")
 class IndexRegistry:
     """Loaded indexes by name, and the reason for each index that could not be loaded.
 
+    A new version of an index (written by an update, DESIGN.md 2.1) is picked up by :meth:`refresh`, which
+    the service calls every ``INFOTRACE_RELOAD_INTERVAL`` seconds: the new version is loaded and verified
+    whole, then swapped in with one assignment; requests already running finish on the engine they
+    started with (its files stay readable after the old folder is deleted: memory maps and open file
+    descriptors keep them), new requests get the new one. A version that fails to load (caught mid-switch,
+    or corrupt) leaves the old one served and is tried again.
+
     Args:
         engines: name -> engine of each healthy index.
         failures: name -> why that index is not served.
         root: the index root they were loaded from.
+        loader: makes the engine of one index folder (None: no refresh).
     """
 
-    def __init__(self, engines: dict[str, AttributionEngine], failures: dict[str, str], root: Path) -> None:
+    def __init__(
+        self,
+        engines: dict[str, AttributionEngine],
+        failures: dict[str, str],
+        root: Path,
+        loader: Callable[[Path], AttributionEngine] | None = None,
+    ) -> None:
         self.engines = engines
         self.failures = failures
         self.root = root
+        self._loader = loader
+        self._versions = {name: _version(root / name) for name in [*engines, *failures]}
 
     @classmethod
     def load(
@@ -55,37 +72,57 @@ class IndexRegistry:
         root = Path(root)
         if not root.is_dir():
             raise IndexNotFoundError(f"index root {root} is not a folder")
+
+        def loader(folder: Path) -> AttributionEngine:
+            return AttributionEngine(
+                load_index(folder),
+                projection_cache_bytes,
+                (checkpoints or {}).get(folder.name),
+                trusted_factories,
+                use_gpu,
+            )
+
         engines: dict[str, AttributionEngine] = {}
         failures: dict[str, str] = {}
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not (folder / MANIFEST_FILE).is_file():
-                continue
-            if not re.fullmatch(INDEX_NAME_PATTERN, folder.name):  # no URL could reach it
-                failures[folder.name] = (
-                    f"the folder name {folder.name!r} is not a valid index name ({INDEX_NAME_PATTERN}: ASCII "
-                    "letters, digits, '_', '.', '-', at most 128 characters); rename the folder"
-                )
-                log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
-                continue
-            try:
-                engine = AttributionEngine(
-                    load_index(folder),
-                    projection_cache_bytes,
-                    (checkpoints or {}).get(folder.name),
-                    trusted_factories,
-                    use_gpu,
-                )
-            except Exception as exc:  # any failure marks this index not ready; the others are served
-                failures[folder.name] = f"{type(exc).__name__}: {exc}"
-                log.warning("index %s not loaded: %s", folder.name, failures[folder.name])
-                continue
-            if engine.model_error is not None and engine.data.manifest.model.spec is not None:
-                log.warning("index %s: raw-input queries refused: %s", folder.name, engine.model_error)
-            engines[folder.name] = engine
+        for folder in _index_folders(root):
+            outcome = _load_one(folder, loader)
+            if isinstance(outcome, str):
+                failures[folder.name] = outcome
+            else:
+                engines[folder.name] = outcome
         for name in sorted(set(checkpoints or {}) - set(engines) - set(failures)):
             log.warning("INFOTRACE_MODEL_CHECKPOINTS names %r, which is not an index under %s", name, root)
         log.info("serving %d index(es) from %s: %s", len(engines), root, sorted(engines))
-        return cls(engines, failures, root)
+        return cls(engines, failures, root, loader)
+
+    def refresh(self) -> list[str]:
+        """Load the indexes whose manifest changed since they were loaded (a new version) and the new
+        folders; swap each in once it loaded and verified.
+
+        Returns:
+            The names whose engine (or failure) was replaced.
+        """
+        if self._loader is None:
+            return []
+        changed = []
+        for folder in _index_folders(self.root):
+            name = folder.name
+            version = _version(folder)
+            if version is None or self._versions.get(name) == version:
+                continue
+            outcome = _load_one(folder, self._loader)
+            if isinstance(outcome, str):
+                if name in self.engines:  # a new version that does not load: keep serving the old one
+                    log.warning("index %s: new version not loaded, the old one is served: %s", name, outcome)
+                    continue
+                self.failures[name] = outcome
+            else:
+                self.engines[name] = outcome  # one assignment: a request sees the old engine or the new one
+                self.failures.pop(name, None)
+                log.info("index %s: now serving the version of %s", name, folder / MANIFEST_FILE)
+            self._versions[name] = version
+            changed.append(name)
+        return changed
 
     def get(self, name: str) -> AttributionEngine:
         """The engine of a healthy index.
@@ -100,3 +137,41 @@ class IndexRegistry:
         if engine is None:
             raise IndexNotFoundError(f"no index named {name!r}; served indexes: {sorted(self.engines)}")
         return engine
+
+
+def _version(folder: Path) -> tuple[int, int, int] | None:
+    """What identifies one written version of an index: its manifest's inode, mtime and size (every version
+    is a new folder, so a new manifest file), or None when there is none (mid-switch)."""
+    try:
+        st = (folder / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _index_folders(root: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
+    )
+
+
+def _load_one(folder: Path, loader: Callable[[Path], AttributionEngine]) -> AttributionEngine | str:
+    """The engine of one index folder, or why it is not served."""
+    if not re.fullmatch(INDEX_NAME_PATTERN, folder.name):  # no URL could reach it
+        why = (
+            f"the folder name {folder.name!r} is not a valid index name ({INDEX_NAME_PATTERN}: ASCII "
+            "letters, digits, '_', '.', '-', at most 128 characters); rename the folder"
+        )
+        log.warning("index %s not loaded: %s", folder.name, why)
+        return why
+    try:
+        engine = loader(folder)
+    except Exception as exc:  # any failure marks this index not ready; the others are served
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("index %s not loaded: %s", folder.name, why)
+        return why
+    if engine.model_error is not None and engine.data.manifest.model.spec is not None:
+        log.warning("index %s: raw-input queries refused: %s", folder.name, engine.model_error)
+    return engine

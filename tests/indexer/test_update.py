@@ -1,0 +1,199 @@
+"""Adding and removing training examples (DESIGN.md 2.1): the updated index equals a fresh build on the
+resulting set (surrogate quantities to 1e-8 relative in float64, identical exact top-k); an interrupted
+update leaves the old version intact; bad requests are refused."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.config import IndexConfig
+from indexer.data import Dataset
+from indexer.demo.mnist import load_mnist_sample
+from indexer.enums import Direction, Score
+from indexer.gp.surrogate import fit_surrogate
+from indexer.precomputed import build_from_features
+from indexer.store.layout import KEY_PHI_NORM
+from indexer.store.reader import load_index
+from indexer.store.search import Searcher
+from indexer.update import add_examples, add_features, remove_examples
+
+K = 16
+
+
+def synthetic(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    phi = rng.standard_normal((n, K)).astype(np.float32)
+    outputs = phi @ rng.standard_normal(K) + rng.standard_normal(n)
+    return {"phi": phi, "outputs": outputs, "targets": (outputs > 0).astype(np.int64)}
+
+
+def assert_same_index(updated: Path, fresh: Path) -> None:
+    a, b = load_index(updated), load_index(fresh)
+    assert a.n_train == b.n_train
+    np.testing.assert_array_equal(a.phi, b.phi)
+    np.testing.assert_allclose(a.surrogate.cholesky, b.surrogate.cholesky, rtol=1e-8, atol=1e-12)
+    for key in ("beta", "grad_term", "h", "s", "phi_norm", "output", "label"):
+        np.testing.assert_allclose(a.examples[key], b.examples[key], rtol=1e-8, atol=1e-300, err_msg=key)
+    assert a.surrogate.prior_precision == b.surrogate.prior_precision
+    assert [a.metadata.get_one("train", i) for i in range(0, a.n_train, 97)] == [
+        b.metadata.get_one("train", i) for i in range(0, b.n_train, 97)
+    ]
+    sa, sb = Searcher(a.surrogate, a.examples[KEY_PHI_NORM]), Searcher(b.surrogate, b.examples[KEY_PHI_NORM])
+    for phi_q in np.random.default_rng(9).standard_normal((5, K)):
+        for score in Score:
+            for direction in Direction:
+                ta, tb = a.surrogate.query_terms(phi_q), b.surrogate.query_terms(phi_q)
+                assert (
+                    sa.rank(ta, score, direction, 10, 10).ids.tolist()
+                    == sb.rank(tb, score, direction, 10, 10).ids.tolist()
+                )
+
+
+def test_add_then_remove_equals_fresh_builds(tmp_path: Path) -> None:
+    full = synthetic(1200)
+    first = {key: value[:1000] for key, value in full.items()}
+    index = build_from_features(first.pop("phi"), tmp_path / "grown", **first)
+    tau = load_index(index).surrogate.prior_precision
+    add_features(index, full["phi"][1000:], outputs=full["outputs"][1000:], targets=full["targets"][1000:])
+    fresh = build_from_features(
+        full["phi"], tmp_path / "fresh", outputs=full["outputs"], targets=full["targets"],
+        config=IndexConfig(prior_precision=tau),
+    )  # fmt: skip
+    assert_same_index(index, fresh)
+    grown = load_index(index).manifest
+    assert grown.extra["version"] == 2 and grown.extra["updates"][0]["op"] == "add"
+    assert grown.surrogate.prior_precision_source == "mean_eigenvalue"  # tau stays the recorded value
+
+    removed = [3, 17, 500, 1100, 1199]
+    remove_examples(index, removed)
+    keep = np.setdiff1d(np.arange(1200), removed)
+    fresh_kept = build_from_features(
+        full["phi"][keep],
+        tmp_path / "fresh-kept",
+        outputs=full["outputs"][keep],
+        targets=full["targets"][keep],
+        config=IndexConfig(prior_precision=tau),
+    )
+    assert_same_index(index, fresh_kept)
+    assert load_index(index).manifest.extra["version"] == 3
+
+
+def test_an_approximate_index_gets_the_new_vectors_and_its_recall_again(tmp_path: Path) -> None:
+    data = synthetic(3000, seed=1)
+    config = IndexConfig(faiss_factory="IVF8,Flat", nprobe=2, recall_queries=30)
+    index = build_from_features(
+        data["phi"][:2500], tmp_path / "ivf", outputs=data["outputs"][:2500], targets=data["targets"][:2500],
+        config=config,
+    )  # fmt: skip
+    add_features(index, data["phi"][2500:], outputs=data["outputs"][2500:], targets=data["targets"][2500:])
+    grown = load_index(index)
+    assert grown.faiss_index is not None and grown.faiss_index.ntotal == 3000
+    assert set(grown.manifest.faiss.recall_at_10 or {}) == {s.value for s in Score}
+    remove_examples(index, list(range(0, 3000, 3)))
+    shrunk = load_index(index)
+    assert shrunk.faiss_index is not None and shrunk.faiss_index.ntotal == 2000 == shrunk.n_train
+
+
+def test_a_model_index_adds_examples_featurized_with_its_own_model(tmp_path: Path, index_root: Path) -> None:
+    shutil.copytree(index_root / "digits", tmp_path / "digits")
+    before = load_index(tmp_path / "digits")
+    _, test = load_mnist_sample(n_train=4000, seed=0)
+    new = Dataset(test.inputs[100:160], test.targets[100:160], test.metadata[100:160], test.image_shape)
+    add_examples(tmp_path / "digits", new)
+    after = load_index(tmp_path / "digits")
+    assert after.n_train == before.n_train + 60 and after.inputs is not None
+    np.testing.assert_array_equal(after.inputs[-60:], new.inputs.numpy())
+    np.testing.assert_array_equal(after.phi[: before.n_train], before.phi)
+    # the added features are the index's own: a stored query with the same input has the same feature
+    stored = load_index(index_root / "digits")
+    same = Dataset(test.inputs[:1], test.targets[:1])
+    add_examples(tmp_path / "digits", same)
+    np.testing.assert_allclose(load_index(tmp_path / "digits").phi[-1], stored.query_phi[0], rtol=2**-10)
+    # the surrogate equals a refit on the stored values with the recorded tau
+    final = load_index(tmp_path / "digits")
+    refit = fit_surrogate(
+        final.phi, final.surrogate.beta, final.surrogate.grad_term, final.surrogate.prior_precision
+    )
+    np.testing.assert_allclose(final.surrogate.cholesky, refit.cholesky, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(final.surrogate.h, refit.h, rtol=1e-8)
+    assert final.metadata.get_one("train", final.n_train - 2)["label"] == int(test.targets[159])
+
+
+def test_bad_updates_are_refused(tmp_path: Path) -> None:
+    data = synthetic(50)
+    index = build_from_features(data.pop("phi"), tmp_path / "small", **data)
+    with pytest.raises(ValueError, match="valid ids are 0..49"):
+        remove_examples(index, [50])
+    with pytest.raises(ValueError, match="distinct"):
+        remove_examples(index, [1, 1])
+    with pytest.raises(ValueError, match="cannot remove every training example"):
+        remove_examples(index, list(range(50)))
+    with pytest.raises(ValueError, match=r"added features must have shape \(m, 16\)"):
+        add_features(index, np.zeros((2, 3)), outputs=np.zeros(2), targets=np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match="has no model"):
+        add_examples(index, Dataset(np.zeros((2, 16), dtype=np.float32), np.zeros(2, dtype=np.int64)))
+    assert load_index(index).manifest.extra.get("version") is None  # nothing was written
+
+
+def test_a_killed_update_leaves_the_old_version_intact(tmp_path: Path) -> None:
+    data = synthetic(300_000, seed=2)
+    index = build_from_features(
+        data["phi"][:250_000],
+        tmp_path / "big",
+        outputs=data["outputs"][:250_000],
+        targets=data["targets"][:250_000],
+    )
+    np.savez(tmp_path / "new.npz", **{key: value[250_000:] for key, value in data.items()})
+    script = f"""
+import numpy as np
+from indexer.update import add_features
+new = np.load({str(tmp_path / "new.npz")!r})
+add_features({str(index)!r}, new["phi"], outputs=new["outputs"], targets=new["targets"])
+print("done", flush=True)
+"""
+    outcomes = set()
+    for delay in (0.5, 1.5, 3.0, 6.0):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        loaded = load_index(index)  # every checksum verified: the old version or a complete new one
+        assert loaded.n_train in (250_000, 300_000, 350_000, 400_000, 450_000)
+        outcomes.add(loaded.n_train)
+    assert 250_000 in outcomes  # at least one kill landed before the switch
+    # what a killed update left beside the index is cleared by the next one, which finishes
+    add_features(index, data["phi"][:10], outputs=data["outputs"][:10], targets=data["targets"][:10])
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".big.")]
+    assert leftovers == [], leftovers
+
+
+def test_the_cli_adds_and_removes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from indexer.cli import app
+
+    data = synthetic(120, seed=5)
+    index = build_from_features(
+        data["phi"][:100], tmp_path / "cli", outputs=data["outputs"][:100], targets=data["targets"][:100]
+    )
+    np.savez(tmp_path / "more.npz", **{key: value[100:] for key, value in data.items()})
+    runner = CliRunner()
+    shown = runner.invoke(
+        app, ["add-features", "--index", str(index), "--features", str(tmp_path / "more.npz")]
+    )
+    assert shown.exit_code == 0 and "now holds 120" in shown.output, shown.output
+    shown = runner.invoke(app, ["remove", "--index", str(index), "--ids", "0, 5,119"])
+    assert shown.exit_code == 0 and "now holds 117" in shown.output, shown.output
+    shown = runner.invoke(app, ["remove", "--index", str(index), "--ids", "1,x"])
+    assert shown.exit_code == 2 and "comma-separated non-negative integers" in shown.output
+    shown = runner.invoke(app, ["remove", "--index", str(index), "--ids", "117"])
+    assert shown.exit_code == 2 and "valid ids are 0..116" in shown.output
+    assert load_index(index).n_train == 117

@@ -14,7 +14,10 @@ Features are drawn once (seeded: 64 clusters plus noise, written as float16) and
 from __future__ import annotations
 
 import gc
+import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,23 +30,29 @@ from indexer.enums import Direction, Score
 from indexer.precomputed import build_from_features
 from indexer.store.layout import PHI_FILE
 from indexer.store.reader import load_index
+from indexer.update import add_features, remove_examples
 from service.engine import AttributionEngine
 
-__all__ = ["draw_features", "floor_ms", "measure", "main"]
+__all__ = ["draw_features", "floor_ms", "measure", "probe", "main"]
 
 K = 512
 N_QUERIES = 200
+ADDED = 10_000
+REMOVED = 1_000
 CLUSTERS = 64
 FACTORIES_FULL: dict[str, dict[str, Any]] = {
     "IVF1024,Flat": {"nprobe": 16},
     "IVF1024,SQ8": {"nprobe": 16},
-    "IVF1024,PQ64": {"nprobe": 32},
+    "IVF1024,PQ64": {"nprobe": 32, "search_depth": 1000},  # compact: 64-byte codes, a deeper rerank
     "HNSW32": {"ef_search": 128},
 }
 HNSW_MAX_N = 200_000
 """HNSW is built only up to this N here: its graph build over a million 512-d vectors takes longer than the
 rest of the benchmark on 2 cores (reported as left out)."""
-FACTORIES_QUICK: dict[str, dict[str, Any]] = {"IVF64,Flat": {"nprobe": 8}, "IVF64,PQ32": {"nprobe": 8}}
+FACTORIES_QUICK: dict[str, dict[str, Any]] = {
+    "IVF64,Flat": {"nprobe": 8},
+    "IVF64,PQ32": {"nprobe": 8, "search_depth": 500},
+}
 
 
 def rss_bytes() -> int:
@@ -56,9 +65,10 @@ def draw_features(cache: Path, n: int, k: int = K, seed: int = 0) -> tuple[np.me
     held-out query features, drawn once per (n, k, seed)."""
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"phi-{n}x{k}-{seed}.npy"
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((CLUSTERS, k)).astype(np.float32) * 0.6
-    direction = rng.standard_normal(k) / np.sqrt(k)
+    base = np.random.default_rng(0)  # the clusters and the margin direction are the same for every seed
+    centres = base.standard_normal((CLUSTERS, k)).astype(np.float32) * 0.6
+    direction = base.standard_normal(k) / np.sqrt(k)
+    rng = base if seed == 0 else np.random.default_rng(seed)
     if not path.exists():
         partial = path.with_suffix(".partial.npy")
         out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, k))
@@ -103,26 +113,72 @@ def floor_ms(phi_path: Path, repeats: int = 7) -> float:
     return min(times)
 
 
-def _latency(engine: AttributionEngine, n_queries: int, rounds: int) -> dict[str, Any]:
+def probe(index_dir: Path, n_queries: int, rounds: int) -> dict[str, Any]:
+    """Load an index in this (fresh) process and query it as the service would (one compute thread):
+    load time, RSS growth after loading and after the queries, stored-id latency (the first round warms the
+    page cache and the per-score weights and is not timed)."""
+    from service.app import limit_threads
+
+    limit_threads(1)  # the service's default (INFOTRACE_COMPUTE_THREADS=1)
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    engine = AttributionEngine(load_index(index_dir))
+    load_s = time.perf_counter() - t0
+    after_load = rss_bytes() - before
     times = []
     for r in range(rounds):
         for q in range(n_queries):
             query = engine.queries.stored(q)
             t0 = time.perf_counter()
             engine.attribute(query, Score.INFORMATION_GAIN, Direction.BOTH, 10, 100)
-            if r:  # the first round warms the page cache and the per-score weights
+            if r:
                 times.append((time.perf_counter() - t0) * 1e3)
-    return latency_stats(times)
+    return {
+        "load_s": load_s,
+        "rss_after_load": after_load,
+        "rss_after_queries": rss_bytes() - before,
+        "query_ms": latency_stats(times),
+    }
+
+
+def _probe_in_subprocess(index_dir: Path, rounds: int) -> dict[str, Any]:
+    queries = min(50, N_QUERIES)
+    code = (
+        "import json; from pathlib import Path; from benchmarks.scale import probe; "
+        f"print(json.dumps(probe(Path({str(index_dir)!r}), {queries}, {rounds})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _updates(out: Path, cache: Path, n: int, build_s: float) -> dict[str, Any]:
+    """Time to add 10,000 examples and to remove 1,000 from the exact index, against its full build."""
+    more, extra = draw_features(cache, ADDED, seed=7)
+    t0 = time.perf_counter()
+    add_features(out, np.asarray(more), outputs=extra["outputs"], targets=extra["targets"])
+    add_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    remove_examples(out, np.arange(0, n, n // REMOVED)[:REMOVED])
+    remove_s = time.perf_counter() - t0
+    return {
+        "added": ADDED,
+        "add_s": add_s,
+        "add_over_build": add_s / build_s,
+        "removed": REMOVED,
+        "remove_s": remove_s,
+        "remove_over_build": remove_s / build_s,
+    }
 
 
 def measure(
-    root: Path, cache: Path, n: int, factories: dict[str, dict[str, int]], rounds: int
+    root: Path, cache: Path, n: int, factories: dict[str, dict[str, Any]], rounds: int
 ) -> dict[str, Any]:
     """Everything of one N (see the module docstring)."""
     phi, extra = draw_features(cache, n)
     rows: list[dict[str, Any]] = []
     chosen = {f: kn for f, kn in factories.items() if not (f.startswith("HNSW") and n > HNSW_MAX_N)}
     runs: dict[str, dict[str, Any]] = {"Flat": {}, **chosen}
+    updates = None
     for factory, knobs in runs.items():
         out = root / f"scale-{n}-{factory.replace(',', '_')}"
         shutil.rmtree(out, ignore_errors=True)
@@ -132,14 +188,8 @@ def measure(
             phi, out, config=IndexConfig(faiss_factory=factory, recall_queries=100, **knobs), **extra
         )
         build_s = time.perf_counter() - t0
-        before = rss_bytes()
-        t0 = time.perf_counter()
+        probed = _probe_in_subprocess(out, rounds)
         index = load_index(out)
-        engine = AttributionEngine(index)
-        load_s = time.perf_counter() - t0
-        after_load = rss_bytes() - before
-        latency = _latency(engine, min(50, N_QUERIES), rounds)
-        after_queries = rss_bytes() - before
         files = index.manifest.files
         disk = sum(f.bytes for f in files.values())
         faiss_bytes = files["faiss.index"].bytes if "faiss.index" in files else 0
@@ -149,23 +199,24 @@ def measure(
             "exact": index.manifest.faiss.exact,
             "recall_at_10": index.manifest.faiss.recall_at_10,
             "build_s": build_s,
-            "load_s": load_s,
+            "load_s": probed["load_s"],
             "disk_bytes_per_example": disk / n,
             "features_bytes_per_example": files[PHI_FILE].bytes / n,
             "faiss_bytes_per_example": faiss_bytes / n,
-            "rss_after_load_bytes_per_example": after_load / n,
-            "rss_after_queries_bytes_per_example": after_queries / n,
-            "query_ms": latency,
+            "rss_after_load_bytes_per_example": probed["rss_after_load"] / n,
+            "rss_after_queries_bytes_per_example": probed["rss_after_queries"] / n,
+            "query_ms": probed["query_ms"],
         }
+        del index
         if factory == "Flat":
             row["floor_ms"] = floor_ms(out / PHI_FILE)
-            row["p50_over_floor"] = latency["p50_ms"] / row["floor_ms"]
+            row["p50_over_floor"] = row["query_ms"]["p50_ms"] / row["floor_ms"]
+            updates = _updates(out, cache, n, build_s)
         rows.append(row)
         print(f"N={n} {factory}: {row}", flush=True)
-        del engine, index
         shutil.rmtree(out, ignore_errors=True)
     left_out = sorted(set(factories) - set(chosen))
-    return {"n": n, "k": K, "methods": rows, "left_out": left_out}
+    return {"n": n, "k": K, "methods": rows, "left_out": left_out, "updates": updates}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -203,6 +254,20 @@ def render(report: dict[str, Any]) -> str:
             lines.append(
                 f"\nLeft out at N = {scale['n']:,}: {', '.join(scale['left_out'])} (HNSW graph build time on "
                 f"this machine; built up to N = {HNSW_MAX_N:,})."
+            )
+    lines += [
+        "",
+        "Updates of the exact index (new versions written atomically; equal to fresh builds, see tests):",
+        "",
+        "| N | add 10,000 s | add / full build | remove 1,000 s | remove / full build |",
+        "|---|---|---|---|---|",
+    ]
+    for scale in report["scales"]:
+        u = scale.get("updates")
+        if u:
+            lines.append(
+                f"| {scale['n']:,} | {u['add_s']:.1f} | {u['add_over_build']:.2f} | {u['remove_s']:.1f} | "
+                f"{u['remove_over_build']:.2f} |"
             )
     lines += ["", "Recall@10 of every score (approximate indexes, candidates reranked exactly):", ""]
     for scale in report["scales"]:

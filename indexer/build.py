@@ -83,11 +83,7 @@ __all__ = [
     "check_finite_inputs",
     "check_targets",
     "probe_outputs",
-    "RECALL_CANDIDATES",
 ]
-
-RECALL_CANDIDATES = 100
-"""Retrieval depth at which an approximate index's recall@10 is measured: the service's default depth."""
 
 log = logging.getLogger("infotrace.indexer")
 
@@ -346,13 +342,13 @@ def approximate_retrieval(
     queries = recall_queries(surrogate, query_phi, config.recall_queries, seed=config.seed)
     exact = Searcher(surrogate, phi_norm)
     approximate = Searcher(surrogate, phi_norm, index, knobs)
-    recall = measure_recall(exact, approximate, queries, RECALL_CANDIDATES)
+    recall = measure_recall(exact, approximate, queries, config.search_depth)
     log.info("approximate index %s: recall@10 %s", config.faiss_factory, recall)
     return index, FaissInfo(
         factory=config.faiss_factory,
         recall_at_10=recall,
         recall_queries=len(queries),
-        recall_candidates=RECALL_CANDIDATES,
+        recall_candidates=config.search_depth,
         nprobe=config.nprobe,
         ef_search=config.ef_search,
     )

@@ -42,6 +42,9 @@ class IndexConfig:
         feature_dtype: ``"float16"`` (default) or ``"float32"`` storage of phi.
         recall_queries: held-out queries on which an approximate index's recall@10 is measured (the stored
             queries first, then a seeded sample of training features).
+        search_depth: candidates an approximate index returns for the exact rerank: its recall@10 is
+            measured at this depth, and the service uses it when a request gives no ``candidates`` (a compact
+            PQ index needs more than a flat IVF one to reach the same recall).
         nprobe: IVF lists searched by default (approximate IVF indexes; None: FAISS's default, 1).
         ef_search: HNSW search depth by default (approximate HNSW indexes; None: FAISS's default, 16).
         buffer_bytes: gradients gathered per pass over the projection's blocks, in bytes.
@@ -93,6 +96,12 @@ class IndexConfig:
         default=200,
         metadata={"help": "held-out queries on which an approximate index's recall@10 is measured"},
     )
+    search_depth: int = field(
+        default=100,
+        metadata={
+            "help": "approximate index: candidates reranked exactly per query (recall is measured at it)"
+        },
+    )
     nprobe: int | None = field(
         default=None, metadata={"help": "IVF lists searched by default (approximate IVF indexes)"}
     )
@@ -123,6 +132,8 @@ class IndexConfig:
                 f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
                 f"{self.batch_size}, {self.buffer_bytes}"
             )
+        if self.search_depth <= 0:
+            raise ValueError(f"search_depth must be positive; got {self.search_depth}")
         if self.recall_queries <= 0:
             raise ValueError(f"recall_queries must be positive; got {self.recall_queries}")
         for knob in ("nprobe", "ef_search"):

@@ -26,7 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.build import RECALL_CANDIDATES, check_finite_inputs, check_targets
+from indexer.build import check_finite_inputs, check_targets
 from indexer.data import Dataset, Examples
 from indexer.features.featurize import DenseFeaturizer, Features, Featurizer, count_parameters
 from indexer.features.hooks import HookFeaturizer
@@ -240,7 +240,7 @@ def _update(
             Searcher(surrogate, norms),
             Searcher(surrogate, norms, faiss_index, knobs),
             queries,
-            RECALL_CANDIDATES,
+            info.recall_candidates,
         )
         info = replace(info, recall_at_10=recall, recall_queries=len(queries))
     m = data.manifest

@@ -35,6 +35,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_from_features(phi, root / "exact", **common)
     build_from_features(phi, root / "ivf", config=IndexConfig(faiss_factory="IVF16,Flat", nprobe=2), **common)
     build_from_features(phi, root / "hnsw", config=IndexConfig(faiss_factory="HNSW16"), **common)
+    deep = IndexConfig(faiss_factory="IVF16,PQ4", search_depth=300, recall_queries=20)
+    build_from_features(phi, root / "deep", config=deep, **common)
     return root
 
 
@@ -89,3 +91,17 @@ def test_a_features_only_index_serves_features_and_refuses_inputs(client: TestCl
     assert raw.status_code in (409, 422) and "model" in raw.text
     example = client.get("/v1/indexes/exact/examples/7")
     assert example.status_code == 200 and example.json()["prediction"] is None
+
+
+def test_an_approximate_index_is_searched_at_its_recorded_depth(client: TestClient, root: Path) -> None:
+    info = load_index(root / "deep").manifest.faiss
+    assert info.recall_candidates == 300 and info.factory == "IVF16,PQ4"
+    found = client.post("/v1/indexes/deep/attributions", json={"query": {"id": 1}}).json()
+    assert (
+        found["candidates_searched"] == 300
+        and found["recall_at_10"] == (info.recall_at_10 or {})["information_gain"]
+    )
+    asked = client.post("/v1/indexes/deep/attributions", json={"query": {"id": 1}, "candidates": 50}).json()
+    assert asked["candidates_searched"] == 50
+    exact = client.post("/v1/indexes/exact/attributions", json={"query": {"id": 1}}).json()
+    assert exact["candidates_searched"] >= 100  # the service default, deepened as needed

@@ -38,6 +38,7 @@ from indexer.gp.surrogate import Surrogate, whiten
 from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
+    FORMAT_VERSION,
     KEY_BETA,
     KEY_GRAD_TERM,
     KEY_H,
@@ -62,6 +63,7 @@ from indexer.store.search import (
     measure_recall,
     recall_queries,
 )
+from indexer.store.sections import EXACT_FACTORY, FaissInfo
 from indexer.store.shards import build_lock, remove_stale_siblings
 from indexer.store.writer import MetadataRow, write_index_dir
 
@@ -234,7 +236,8 @@ def _update(
     info = data.manifest.faiss
     if faiss_index is not None:
         knobs = SearchKnobs(nprobe=info.nprobe, ef_search=info.ef_search)
-        queries = recall_queries(surrogate, data.query_phi, info.recall_queries)
+        seed = int(data.manifest.config.get("seed", 0))
+        queries = recall_queries(surrogate, data.query_phi, info.recall_queries, seed=seed)
         norms = stats[KEY_PHI_NORM]
         recall = measure_recall(
             Searcher(surrogate, norms),
@@ -246,8 +249,11 @@ def _update(
     m = data.manifest
     history = list(m.extra.get("updates", []))
     history.append({**operation, "n_train": surrogate.n_train, "seconds": time.perf_counter() - started})
+    if faiss_index is None and not info.exact:  # a format-1 index's per-score flat files: the exact scan now
+        info = FaissInfo(factory=EXACT_FACTORY)
     manifest = replace(
         m,
+        format_version=FORMAT_VERSION,  # a format-1 index is rewritten in today's layout
         surrogate=replace(m.surrogate, n_train=surrogate.n_train, n_clamped=surrogate.n_clamped),
         counts=replace(m.counts, n_train=surrogate.n_train),
         faiss=info,

@@ -112,11 +112,13 @@ class FeatureScan:
             self.phi = torch.from_numpy(phi) if len(phi) else torch.zeros((0, self.k), dtype=torch.float32)
         self.phi_norm = torch.from_numpy(np.asarray(phi_norm, dtype=np.float32))
         self.max_norm = float(np.max(phi_norm, initial=0.0))
-        self.mode = "float32" if self.phi.dtype == torch.float32 else "half"
+        self.mode = {torch.float32: "float32", torch.float16: "half"}.get(self.phi.dtype, "float64")
+        if self.mode == "float64":  # features held in another float dtype (library use): exact float64
+            self.phi = self.phi.double()
         # relative error of an output and error per unit of |b| |phi_i| (rounding of b, accumulation)
-        unit = 2.0**-11 if self.mode == "half" else 2.0**-24
+        unit = {"half": 2.0**-11, "float32": 2.0**-24, "float64": 2.0**-53}[self.mode]
         self.relative = 2 * unit
-        self.absolute = 2 * unit + self.k * 2.0**-23
+        self.absolute = 2 * unit + self.k * (2.0**-52 if self.mode == "float64" else 2.0**-23)
         if self.mode == "half" and self.n and not self._kernel_within_bound():
             self.mode = "upcast"
             self.relative, self.absolute = 2.0**-23, self.k * 2.0**-23 + 2.0**-11
@@ -158,6 +160,10 @@ class FeatureScan:
         """
         if self.mode == "half":
             return self._half(self.phi, b, self.phi_norm)
+        if self.mode == "float64":
+            x = torch.mv(self.phi, torch.from_numpy(np.asarray(b, dtype=np.float64)))
+            err = self.relative * x.abs() + self.absolute * float(np.linalg.norm(b)) * self.phi_norm.double()
+            return x, err + 1e-300
         b32 = torch.from_numpy(np.asarray(b, dtype=np.float32))
         if self.mode == "float32":
             x = torch.mv(self.phi, b32)
@@ -210,6 +216,21 @@ def search_params(index: faiss.Index, knobs: SearchKnobs) -> faiss.SearchParamet
     return params
 
 
+def _ordered(
+    score: Score, direction: Direction, ids: np.ndarray, scores: dict[Score, np.ndarray], top_k: int
+) -> tuple[np.ndarray, dict[Score, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, scores, signed, key, order of the eligible top ``top_k``: key descending, ties by id)."""
+    signed = signed_score(score, scores)
+    if direction is Direction.PROPONENTS:
+        key, eligible = signed, signed > 0
+    elif direction is Direction.OPPONENTS:
+        key, eligible = -signed, signed < 0
+    else:
+        key, eligible = np.abs(signed), np.ones(len(ids), dtype=bool)
+    order = np.lexsort((ids, -key))
+    return ids, scores, signed, key, order[eligible[order]][:top_k]
+
+
 class Searcher:
     """Top-k training examples of any score: the exact scan, or an approximate FAISS index, then the exact
     float64 rerank (module docstring).
@@ -222,6 +243,9 @@ class Searcher:
         phi_norm: `(n_train,)` float64 |phi_i|.
         faiss_index: the approximate index over the information-gain vectors, or None for the exact scan.
         default_knobs: the knobs used when a request sets none (the manifest's).
+        cpu_index: the CPU index ``faiss_index`` was copied from when that is a GPU copy: search knobs are
+            checked and built against it (a GPU index is neither an ``IndexIVF`` nor an ``IndexHNSW``).
+        max_depth: the most results one FAISS search may return (GPU FAISS: 2048), or None.
     """
 
     def __init__(
@@ -230,11 +254,15 @@ class Searcher:
         phi_norm: np.ndarray,
         faiss_index: faiss.Index | None = None,
         default_knobs: SearchKnobs = SearchKnobs(),
+        cpu_index: faiss.Index | None = None,
+        max_depth: int | None = None,
     ) -> None:
         self.surrogate = surrogate
         self.phi_norm = phi_norm
         self.faiss_index = faiss_index
         self.default_knobs = default_knobs
+        self.cpu_index = cpu_index if cpu_index is not None else faiss_index
+        self.max_depth = max_depth
         self._scan: FeatureScan | None = None
         self._weights: dict[Score, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -266,42 +294,42 @@ class Searcher:
             self._weights[score] = (w32, w32.abs())
         return self._weights[score]
 
-    def _keyed(self, score: Score, query: QueryTerms) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signed keys x_i = w_i <b_q, phi_i> (float32) and their error bounds."""
+    def _keyed(self, score: Score, query: QueryTerms) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Signed keys x_i = w_i <b_q, phi_i> in units of |b_q| (the scan takes b_q / |b_q|, so that neither
+        a tiny nor a huge query leaves the float range), their error bounds, and |b_q| (float64)."""
         b = scan_query_vector(score, query)
-        x, err = self.scan.inner(b)
+        top = float(np.max(np.abs(b), initial=0.0))
+        b_norm = top * float(np.linalg.norm(b / top)) if top > 0 else 0.0
+        x, err = self.scan.inner(b / b_norm if b_norm > 0 else b)
         w, w_abs = self._score_weights(score)
+        if x.dtype != w.dtype:
+            w, w_abs = w.to(x.dtype), w_abs.to(x.dtype)
         # the product's own float32 rounding is far inside the relative term
-        return x * w, err * w_abs * (1 + 2.0**-20)
+        return x * w, err * w_abs * (1 + 2.0**-20), b_norm
 
-    def _upper_bounds(self, score: Score, direction: Direction, query: QueryTerms) -> torch.Tensor:
-        """`(n,)` float32 upper bounds, in the units of x, on each example's ranking key for ``direction``
-        (-inf where the example certainly has the wrong sign)."""
-        key, err = self._keyed(score, query)
+    def _upper_bounds(
+        self, score: Score, direction: Direction, query: QueryTerms
+    ) -> tuple[torch.Tensor, float]:
+        """`(n,)` upper bounds on each example's ranking key for ``direction``, in units of the returned
+        |b_q| (-inf where the example certainly has the wrong sign)."""
+        key, err, b_norm = self._keyed(score, query)
         if direction is Direction.BOTH:
-            return key.abs() + err
+            return key.abs() + err, b_norm
         if score is Score.INFORMATION_GAIN:  # magnitude from phi_q, sign from the influence (A^-1 phi_q)
-            sign_key, sign_err = self._keyed(Score.INFLUENCE, query)
-            wrong = sign_key + sign_err < 0 if direction is Direction.PROPONENTS else sign_key - sign_err > 0
-            return torch.where(wrong, torch.tensor(-float("inf")), key.abs() + err)
+            sign_key, sign_err, _ = self._keyed(Score.INFLUENCE, query)
+            wrong = (
+                sign_key + sign_err <= 0 if direction is Direction.PROPONENTS else sign_key - sign_err >= 0
+            )
+            return torch.where(wrong, torch.tensor(-float("inf"), dtype=key.dtype), key.abs() + err), b_norm
         side = key if direction is Direction.PROPONENTS else -key
-        return side + err
+        return side + err, b_norm
 
     def _rerank(
         self, query: QueryTerms, score: Score, direction: Direction, ids: np.ndarray, top_k: int
     ) -> tuple[np.ndarray, dict[Score, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
         """Exact float64 scores of ``ids``; returns (ids, scores, signed, key, order of the eligible top)."""
         ids = np.unique(ids)
-        scores = self.surrogate.scores(query, ids)
-        signed = signed_score(score, scores)
-        if direction is Direction.PROPONENTS:
-            key, eligible = signed, signed > 0
-        elif direction is Direction.OPPONENTS:
-            key, eligible = -signed, signed < 0
-        else:
-            key, eligible = np.abs(signed), np.ones(len(ids), dtype=bool)
-        order = np.lexsort((ids, -key))
-        return ids, scores, signed, key, order[eligible[order]][:top_k]
+        return _ordered(score, direction, ids, self.surrogate.scores(query, ids), top_k)
 
     def rank(
         self,
@@ -332,30 +360,39 @@ class Searcher:
         if self.faiss_index is not None:
             return self._approximate(query, score, direction, top_k, candidates, knobs or SearchKnobs())
         n = self.surrogate.n_train
+        depth = min(max(candidates, top_k), n)
+        if not np.any(query.phi):  # a zero query: every score of every example is 0 (DESIGN.md 1.5)
+            ids, scores, signed, _, order = self._rerank(query, score, direction, np.arange(depth), top_k)
+            return Ranked(
+                ids[order], {s: v[order] for s, v in scores.items()}, signed[order], depth, 0.0, 0.0
+            )
         t0 = time.perf_counter()
-        bounds = self._upper_bounds(score, direction, query)
+        bounds, b_norm = self._upper_bounds(score, direction, query)
         retrieve_ms = (time.perf_counter() - t0) * 1e3
         rerank_ms = 0.0
-        depth = min(max(candidates, top_k), n)
+        ids = np.zeros(0, dtype=np.int64)
+        scores = {s: np.zeros(0) for s in Score}
         while True:
             t0 = time.perf_counter()
             values, found = torch.topk(bounds, min(depth + 1, n), sorted=True)
             t1 = time.perf_counter()
-            ids, scores, signed, key, order = self._rerank(
-                query, score, direction, found[:depth].numpy(), top_k
-            )
+            new = np.setdiff1d(found[:depth].numpy(), ids)  # a deepening reranks only what it adds
+            more = self.surrogate.scores(query, new)
+            ids = np.concatenate([ids, new])
+            scores = {s: np.concatenate([scores[s], more[s]]) for s in Score}
+            ids, scores, signed, key, order = _ordered(score, direction, ids, scores, top_k)
             retrieve_ms += (t1 - t0) * 1e3
             rerank_ms += (time.perf_counter() - t1) * 1e3
             if depth >= n:
                 break
-            bound_x = float(values[depth])  # no unseen example's key exceeds this (in units of x)
+            bound_x = float(values[depth]) * b_norm  # no unseen example's key exceeds this (units of x)
+            if direction is not Direction.BOTH and bound_x <= 0:
+                break  # no unseen example has the requested sign: every eligible one is in
             if score.signed:
                 bound = bound_x
             else:
                 bound = float(score_from_inner(score, np.array([max(bound_x, 0.0)]), query)[0])
             if len(order) == top_k and key[order[-1]] > bound:
-                break
-            if bound_x == -float("inf"):  # every remaining example has the wrong sign
                 break
             depth = min(2 * depth, n)
         return Ranked(
@@ -384,8 +421,8 @@ class Searcher:
             nprobe=knobs.nprobe if knobs.nprobe is not None else self.default_knobs.nprobe,
             ef_search=knobs.ef_search if knobs.ef_search is not None else self.default_knobs.ef_search,
         )
-        params = search_params(index, chosen)
-        depth = min(max(candidates, top_k), n)
+        params = search_params(self.cpu_index or index, chosen)
+        depth = min(max(candidates, top_k), n, self.max_depth or n)
         t0 = time.perf_counter()
         a = query_vector(Score.INFORMATION_GAIN, query)  # the information-gain vectors' query side: phi_q
         norm = float(np.linalg.norm(a))

@@ -182,7 +182,7 @@ class AttributionEngine:
         """
         if knobs.nprobe is None and knobs.ef_search is None:
             return
-        index = self.retriever.searcher.faiss_index
+        index = self.retriever.searcher.cpu_index
         if index is None:
             raise InvalidQueryError(
                 "nprobe and ef_search tune an approximate index; this index is searched exactly (its factory "

@@ -46,7 +46,7 @@ class IndexRegistry:
         self.failures = failures
         self.root = root
         self._loader = loader
-        self._versions = {name: _version(root / name) for name in [*engines, *failures]}
+        self._versions: dict[str, tuple[int, int, int] | None] = {}
 
     @classmethod
     def load(
@@ -82,18 +82,19 @@ class IndexRegistry:
                 use_gpu,
             )
 
-        engines: dict[str, AttributionEngine] = {}
-        failures: dict[str, str] = {}
+        registry = cls({}, {}, root, loader)
         for folder in _index_folders(root):
+            version = _version(folder)  # before loading: a version written meanwhile is picked up later
             outcome = _load_one(folder, loader)
             if isinstance(outcome, str):
-                failures[folder.name] = outcome
+                registry.failures[folder.name] = outcome
             else:
-                engines[folder.name] = outcome
-        for name in sorted(set(checkpoints or {}) - set(engines) - set(failures)):
+                registry.engines[folder.name] = outcome
+            registry._versions[folder.name] = version if _version(folder) == version else None
+        for name in sorted(set(checkpoints or {}) - set(registry.engines) - set(registry.failures)):
             log.warning("INFOTRACE_MODEL_CHECKPOINTS names %r, which is not an index under %s", name, root)
-        log.info("serving %d index(es) from %s: %s", len(engines), root, sorted(engines))
-        return cls(engines, failures, root, loader)
+        log.info("serving %d index(es) from %s: %s", len(registry.engines), root, sorted(registry.engines))
+        return registry
 
     def refresh(self) -> list[str]:
         """Load the indexes whose manifest changed since they were loaded (a new version) and the new
@@ -111,7 +112,10 @@ class IndexRegistry:
             if version is None or self._versions.get(name) == version:
                 continue
             outcome = _load_one(folder, self._loader)
+            if _version(folder) != version:  # replaced again while loading (files of two versions): retry
+                continue
             if isinstance(outcome, str):
+                self._versions[name] = version  # tried again only once it changes
                 if name in self.engines:  # a new version that does not load: keep serving the old one
                     log.warning("index %s: new version not loaded, the old one is served: %s", name, outcome)
                     continue

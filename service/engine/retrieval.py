@@ -12,7 +12,10 @@ from indexer.store.layout import KEY_PHI_NORM
 from indexer.store.reader import IndexData
 from indexer.store.search import Ranked, Searcher, SearchKnobs
 
-__all__ = ["Ranked", "Retriever", "SearchKnobs"]
+__all__ = ["GPU_MAX_DEPTH", "Ranked", "Retriever", "SearchKnobs"]
+
+GPU_MAX_DEPTH = 2048
+"""GPU FAISS returns at most this many neighbours per search: deeper requests are served at this depth."""
 
 
 class Retriever:
@@ -52,6 +55,8 @@ class Retriever:
             data.examples[KEY_PHI_NORM],
             index,
             SearchKnobs(nprobe=info.nprobe, ef_search=info.ef_search),
+            cpu_index=data.faiss_index,
+            max_depth=GPU_MAX_DEPTH if self.on_gpu else None,
         )
         self.recall_at_10 = info.recall_at_10
 

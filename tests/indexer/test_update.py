@@ -197,3 +197,18 @@ def test_the_cli_adds_and_removes(tmp_path: Path) -> None:
     shown = runner.invoke(app, ["remove", "--index", str(index), "--ids", "117"])
     assert shown.exit_code == 2 and "valid ids are 0..116" in shown.output
     assert load_index(index).n_train == 117
+
+
+def test_an_index_of_format_1_is_updated_into_todays_layout(tmp_path: Path) -> None:
+    """A newcomer review: the new version kept format_version 1 with format-2 files, and could not load."""
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-v1"
+    shutil.copytree(fixture, tmp_path / "tiny-v1")
+    old = load_index(tmp_path / "tiny-v1")
+    assert old.manifest.format_version == 1
+    remove_examples(tmp_path / "tiny-v1", [0, 5])
+    new = load_index(tmp_path / "tiny-v1")
+    assert new.manifest.format_version == 2 and new.n_train == old.n_train - 2 and new.manifest.faiss.exact
+    keep = np.setdiff1d(np.arange(old.n_train), [0, 5])
+    np.testing.assert_array_equal(new.phi, old.phi[keep])
+    refit = fit_surrogate(new.phi, new.surrogate.beta, new.surrogate.grad_term, old.surrogate.prior_precision)
+    np.testing.assert_allclose(new.surrogate.h, refit.h, rtol=1e-8)

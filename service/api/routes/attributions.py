@@ -101,7 +101,8 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     _check_limit("top_k", request.top_k, min(settings.max_top_k, n), "the service limit and the index size")
     # an approximate index's recorded depth (its recall was measured there), else the service's default
     depth = engine.data.manifest.faiss.recall_candidates if not engine.exact else 0
-    candidates = request.candidates or depth or settings.default_candidates
+    default = min(depth or settings.default_candidates, settings.max_candidates)  # a default fits the limit
+    candidates = request.candidates or default
     _check_limit("candidates", candidates, settings.max_candidates, "the service limit")
     knobs = SearchKnobs(nprobe=request.nprobe, ef_search=request.ef_search)
     if knobs.nprobe is not None:

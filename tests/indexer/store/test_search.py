@@ -256,3 +256,31 @@ print(json.dumps({{"grown": after - before}}))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     grown = json.loads(result.stdout.strip().splitlines()[-1])["grown"]
     assert grown < 0.25 * phi_bytes, (grown, phi_bytes)
+
+
+def test_the_scan_stops_early_where_no_unseen_example_can_qualify() -> None:
+    """A newcomer review: these reranked all N examples in float64 (a client-triggerable cost)."""
+    surrogate, norms, queries = problem(4000, 24, "float16")
+    searcher = Searcher(surrogate, norms)
+    zero = searcher.rank(surrogate.query_terms(np.zeros(24)), Score.INFLUENCE, Direction.PROPONENTS, 10, 20)
+    assert len(zero.ids) == 0 and zero.depth == 20
+    # proponents of the inner product for a query anti-correlated with every feature: none exist
+    anti = surrogate.query_terms(-np.asarray(surrogate.phi, dtype=np.float64).mean(0))
+    found = searcher.rank(anti, Score.INNER_PRODUCT, Direction.PROPONENTS, 10, 20)
+    assert found.ids.tolist() == brute_force(
+        surrogate, anti.phi, Score.INNER_PRODUCT, Direction.PROPONENTS, 10
+    )
+    for scale in (1e-30, 1e30):  # the scan takes b / |b|: neither underflows nor overflows float32
+        phi_q = queries[0] * scale
+        for score in Score:
+            ranked = searcher.rank(surrogate.query_terms(phi_q), score, Direction.BOTH, 10, 20)
+            assert ranked.ids.tolist() == brute_force(surrogate, phi_q, score, Direction.BOTH, 10), score
+            assert ranked.depth < 4000
+
+
+def test_float64_features_are_scanned_in_float64() -> None:
+    surrogate, norms, queries = problem(800, 8, "float64")
+    searcher = Searcher(surrogate, norms)
+    assert searcher.scan.mode == "float64"
+    found = searcher.rank(surrogate.query_terms(queries[1]), Score.COSINE, Direction.OPPONENTS, 5, 5)
+    assert found.ids.tolist() == brute_force(surrogate, queries[1], Score.COSINE, Direction.OPPONENTS, 5)

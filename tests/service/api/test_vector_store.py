@@ -105,3 +105,11 @@ def test_an_approximate_index_is_searched_at_its_recorded_depth(client: TestClie
     assert asked["candidates_searched"] == 50
     exact = client.post("/v1/indexes/exact/attributions", json={"query": {"id": 1}}).json()
     assert exact["candidates_searched"] >= 100  # the service default, deepened as needed
+
+
+def test_a_recorded_depth_beyond_the_service_limit_is_lowered_to_it(root: Path) -> None:
+    with TestClient(create_app(Settings(index_root=root, max_candidates=120))) as small:
+        found = small.post("/v1/indexes/deep/attributions", json={"query": {"id": 1}})
+        assert found.status_code == 200 and found.json()["candidates_searched"] == 120
+        asked = small.post("/v1/indexes/deep/attributions", json={"query": {"id": 1}, "candidates": 121})
+        assert asked.status_code == 422 and "candidates must be at most 120" in asked.text

@@ -51,7 +51,7 @@ bench-quick: install-bench  ## the same harness on a tiny problem (what CI runs,
 bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTTP and in-process)
 	$(PY) -m benchmarks.speed --index-root $(INDEX_ROOT) --out benchmarks/results/speed.json
 
-bench-scale: install-bench  ## the vector store at N = 100,000 and 1,000,000, k = 512 (~25 min): benchmarks/results/SCALE.md
+bench-scale: install-bench  ## the vector store at N = 100,000 and 1,000,000, k = 512 (~12 min): benchmarks/results/SCALE.md
 	$(PY) -m benchmarks.scale $(if $(QUICK),--quick --out var/bench-scale-quick/scale.json)
 
 bench-load: index-demo  ## 32 concurrent clients for 60 s against a live service: errors, p50/p99, throughput

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 import faiss
 import threadpoolctl
 import torch
@@ -15,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from swagger_ui_bundle import swagger_ui_path
 
 from indexer.plugins import load_plugins
@@ -23,6 +25,7 @@ from service.api.errors import install_error_handlers
 from service.api.routes import attributions, dashboard, examples, indexes
 from service.core.observability import BodyGuard, Metrics, install_request_middleware
 from service.core.settings import Settings
+from service.core.startup import MULTIPROC_ENV
 from service.engine.registry import IndexRegistry
 
 log = logging.getLogger("infotrace.service")
@@ -59,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.compute_threads is not None:
             limit_threads(settings.compute_threads)
+        # sync handlers run in this many threads; the rest wait their turn in order of arrival
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.worker_threads
         load_plugins(settings.plugins)  # before the indexes: their manifests may name what plugins register
         registry = IndexRegistry.load(
             settings.index_root,
@@ -132,8 +137,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     def prometheus_metrics() -> PlainTextResponse:
-        """Prometheus metrics: requests and latency by route and status, index sizes and readiness."""
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus metrics: requests and latency by route and status, index sizes and readiness; with
+        several worker processes, summed over all of them (Prometheus multiprocess mode)."""
+        registry = metrics.registry
+        if os.environ.get(MULTIPROC_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # the body guard sits inside the per-request middleware, so a 413 or 408 is still logged and counted
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)

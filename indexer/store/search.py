@@ -17,8 +17,10 @@ per-example weights w_i (:func:`~indexer.gp.scores.scan_weights`). So:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,7 @@ from indexer.gp.scores import (
 from indexer.gp.surrogate import Surrogate
 
 __all__ = [
+    "RankRequest",
     "Ranked",
     "SearchKnobs",
     "FeatureScan",
@@ -86,6 +89,21 @@ class SearchKnobs:
 
     nprobe: int | None = None
     ef_search: int | None = None
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """One query of :meth:`Searcher.rank_many`: the arguments of :meth:`Searcher.rank` but the knobs."""
+
+    query: QueryTerms
+    score: Score
+    direction: Direction
+    top_k: int
+    candidates: int
+
+
+_Scanned = dict[Score, tuple[torch.Tensor, torch.Tensor, float]]
+"""score -> (x, err, |b_q|): one query's columns of a batched scan (:meth:`FeatureScan.inner_many`)."""
 
 
 class FeatureScan:
@@ -176,6 +194,36 @@ class FeatureScan:
         b_norm = float(np.linalg.norm(b))
         err = self.relative * x.abs() + self.absolute * b_norm * self.phi_norm + 1e-30
         return x, err
+
+    def inner_many(self, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_ij = <b_j, phi_i> for several query vectors at once: one float32 matrix product per chunk of
+        stored rows (float16 rows converted exactly to float32 first), with a bound on each error.
+
+        Args:
+            b: `(m, k)` float64 query vectors, each of norm <= 1 (the callers scale them so).
+
+        Returns:
+            ``(x, err)``: `(n, m)` tensors (float32; float64 for float64 features); |x_ij - <b_j, phi_i>| <=
+            err_ij in exact arithmetic on the stored values.
+        """
+        if self.mode == "float64":
+            x = self.phi @ torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float64))
+            norms = torch.from_numpy(np.linalg.norm(b, axis=1))
+            err = self.relative * x.abs() + self.absolute * self.phi_norm.double()[:, None] * norms[None]
+            return x, err + 1e-300
+        bt = torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
+        x = torch.empty((self.n, len(b)))
+        for start in range(0, self.n, _CHUNK_ROWS):
+            chunk = self.phi[start : start + _CHUNK_ROWS]
+            torch.mm(
+                chunk.float() if chunk.dtype != torch.float32 else chunk,
+                bt,
+                out=x[start : start + _CHUNK_ROWS],
+            )
+        # float32 products of exact float32 inputs: b's own rounding and the accumulation (as "upcast")
+        norms = torch.from_numpy(np.linalg.norm(b, axis=1).astype(np.float32))
+        err = 2.0**-23 * x.abs() + (self.k * 2.0**-23 + 2.0**-23) * self.phi_norm[:, None] * norms[None]
+        return x, err + 1e-30
 
 
 def knob_support(index: faiss.Index) -> tuple[bool, bool]:
@@ -294,13 +342,24 @@ class Searcher:
             self._weights[score] = (w32, w32.abs())
         return self._weights[score]
 
-    def _keyed(self, score: Score, query: QueryTerms) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Signed keys x_i = w_i <b_q, phi_i> in units of |b_q| (the scan takes b_q / |b_q|, so that neither
-        a tiny nor a huge query leaves the float range), their error bounds, and |b_q| (float64)."""
+    def _query_vector(self, score: Score, query: QueryTerms) -> tuple[np.ndarray, float]:
+        """b_q / |b_q| for ``score`` and |b_q| (float64): the scan takes the unit vector, so that neither a
+        tiny nor a huge query leaves the float range."""
         b = scan_query_vector(score, query)
         top = float(np.max(np.abs(b), initial=0.0))
         b_norm = top * float(np.linalg.norm(b / top)) if top > 0 else 0.0
-        x, err = self.scan.inner(b / b_norm if b_norm > 0 else b)
+        return (b / b_norm if b_norm > 0 else b), b_norm
+
+    def _keyed(
+        self, score: Score, query: QueryTerms, scanned: _Scanned | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Signed keys x_i = w_i <b_q, phi_i> in units of |b_q|, their error bounds, and |b_q| (float64);
+        ``scanned`` holds the scan of this score's unit vector when a batch computed it already."""
+        if scanned is not None and score in scanned:
+            x, err, b_norm = scanned[score]
+        else:
+            unit, b_norm = self._query_vector(score, query)
+            x, err = self.scan.inner(unit)
         w, w_abs = self._score_weights(score)
         if x.dtype != w.dtype:
             w, w_abs = w.to(x.dtype), w_abs.to(x.dtype)
@@ -308,21 +367,28 @@ class Searcher:
         return x * w, err * w_abs * (1 + 2.0**-20), b_norm
 
     def _upper_bounds(
-        self, score: Score, direction: Direction, query: QueryTerms
+        self, score: Score, direction: Direction, query: QueryTerms, scanned: _Scanned | None = None
     ) -> tuple[torch.Tensor, float]:
         """`(n,)` upper bounds on each example's ranking key for ``direction``, in units of the returned
         |b_q| (-inf where the example certainly has the wrong sign)."""
-        key, err, b_norm = self._keyed(score, query)
+        key, err, b_norm = self._keyed(score, query, scanned)
         if direction is Direction.BOTH:
             return key.abs() + err, b_norm
         if score is Score.INFORMATION_GAIN:  # magnitude from phi_q, sign from the influence (A^-1 phi_q)
-            sign_key, sign_err, _ = self._keyed(Score.INFLUENCE, query)
+            sign_key, sign_err, _ = self._keyed(Score.INFLUENCE, query, scanned)
             wrong = (
                 sign_key + sign_err <= 0 if direction is Direction.PROPONENTS else sign_key - sign_err >= 0
             )
             return torch.where(wrong, torch.tensor(-float("inf"), dtype=key.dtype), key.abs() + err), b_norm
         side = key if direction is Direction.PROPONENTS else -key
         return side + err, b_norm
+
+    @staticmethod
+    def _scan_scores(score: Score, direction: Direction) -> list[Score]:
+        """The scores whose scan :meth:`_upper_bounds` reads for ``score`` and ``direction``."""
+        if score is Score.INFORMATION_GAIN and direction is not Direction.BOTH:
+            return [score, Score.INFLUENCE]
+        return [score]
 
     def _rerank(
         self, query: QueryTerms, score: Score, direction: Direction, ids: np.ndarray, top_k: int
@@ -359,6 +425,57 @@ class Searcher:
         """
         if self.faiss_index is not None:
             return self._approximate(query, score, direction, top_k, candidates, knobs or SearchKnobs())
+        return self._exact(query, score, direction, top_k, candidates)
+
+    def rank_many(self, requests: Sequence[RankRequest], knobs: SearchKnobs | None = None) -> list[Ranked]:
+        """:meth:`rank` for several queries in one pass: the exact scan of every query vector is one
+        matrix product over the stored features (:meth:`FeatureScan.inner_many`), an approximate index is
+        searched once for all of them; each query is then reranked exactly as :meth:`rank` does, so each
+        result is the one :meth:`rank` returns.
+
+        Args:
+            requests: the queries with their score, direction, top_k and depth.
+            knobs: search knobs of an approximate index (the same for all).
+
+        Returns:
+            One :class:`Ranked` per request, in order.
+
+        Raises:
+            ValueError: a knob the approximate index does not take.
+        """
+        if not requests:
+            return []
+        if self.faiss_index is not None:
+            return self._approximate_many(requests, knobs or SearchKnobs())
+        columns: list[np.ndarray] = []
+        slots: list[dict[Score, tuple[int, float]]] = []
+        for r in requests:
+            slot: dict[Score, tuple[int, float]] = {}
+            if np.any(r.query.phi):
+                for score in self._scan_scores(r.score, r.direction):
+                    unit, b_norm = self._query_vector(score, r.query)
+                    slot[score] = (len(columns), b_norm)
+                    columns.append(unit)
+            slots.append(slot)
+        t0 = time.perf_counter()
+        x, err = self.scan.inner_many(np.stack(columns)) if columns else (torch.zeros(0), torch.zeros(0))
+        shared_ms = (time.perf_counter() - t0) * 1e3 / len(requests)  # the product's time, split evenly
+        ranked = []
+        for r, slot in zip(requests, slots, strict=True):
+            scanned = {s: (x[:, j], err[:, j], b_norm) for s, (j, b_norm) in slot.items()} if slot else None
+            one = self._exact(r.query, r.score, r.direction, r.top_k, r.candidates, scanned)
+            ranked.append(dataclasses.replace(one, retrieve_ms=one.retrieve_ms + shared_ms))
+        return ranked
+
+    def _exact(
+        self,
+        query: QueryTerms,
+        score: Score,
+        direction: Direction,
+        top_k: int,
+        candidates: int,
+        scanned: _Scanned | None = None,
+    ) -> Ranked:
         n = self.surrogate.n_train
         depth = min(max(candidates, top_k), n)
         if not np.any(query.phi):  # a zero query: every score of every example is 0 (DESIGN.md 1.5)
@@ -367,7 +484,7 @@ class Searcher:
                 ids[order], {s: v[order] for s, v in scores.items()}, signed[order], depth, 0.0, 0.0
             )
         t0 = time.perf_counter()
-        bounds, b_norm = self._upper_bounds(score, direction, query)
+        bounds, b_norm = self._upper_bounds(score, direction, query, scanned)
         retrieve_ms = (time.perf_counter() - t0) * 1e3
         rerank_ms = 0.0
         ids = np.zeros(0, dtype=np.int64)
@@ -414,6 +531,11 @@ class Searcher:
         candidates: int,
         knobs: SearchKnobs,
     ) -> Ranked:
+        return self._approximate_many([RankRequest(query, score, direction, top_k, candidates)], knobs)[0]
+
+    def _approximate_many(self, requests: Sequence[RankRequest], knobs: SearchKnobs) -> list[Ranked]:
+        """One FAISS search for every request (+phi_q and -phi_q each, at the deepest depth asked), then
+        each request's candidates (its own depth) reranked exactly."""
         assert self.faiss_index is not None
         index = self.faiss_index
         n = self.surrogate.n_train
@@ -422,24 +544,42 @@ class Searcher:
             ef_search=knobs.ef_search if knobs.ef_search is not None else self.default_knobs.ef_search,
         )
         params = search_params(self.cpu_index or index, chosen)
-        depth = min(max(candidates, top_k), n, self.max_depth or n)
+        depths = [min(max(r.candidates, r.top_k), n, self.max_depth or n) for r in requests]
         t0 = time.perf_counter()
-        a = query_vector(Score.INFORMATION_GAIN, query)  # the information-gain vectors' query side: phi_q
-        norm = float(np.linalg.norm(a))
-        unit = a / norm if norm > 0 else a  # scale-free: FAISS searches in float32
-        queries = np.stack([unit, -unit]).astype(np.float32)
-        _, found = index.search(queries, depth, params=params) if params else index.search(queries, depth)
-        t1 = time.perf_counter()
-        ids, scores, signed, _, order = self._rerank(query, score, direction, found[found >= 0], top_k)
-        return Ranked(
-            ids=ids[order],
-            scores={s: v[order] for s, v in scores.items()},
-            signed=signed[order],
-            depth=depth,
-            retrieve_ms=(t1 - t0) * 1e3,
-            rerank_ms=(time.perf_counter() - t1) * 1e3,
-            exact=False,
-        )
+        units = []
+        for r in requests:
+            a = query_vector(Score.INFORMATION_GAIN, r.query)  # the information-gain vectors' query side
+            norm = float(np.linalg.norm(a))
+            unit = a / norm if norm > 0 else a  # scale-free: FAISS searches in float32
+            units += [unit, -unit]
+        queries = np.stack(units).astype(np.float32)
+        found = np.full((len(queries), max(depths)), -1, dtype=np.int64)
+        for depth in sorted(set(depths)):  # one search per depth: an HNSW search depends on its k
+            rows = np.repeat([2 * j for j, d in enumerate(depths) if d == depth], 2)
+            rows[1::2] += 1
+            args = (queries[rows], depth)
+            found[rows, :depth] = index.search(*args, params=params)[1] if params else index.search(*args)[1]
+        search_ms = (time.perf_counter() - t0) * 1e3 / len(requests)
+        ranked = []
+        for j, (r, depth) in enumerate(zip(requests, depths, strict=True)):
+            t1 = time.perf_counter()
+            # FAISS returns neighbours best first: the first ``depth`` of a deeper search are this depth's
+            mine = found[2 * j : 2 * j + 2, :depth]
+            ids, scores, signed, _, order = self._rerank(
+                r.query, r.score, r.direction, mine[mine >= 0], r.top_k
+            )
+            ranked.append(
+                Ranked(
+                    ids=ids[order],
+                    scores={s: v[order] for s, v in scores.items()},
+                    signed=signed[order],
+                    depth=depth,
+                    retrieve_ms=search_ms,
+                    rerank_ms=(time.perf_counter() - t1) * 1e3,
+                    exact=False,
+                )
+            )
+        return ranked
 
 
 def information_gain_vectors(surrogate: Surrogate, rows: slice) -> np.ndarray:

@@ -22,7 +22,15 @@ from indexer.exceptions import (
     UnknownExampleError,
 )
 
-__all__ = ["STATUS_OF", "ERROR_RESPONSES", "EXAMPLE_ERRORS", "PNG_RESPONSE", "install_error_handlers"]
+__all__ = [
+    "STATUS_OF",
+    "ERROR_RESPONSES",
+    "EXAMPLE_ERRORS",
+    "PNG_RESPONSE",
+    "error_outcome",
+    "install_error_handlers",
+    "shown_errors",
+]
 
 STATUS_OF: dict[type[Exception], int] = {
     InvalidQueryError: 422,
@@ -90,10 +98,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 for a request that fails validation, serialisable whatever value it quotes: at most
     :data:`MAX_ERRORS` errors, and only scalar inputs echoed (a list or object is described, not copied)."""
     errors = list(exc.errors()) if isinstance(exc, RequestValidationError) else []
+    return JSONResponse(status_code=422, content={"detail": shown_errors(errors)})
+
+
+def shown_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[Any]:
+    """Validation errors as the service answers them (:data:`MAX_ERRORS` at most, large inputs described,
+    JSON-safe), each located at ``prefix`` + its own location in the body."""
     shown = []
     for error in errors[:MAX_ERRORS]:
         error = dict(error)
-        error["loc"] = _body_path(error.get("loc", ()))
+        error.pop("url", None)
+        error["loc"] = [*prefix, *_body_path(error.get("loc", ()))]
         given = error.get("input")
         if isinstance(given, dict | list | tuple) and not given:
             error.pop("input")  # FastAPI's JSON-decode errors carry an empty placeholder
@@ -105,8 +120,21 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             error["input"] = f"<string of {len(given)} characters, not echoed>"
         shown.append(error)
     if len(errors) > MAX_ERRORS:
-        shown.append({"type": "truncated", "loc": ["body"], "msg": f"{len(errors) - MAX_ERRORS} more errors"})
-    return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(shown))})
+        where = [*prefix] or ["body"]
+        shown.append({"type": "truncated", "loc": where, "msg": f"{len(errors) - MAX_ERRORS} more errors"})
+    result: list[Any] = _json_safe(jsonable_encoder(shown))
+    return result
+
+
+def error_outcome(exc: Exception, prefix: tuple[Any, ...] = ()) -> tuple[int, Any] | None:
+    """``(status, detail)`` the service answers ``exc`` with (:data:`STATUS_OF`; validation errors located
+    under ``prefix``), or None for an exception that is not the client's (a bug: a 500)."""
+    code = next((c for t, c in STATUS_OF.items() if isinstance(exc, t)), None)
+    if code is None:
+        return None
+    if isinstance(exc, ValidationError):
+        return code, shown_errors(list(exc.errors(include_url=False)), prefix)
+    return code, str(exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

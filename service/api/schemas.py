@@ -18,11 +18,13 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+from starlette.responses import Response
 
 from indexer.enums import Direction, Objective, Score
 from service.engine.results import Label
 
 __all__ = [
+    "json_response",
     "CoresetRequest",
     "CoresetMember",
     "CoresetResponse",
@@ -38,6 +40,10 @@ __all__ = [
     "AttributedExample",
     "Timings",
     "AttributionResponse",
+    "BatchAttributionRequest",
+    "BatchAttributionResponse",
+    "BatchItem",
+    "BatchItemError",
     "SubsetMember",
     "SubsetResponse",
     "IndexSummary",
@@ -331,6 +337,42 @@ class AttributionResponse(BaseModel):
     timings: Timings
 
 
+class BatchAttributionRequest(BaseModel):
+    """``POST /v1/indexes/{name}/attributions:batch``: several attribution queries answered in one pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[Any] = Field(
+        min_length=1,
+        description="each item exactly the body of POST .../attributions (validated item by item: a bad item "
+        "gets its own error, the others are answered); at most INFOTRACE_MAX_BATCH items",
+    )
+
+
+class BatchItemError(BaseModel):
+    """Why one item of a batch was not answered: the body the single route would have answered it with."""
+
+    detail: Any = Field(description="a message, or validation errors located under ['body', 'requests', i]")
+
+
+class BatchItem(BaseModel):
+    """One item's outcome: ``status`` 200 with ``response``, or the single route's error status with
+    ``error``."""
+
+    status: int = Field(description="the HTTP status the single route would have answered this item with")
+    response: AttributionResponse | None = None
+    error: BatchItemError | None = None
+
+
+class BatchAttributionResponse(BaseModel):
+    """The outcome of every item of a batch, in order."""
+
+    index: str
+    answered: int = Field(description="items answered with status 200")
+    results: list[BatchItem]
+    timings: Timings = Field(description="the whole batch; each item's own timings share the batched steps")
+
+
 class SubsetMember(BaseModel):
     """One member of a greedy subset."""
 
@@ -386,6 +428,7 @@ class Health(BaseModel):
     """``GET /healthz``: the process is up."""
 
     status: str
+    pid: int = Field(description="the worker process that answered (the service runs several)")
 
 
 class Readiness(BaseModel):
@@ -423,3 +466,17 @@ class ExampleInfo(BaseModel):
     image_shape: list[int] | None = Field(description="(height, width) when inputs are images, else null")
     image_url: str | None = Field(description="path of the PNG rendering; null when inputs are not images")
     input: list[Any] | None = Field(None, description="the raw input (only with include_input=true)")
+
+
+def json_response(model: BaseModel, status_code: int = 200) -> Response:
+    """``model`` as a JSON response, serialized once by pydantic.
+
+    A route that returns its response model object has FastAPI validate it again (in a second trip to the
+    thread pool, for a sync route) before serializing it; this skips that and writes the same bytes. The
+    route keeps ``response_model=`` for its OpenAPI schema.
+
+    Args:
+        model: a response model instance, built from the engine's typed results.
+        status_code: the HTTP status.
+    """
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")

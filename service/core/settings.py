@@ -57,6 +57,28 @@ class Settings(BaseSettings):
         ge=0,
         description="keep the projection matrix in memory when it is at most this many bytes",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="worker processes serving requests (None: the CPUs this process may use); each loads "
+        "every index, whose memory-mapped files the operating system shares between them",
+    )
+    worker_threads: int = Field(
+        4,
+        ge=1,
+        description="threads per worker process that run request handlers (more queue, first come first "
+        "served): the handlers are CPU-bound and share one interpreter lock, so a few threads keep the "
+        "tail latency low",
+    )
+    worker_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds a worker may go silent (its event loop blocked, e.g. loading the indexes at "
+        "start) before the master replaces it",
+    )
+    max_batch: int = Field(
+        256, ge=1, description="largest number of queries in one request to the batch attribution route"
+    )
     max_body_bytes: int = Field(
         8 << 20, ge=1024, description="largest request body accepted, in bytes (larger: 413)"
     )

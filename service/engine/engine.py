@@ -10,6 +10,7 @@ only translates them.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from indexer.store.layout import (
     SPLIT_TRAIN,
 )
 from indexer.store.reader import IndexData
-from indexer.store.search import search_params
+from indexer.store.search import RankRequest, search_params
 from service.core.settings import DEFAULT_PROJECTION_CACHE_BYTES
 from service.engine.query import Query, QueryFeaturizer, to_python
 from service.engine.results import (
@@ -214,6 +215,32 @@ class AttributionEngine:
             :class:`Attribution`.
         """
         ranked = self.rank(query, score, direction, top_k, candidates, knobs)
+        return self._attribution(query, ranked, score, direction, top_k)
+
+    def attribute_many(
+        self, requests: Sequence[tuple[Query, Score, Direction, int, int]], knobs: SearchKnobs | None = None
+    ) -> list[Attribution]:
+        """:meth:`attribute` for several queries in one pass: one scan (one matrix product) or one FAISS
+        search for all of them (:meth:`~indexer.store.search.Searcher.rank_many`), then each reranked
+        exactly; each result has the examples, ranks and scores :meth:`attribute` gives.
+
+        Args:
+            requests: ``(query, score, direction, top_k, candidates)`` per query.
+            knobs: search knobs of an approximate index, the same for all.
+
+        Returns:
+            One :class:`Attribution` per request, in order.
+        """
+        wanted = [RankRequest(q.terms, score, direction, k, c) for q, score, direction, k, c in requests]
+        ranked = self.retriever.searcher.rank_many(wanted, knobs)
+        return [
+            self._attribution(query, found, score, direction, top_k)
+            for (query, score, direction, top_k, _), found in zip(requests, ranked, strict=True)
+        ]
+
+    def _attribution(
+        self, query: Query, ranked: Ranked, score: Score, direction: Direction, top_k: int
+    ) -> Attribution:
         ids = [int(i) for i in ranked.ids]
         meta = self._metadata(SPLIT_TRAIN, ids)
         stored = self.data.examples.get(KEY_PREDICTION)  # absent from an index built from features alone

@@ -10,9 +10,12 @@ reason (:class:`~indexer.exceptions.ModelMismatchError`, HTTP 409).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,31 @@ class Query:
     text: str | None = None
     continuation: str | None = None
     continuation_source: str | None = None
+
+
+def _complete(outcomes: list[Query | Exception | None]) -> list[Query | Exception]:
+    """Every item's outcome (each item has one by construction)."""
+    if any(outcome is None for outcome in outcomes):
+        raise AssertionError("a batch item was left without an outcome")
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _plain_numbers(raw: Any, depth: int) -> bool:
+    """Whether ``raw`` is lists nested exactly ``depth`` deep (ragged or not) over floats and integers
+    within 64 bits only: the common case, checked with C-level passes over each level. False means "look
+    closer", not "refuse" (:meth:`QueryFeaturizer._check_leaves` walks the input to name the position)."""
+    level = [raw]
+    for _ in range(depth):
+        if set(map(type, level)) != {list}:
+            return False
+        level = list(itertools.chain.from_iterable(level))
+    kinds = set(map(type, level))
+    if not kinds <= {float, int}:
+        return False
+    if int in kinds:
+        ints = [value for value in level if type(value) is int]
+        return -(2**63) <= min(ints) and max(ints) < 2**64
+    return True
 
 
 class QueryFeaturizer:
@@ -345,10 +373,12 @@ class QueryFeaturizer:
         return self.model
 
     def _logits(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
-        """`(1, n_outputs)` float32 raw outputs of one input; a clear error when the model cannot run."""
+        """`(B, n_outputs)` float32 raw outputs of a batch of inputs (B = 1 for one query); a clear error when
+        the model cannot run."""
         try:
             with torch.no_grad():
-                logits = model_outputs(model, inputs).reshape(1, -1).float()
+                n = len(inputs) if isinstance(inputs, torch.Tensor) else 1
+                logits = model_outputs(model, inputs).reshape(n, -1).float()
         except (IndexError, RuntimeError) as exc:  # e.g. a token id beyond the embedding's vocabulary
             raise InvalidQueryError(
                 f"the model cannot run on this input ({type(exc).__name__}: {exc}); for token ids, every "
@@ -365,7 +395,6 @@ class QueryFeaturizer:
         self, kind: str, inputs: Any, target_value: Any, summary: np.ndarray, started: float
     ) -> Query:
         """The query of one model input and its target: phi_q by the index's projection, its terms."""
-        prediction, probabilities = self.output_fn.predict(summary)
         dtype = torch.float32 if isinstance(target_value, float) else torch.int64
         target_tensor = torch.tensor(target_value, dtype=dtype)
         if self.hooks is not None:
@@ -376,6 +405,13 @@ class QueryFeaturizer:
             one = {key: value[0] for key, value in inputs.items()} if isinstance(inputs, dict) else inputs[0]
             gradient, out_t, _ = example_gradient(self.model, self.output_fn, one, target_tensor)
             phi, out = self.projection.project(gradient.numpy()[None])[0], float(out_t)
+        return self._finish(kind, phi, out, target_value, summary, started)
+
+    def _finish(
+        self, kind: str, phi: np.ndarray, out: float, target_value: Any, summary: np.ndarray, started: float
+    ) -> Query:
+        """The query of a featurized input: phi `(k,)` float32, m_q, the target, summary `(1, n_summary)`."""
+        prediction, probabilities = self.output_fn.predict(summary)
         if not (np.all(np.isfinite(phi)) and math.isfinite(out)):
             raise InvalidQueryError(
                 "the tangent feature of this input is not finite (its gradient overflows float32): the input "
@@ -396,6 +432,77 @@ class QueryFeaturizer:
             model_output=summary[0],
             featurize_ms=(time.perf_counter() - started) * 1e3,
         )
+
+    def inputs(self, items: Sequence[tuple[Any, float | int | list[int] | None]]) -> list[Query | Exception]:
+        """:meth:`input` for several raw inputs at once: one forward pass for their outputs and one forward
+        and backward for their features (the per-layer projection, DESIGN.md 1.7); each feature equals the
+        one :meth:`input` computes up to float32 rounding (a batch of one is the same computation).
+
+        Args:
+            items: ``(raw, target)`` pairs, as :meth:`input` takes them.
+
+        Returns:
+            Per item, its :class:`Query` or the :class:`~indexer.exceptions.InvalidQueryError` (or
+            :class:`~indexer.exceptions.ModelMismatchError`) :meth:`input` would raise for it alone.
+        """
+        started = time.perf_counter()
+        outcomes: list[Query | Exception | None] = [None] * len(items)
+        try:
+            model = self._model()
+        except ModelMismatchError as exc:
+            return [exc] * len(items)
+        valid: list[tuple[int, torch.Tensor]] = []
+        for j, (raw, _) in enumerate(items):
+            try:
+                valid.append((j, self._input_tensor(raw)))
+            except (InvalidQueryError, ModelMismatchError) as exc:
+                outcomes[j] = exc
+        batched = None
+        if valid and self.hooks is not None:
+            batch = torch.cat([tensor for _, tensor in valid])
+            with contextlib.suppress(InvalidQueryError):  # some input breaks the model: each on its own
+                batched = self._logits(model, batch)
+        if batched is None:  # the dense projection featurizes one gradient at a time anyway
+            for j, _ in valid:
+                outcomes[j] = self._one_input(*items[j])
+            return _complete(outcomes)
+        assert self.hooks is not None
+        summaries = self.output_fn.summarize(batched).numpy()
+        targets: list[Any] = []
+        for row, (j, _) in enumerate(valid):
+            try:
+                targets.append(self._target(items[j][1], summaries[row : row + 1]))
+            except InvalidQueryError as exc:
+                outcomes[j] = exc
+                targets.append(None)
+        keep = [row for row, t in enumerate(targets) if t is not None]
+        if keep:
+            dtype = torch.float32 if isinstance(targets[keep[0]], float) else torch.int64
+            features = self.hooks.featurize(
+                self.output_fn,
+                batch[keep],
+                torch.tensor([targets[row] for row in keep], dtype=dtype),
+            )
+            for at, row in enumerate(keep):
+                j = valid[row][0]
+                try:
+                    outcomes[j] = self._finish(
+                        "input",
+                        features.phi[at],
+                        float(features.outputs[at]),
+                        targets[row],
+                        summaries[row : row + 1],
+                        started,
+                    )
+                except InvalidQueryError as exc:
+                    outcomes[j] = exc
+        return _complete(outcomes)
+
+    def _one_input(self, raw: Any, target: float | int | list[int] | None) -> Query | Exception:
+        try:
+            return self.input(raw, target)
+        except (InvalidQueryError, ModelMismatchError) as exc:
+            return exc
 
     def _text_support(self) -> tuple[Any, int]:
         """The index's tokenizer and its sequence length T.
@@ -507,6 +614,8 @@ class QueryFeaturizer:
             InvalidQueryError: naming the first offending position.
         """
         depth = len(self.input_shape)
+        if _plain_numbers(raw, depth):
+            return
         stack: list[tuple[Any, tuple[int, ...]]] = [(raw, ())]
         while stack:
             value, at = stack.pop()

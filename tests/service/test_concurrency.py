@@ -200,7 +200,7 @@ def test_healthz_answers_while_heavy_requests_run(server: str, test_digits: Data
                 started = time.perf_counter()
                 response = client.get("/healthz")
                 health_ms.append((time.perf_counter() - started) * 1e3)
-                assert response.status_code == 200 and response.json() == {"status": "ok"}
+                assert response.status_code == 200 and response.json()["status"] == "ok"
                 busy_polls += busy_before and in_flight > 0
                 time.sleep(0.02)
     finally:

@@ -10,22 +10,27 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi import Query as Param
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from indexer.enums import Direction, Objective, Score
 from indexer.exceptions import InvalidQueryError
 from service.api.deps import IndexDep, SettingsDep
-from service.api.errors import ERROR_RESPONSES
+from service.api.errors import ERROR_RESPONSES, error_outcome
 from service.api.schemas import (
     AttributedExample,
     AttributionRequest,
     AttributionResponse,
+    BatchAttributionRequest,
+    BatchAttributionResponse,
+    BatchItem,
+    BatchItemError,
     CoresetMember,
     CoresetRequest,
     CoresetResponse,
     FeatureQuery,
+    InputQuery,
     QueryInfo,
     QuerySpec,
     ScoreSet,
@@ -35,11 +40,13 @@ from service.api.schemas import (
     SubsetResponse,
     TextQuery,
     Timings,
+    json_response,
 )
 from service.api.strict import StrictJSONRoute
+from service.core.settings import Settings
 from service.engine.engine import AttributionEngine
 from service.engine.query import Query
-from service.engine.results import QueryDescription
+from service.engine.results import Attribution, QueryDescription
 from service.engine.results import Timings as EngineTimings
 from service.engine.retrieval import SearchKnobs
 
@@ -92,10 +99,14 @@ def _timings(timings: EngineTimings, started: float) -> Timings:
     )
 
 
-@router.post("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
-def attributions(request: AttributionRequest, engine: IndexDep, settings: SettingsDep) -> AttributionResponse:
-    """Training examples ranked by how much the query's prediction owes to them (DESIGN.md 1.3, 2.2)."""
-    started = time.perf_counter()
+def _prepared(
+    request: AttributionRequest, engine: AttributionEngine, settings: Settings
+) -> tuple[AttributionRequest, int, SearchKnobs]:
+    """The request with its defaults lowered to the limits, its retrieval depth and search knobs.
+
+    Raises:
+        InvalidQueryError: an option beyond the service's limits or a knob the index does not take.
+    """
     n = engine.data.n_train
     request = _clamp_defaults(request, {"top_k": min(settings.max_top_k, n)})
     _check_limit("top_k", request.top_k, min(settings.max_top_k, n), "the service limit and the index size")
@@ -110,8 +121,12 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     if knobs.ef_search is not None:
         _check_limit("ef_search", knobs.ef_search, settings.max_ef_search, "the service limit")
     engine.check_knobs(knobs)
-    query = _query(engine, request.query)
-    found = engine.attribute(query, request.score, request.direction, request.top_k, candidates, knobs)
+    return request, candidates, knobs
+
+
+def _attribution_response(
+    engine: AttributionEngine, found: Attribution, started: float
+) -> AttributionResponse:
     return AttributionResponse(
         index=engine.name,
         score=found.score,
@@ -129,10 +144,94 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     )
 
 
+@router.post("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
+def attributions(request: AttributionRequest, engine: IndexDep, settings: SettingsDep) -> Response:
+    """Training examples ranked by how much the query's prediction owes to them (DESIGN.md 1.3, 2.2)."""
+    started = time.perf_counter()
+    request, candidates, knobs = _prepared(request, engine, settings)
+    query = _query(engine, request.query)
+    found = engine.attribute(query, request.score, request.direction, request.top_k, candidates, knobs)
+    return json_response(_attribution_response(engine, found, started))
+
+
+@router.post(
+    "/v1/indexes/{name}/attributions:batch",
+    response_model=BatchAttributionResponse,
+    responses=ERROR_RESPONSES,
+)
+def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, settings: SettingsDep) -> Response:
+    """Several attribution queries in one pass: raw inputs featurized as one batch, one scan (a matrix
+    product over the stored features) or one FAISS search for all, then each reranked exactly.
+
+    Each item is the body of ``POST .../attributions`` and gets the answer that route gives it (the same
+    examples, ranks and scores; ``candidates_searched`` may differ, the batched scan bounding in float32, and
+    the timings do): ``{"status": 200, "response": ...}``, or ``{"status": 4xx, "error": {"detail": ...}}``
+    for an item that route would refuse, validation errors located under ``["body", "requests", i]``. The
+    batch as a whole is refused (422) only when it is not a non-empty list of at most INFOTRACE_MAX_BATCH
+    items.
+    """
+    started = time.perf_counter()
+    _check_limit("the number of requests", len(request.requests), settings.max_batch, "INFOTRACE_MAX_BATCH")
+    outcomes: list[BatchItem | None] = [None] * len(request.requests)
+    ready: list[tuple[int, AttributionRequest, int, SearchKnobs]] = []
+
+    def refuse(i: int, exc: Exception) -> None:
+        outcome = error_outcome(exc, ("body", "requests", i))
+        if outcome is None:
+            raise exc  # not the client's: a 500 for the whole batch, logged with its traceback
+        outcomes[i] = BatchItem(status=outcome[0], error=BatchItemError(detail=outcome[1]))
+
+    for i, item in enumerate(request.requests):
+        try:
+            ready.append((i, *_prepared(AttributionRequest.model_validate(item), engine, settings)))
+        except (ValidationError, InvalidQueryError) as exc:
+            refuse(i, exc)
+    queries: dict[int, Query] = {}
+    raw = [
+        (i, spec) for i, spec, *_ in [(i, r.query) for i, r, _, _ in ready] if isinstance(spec, InputQuery)
+    ]
+    for (i, _), query in zip(raw, engine.queries.inputs([(s.input, s.target) for _, s in raw]), strict=True):
+        if isinstance(query, Exception):
+            refuse(i, query)
+        else:
+            queries[i] = query
+    for i, r, _, _ in ready:
+        if not isinstance(r.query, InputQuery):
+            try:
+                queries[i] = _query(engine, r.query)
+            except Exception as exc:  # refuse() re-raises what is not the client's
+                refuse(i, exc)
+    groups: dict[SearchKnobs, list[tuple[int, AttributionRequest, int]]] = {}
+    for i, r, candidates, knobs in ready:
+        if i in queries:
+            groups.setdefault(knobs, []).append((i, r, candidates))
+    for knobs, members in groups.items():
+        found = engine.attribute_many(
+            [(queries[i], r.score, r.direction, r.top_k, candidates) for i, r, candidates in members], knobs
+        )
+        for (i, _, _), one in zip(members, found, strict=True):
+            outcomes[i] = BatchItem(status=200, response=_attribution_response(engine, one, started))
+    results = [outcome for outcome in outcomes if outcome is not None]
+    elapsed = (time.perf_counter() - started) * 1e3
+    return json_response(
+        BatchAttributionResponse(
+            index=engine.name,
+            answered=sum(item.status == 200 for item in results),
+            results=results,
+            timings=Timings(
+                featurize_ms=sum(q.featurize_ms for q in queries.values()) / max(len(queries), 1),
+                retrieve_ms=0.0,
+                rerank_ms=0.0,
+                total_ms=elapsed,
+            ),
+        )
+    )
+
+
 @router.post(
     "/v1/indexes/{name}/attributions/subset", response_model=SubsetResponse, responses=ERROR_RESPONSES
 )
-def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: SettingsDep) -> SubsetResponse:
+def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: SettingsDep) -> Response:
     """Greedy group attribution: the set of m examples with the largest joint score (DESIGN.md 1.4)."""
     started = time.perf_counter()
     n = engine.data.n_train
@@ -149,21 +248,23 @@ def subset_attribution(request: SubsetRequest, engine: IndexDep, settings: Setti
         raise InvalidQueryError(f"candidates ({request.candidates}) must be at least size ({request.size})")
     query = _query(engine, request.query)
     found = engine.subset(query, request.objective, request.size, request.candidates)
-    return SubsetResponse(
-        index=engine.name,
-        objective=found.objective,
-        size=found.size,
-        candidates=found.candidates,
-        query=_query_info(found.query),
-        members=[SubsetMember(**{**vars(m), "scores": _score_set(m.scores)}) for m in found.members],
-        joint=found.joint,
-        top_single_joint=found.top_single_joint,
-        timings=_timings(found.timings, started),
+    return json_response(
+        SubsetResponse(
+            index=engine.name,
+            objective=found.objective,
+            size=found.size,
+            candidates=found.candidates,
+            query=_query_info(found.query),
+            members=[SubsetMember(**{**vars(m), "scores": _score_set(m.scores)}) for m in found.members],
+            joint=found.joint,
+            top_single_joint=found.top_single_joint,
+            timings=_timings(found.timings, started),
+        )
     )
 
 
 @router.post("/v1/indexes/{name}/coreset", response_model=CoresetResponse, responses=ERROR_RESPONSES)
-def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) -> CoresetResponse:
+def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) -> Response:
     """m training examples carrying the most information about a query set (summed information gain)."""
     started = time.perf_counter()
     limit = min(settings.max_coreset_size, engine.data.n_train)
@@ -174,13 +275,15 @@ def coreset(request: CoresetRequest, engine: IndexDep, settings: SettingsDep) ->
         _check_limit("the number of query_ids", len(request.query_ids), engine.data.n_query, "stored queries")
     found = engine.coreset(request.size, request.query_ids)
     elapsed = (time.perf_counter() - started) * 1e3
-    return CoresetResponse(
-        index=engine.name,
-        size=found.size,
-        n_queries=found.n_queries,
-        members=[CoresetMember(**vars(m)) for m in found.members],
-        objective=found.objective,
-        timings=Timings(featurize_ms=0.0, retrieve_ms=0.0, rerank_ms=elapsed, total_ms=elapsed),
+    return json_response(
+        CoresetResponse(
+            index=engine.name,
+            size=found.size,
+            n_queries=found.n_queries,
+            members=[CoresetMember(**vars(m)) for m in found.members],
+            objective=found.objective,
+            timings=Timings(featurize_ms=0.0, retrieve_ms=0.0, rerank_ms=elapsed, total_ms=elapsed),
+        )
     )
 
 
@@ -222,7 +325,7 @@ def attributions_by_id(
         Param(description=f"proponents, opponents or both (default {_ATTRIBUTION_DEFAULTS.direction.value})"),
     ] = None,
     candidates: Annotated[int | None, Param(ge=1, description="retrieval depth before the rerank")] = None,
-) -> AttributionResponse:
+) -> Response:
     """Read-only, linkable form of ``POST .../attributions`` for a stored query; the same response."""
     body = {
         "query": {"id": query_id},
@@ -250,7 +353,7 @@ def subset_by_id(
     candidates: Annotated[
         int | None, Param(ge=1, description=f"candidate pool size (default {_SUBSET_DEFAULTS.candidates})")
     ] = None,
-) -> SubsetResponse:
+) -> Response:
     """Read-only, linkable form of ``POST .../attributions/subset`` for a stored query; the same response."""
     body = {"query": {"id": query_id}, **_given(size=size, objective=objective, candidates=candidates)}
     return subset_attribution(SubsetRequest.model_validate(body), engine, settings)

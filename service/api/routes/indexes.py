@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import weakref
+
 from fastapi import APIRouter, Response, status
 
 from service.api.deps import IndexDep, RegistryDep
@@ -19,7 +22,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 @router.head("/healthz", include_in_schema=False)
 async def healthz() -> Health:
     """Liveness: the process answers."""
-    return Health(status="ok")
+    return Health(status="ok", pid=os.getpid())
 
 
 @router.get("/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}})
@@ -61,18 +64,33 @@ def _summary(engine: AttributionEngine) -> IndexSummary:
     )
 
 
+_SUMMARIES: weakref.WeakKeyDictionary[AttributionEngine, str] = weakref.WeakKeyDictionary()
+"""Each loaded engine's summary as JSON: it never changes while the engine is served (a new version is a new
+engine), and the per-layer projection blocks of a large model take milliseconds to serialize."""
+
+
+def _summary_json(engine: AttributionEngine) -> str:
+    cached = _SUMMARIES.get(engine)
+    if cached is None:
+        cached = _SUMMARIES[engine] = _summary(engine).model_dump_json()
+    return cached
+
+
 @router.get("/v1/indexes", response_model=IndexList, tags=["indexes"])
-def list_indexes(registry: RegistryDep) -> IndexList:
+def list_indexes(registry: RegistryDep) -> Response:
     """Every index under the root, ready or not."""
-    ready = [_summary(engine) for _, engine in sorted(registry.engines.items())]
+    ready = [_summary_json(engine) for _, engine in sorted(registry.engines.items())]
     broken = [
-        IndexSummary(name=name, ready=False, error=why, raw_input_queries=False, text_queries=False)
+        IndexSummary(
+            name=name, ready=False, error=why, raw_input_queries=False, text_queries=False
+        ).model_dump_json()
         for name, why in sorted(registry.failures.items())
     ]
-    return IndexList(indexes=ready + broken)
+    body = '{"indexes":[' + ",".join(ready + broken) + "]}"  # IndexList, from the summaries' JSON
+    return Response(body, media_type="application/json")
 
 
 @router.get("/v1/indexes/{name}", response_model=IndexSummary, tags=["indexes"], responses=ERROR_RESPONSES)
-def get_index_summary(engine: IndexDep) -> IndexSummary:
+def get_index_summary(engine: IndexDep) -> Response:
     """One index: sizes, model, projection, surrogate and FAISS settings from its manifest."""
-    return _summary(engine)
+    return Response(_summary_json(engine), media_type="application/json")

@@ -36,7 +36,8 @@ def test_load_round_trip(index_root: Path, test_digits: Dataset) -> None:
     assert data.inputs.shape == (600, 784) and data.query_inputs.shape == (80, 784)
     assert np.array_equal(data.query_inputs, test_digits.inputs.numpy())
     # the features stored once, float16 by default, memory-mapped; no whitened copy
-    assert data.phi.shape == (600, 64) and data.phi.dtype == np.float16 and isinstance(data.phi, np.memmap)
+    assert data.phi.shape == (600, 64) and data.phi.dtype == np.float16
+    assert isinstance(data.phi.base, np.memmap)  # a plain view of the map
     assert data.query_phi.shape == (80, 64) and data.query_phi.dtype == np.float16
     assert data.manifest.counts.feature_dtype == "float16" and data.faiss_index is None
     assert not any("whitened" in name or name.startswith("faiss") for name in data.manifest.files)

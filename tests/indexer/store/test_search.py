@@ -26,6 +26,7 @@ from indexer.store.reader import load_index
 from indexer.store.records import row_norms
 from indexer.store.search import (
     FeatureScan,
+    RankRequest,
     Searcher,
     SearchKnobs,
     information_gain_vectors,
@@ -185,7 +186,7 @@ def test_precomputed_features_round_trip(tmp_path: Path, dtype: str) -> None:
         phi, tmp_path / dtype, outputs=outputs, targets=targets, config=IndexConfig(feature_dtype=dtype, k=3)
     )
     index = load_index(out)
-    assert index.phi.dtype == np.dtype(dtype) and isinstance(index.phi, np.memmap)
+    assert index.phi.dtype == np.dtype(dtype) and isinstance(index.phi.base, np.memmap)  # a view of the map
     np.testing.assert_array_equal(index.phi, phi.astype(dtype))
     assert index.manifest.counts.k == 40 and index.manifest.model.spec is None and index.faiss_index is None
     refit = fit_surrogate(
@@ -284,3 +285,61 @@ def test_float64_features_are_scanned_in_float64() -> None:
     assert searcher.scan.mode == "float64"
     found = searcher.rank(surrogate.query_terms(queries[1]), Score.COSINE, Direction.OPPONENTS, 5, 5)
     assert found.ids.tolist() == brute_force(surrogate, queries[1], Score.COSINE, Direction.OPPONENTS, 5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_batch_ranks_each_query_as_it_ranks_alone(dtype: str) -> None:
+    surrogate, norms, queries = problem(3000, 24, dtype, scale=3.0)
+    searcher = Searcher(surrogate, norms)
+    requests = [
+        RankRequest(surrogate.query_terms(phi_q), score, direction, top_k, candidates)
+        for phi_q in [*queries[:4], np.zeros(24)]
+        for score in Score
+        for direction in Direction
+        for top_k, candidates in [(10, 5), (3, 200)]
+    ]
+    batch = searcher.rank_many(requests)
+    assert len(batch) == len(requests)
+    for r, many in zip(requests, batch, strict=True):
+        one = searcher.rank(r.query, r.score, r.direction, r.top_k, r.candidates)
+        assert many.ids.tolist() == one.ids.tolist() and many.exact
+        for s in Score:  # the same float64 rerank of the same rows
+            np.testing.assert_array_equal(many.scores[s], one.scores[s])
+        np.testing.assert_array_equal(many.signed, one.signed)
+
+
+def test_the_batched_scan_bound_holds_for_every_example() -> None:
+    surrogate, norms, queries = problem(5000, 64, "float16", scale=50.0)
+    units = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    x, err = FeatureScan(surrogate.phi, norms).inner_many(units)
+    exact = np.asarray(surrogate.phi, dtype=np.float64) @ units.T
+    assert x.shape == (5000, len(queries))
+    assert np.all(np.abs(x.double().numpy() - exact) <= err.double().numpy())
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "HNSW16"])
+def test_an_approximate_batch_searches_once_and_answers_each_query_alone(
+    tmp_path: Path, factory: str
+) -> None:
+    rng = np.random.default_rng(5)
+    phi = rng.standard_normal((3000, 16)).astype(np.float32)
+    out = build_from_features(
+        phi,
+        tmp_path / "approx",
+        outputs=rng.standard_normal(3000),
+        targets=rng.integers(0, 2, 3000),
+        config=IndexConfig(faiss_factory=factory, seed=0),
+    )
+    data = load_index(out)
+    searcher = Searcher(data.surrogate, data.examples[KEY_PHI_NORM], data.faiss_index)
+    requests = [
+        RankRequest(data.surrogate.query_terms(q), score, Direction.BOTH, 5, depth)
+        for q in rng.standard_normal((4, 16))
+        for score in (Score.INFORMATION_GAIN, Score.INFLUENCE)
+        for depth in (20, 80)  # two depths: one search each (an HNSW search depends on its k)
+    ]
+    for r, many in zip(requests, searcher.rank_many(requests), strict=True):
+        one = searcher.rank(r.query, r.score, r.direction, r.top_k, r.candidates)
+        assert not many.exact and many.depth == one.depth
+        assert many.ids.tolist() == one.ids.tolist()
+        np.testing.assert_array_equal(many.signed, one.signed)

@@ -245,15 +245,17 @@ class AttributionEngine:
         meta = self._metadata(SPLIT_TRAIN, ids)
         stored = self.data.examples.get(KEY_PREDICTION)  # absent from an index built from features alone
         predictions = stored[ranked.ids] if stored is not None else [None] * len(ids)
+        columns = {s: values.tolist() for s, values in ranked.scores.items()}  # Python floats, at once
+        signed = ranked.signed.tolist()
         examples = [
             RankedExample(
                 rank=r + 1,
                 id=i,
                 label=meta.get(i, {}).get("label"),
                 prediction=to_python(predictions[r]),
-                sign=int(np.sign(ranked.signed[r])),
-                signed_score=float(ranked.signed[r]),
-                scores=_scores_at(ranked.scores, r),
+                sign=(signed[r] > 0) - (signed[r] < 0),
+                signed_score=signed[r],
+                scores={s: column[r] for s, column in columns.items()},
                 metadata=_without_label(meta.get(i, {})),
             )
             for r, i in enumerate(ids)

@@ -19,13 +19,10 @@ from indexer.exceptions import InvalidQueryError
 from service.api.deps import IndexDep, SettingsDep
 from service.api.errors import ERROR_RESPONSES, error_outcome
 from service.api.schemas import (
-    AttributedExample,
     AttributionRequest,
     AttributionResponse,
     BatchAttributionRequest,
     BatchAttributionResponse,
-    BatchItem,
-    BatchItemError,
     CoresetMember,
     CoresetRequest,
     CoresetResponse,
@@ -41,6 +38,7 @@ from service.api.schemas import (
     TextQuery,
     Timings,
     json_response,
+    plain_json_response,
 )
 from service.api.strict import StrictJSONRoute
 from service.core.settings import Settings
@@ -124,24 +122,27 @@ def _prepared(
     return request, candidates, knobs
 
 
-def _attribution_response(
-    engine: AttributionEngine, found: Attribution, started: float
-) -> AttributionResponse:
-    return AttributionResponse(
-        index=engine.name,
-        score=found.score,
-        direction=found.direction,
-        top_k=found.top_k,
-        candidates_searched=found.depth,
-        exact=found.exact,
-        recall_at_10=found.recall_at_10,
-        query=_query_info(found.query),
-        results=[
-            AttributedExample(**{**vars(example), "scores": _score_set(example.scores)})
+_SCORE_KEYS = {score: score.value for score in Score}  # Enum.value is a property: looked up once
+
+
+def _attribution_response(engine: AttributionEngine, found: Attribution, started: float) -> dict[str, Any]:
+    """An :class:`AttributionResponse` as plain data (:func:`plain_json_response`): the engine's typed
+    results have its fields, one for one."""
+    return {
+        "index": engine.name,
+        "score": found.score.value,
+        "direction": found.direction.value,
+        "top_k": found.top_k,
+        "candidates_searched": found.depth,
+        "exact": found.exact,
+        "recall_at_10": found.recall_at_10,
+        "query": vars(found.query),
+        "results": [
+            {**vars(example), "scores": {_SCORE_KEYS[s]: value for s, value in example.scores.items()}}
             for example in found.examples
         ],
-        timings=_timings(found.timings, started),
-    )
+        "timings": _timings(found.timings, started).model_dump(),
+    }
 
 
 @router.post("/v1/indexes/{name}/attributions", response_model=AttributionResponse, responses=ERROR_RESPONSES)
@@ -151,7 +152,7 @@ def attributions(request: AttributionRequest, engine: IndexDep, settings: Settin
     request, candidates, knobs = _prepared(request, engine, settings)
     query = _query(engine, request.query)
     found = engine.attribute(query, request.score, request.direction, request.top_k, candidates, knobs)
-    return json_response(_attribution_response(engine, found, started))
+    return plain_json_response(_attribution_response(engine, found, started))
 
 
 @router.post(
@@ -172,14 +173,14 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
     """
     started = time.perf_counter()
     _check_limit("the number of requests", len(request.requests), settings.max_batch, "INFOTRACE_MAX_BATCH")
-    outcomes: list[BatchItem | None] = [None] * len(request.requests)
+    outcomes: list[dict[str, Any] | None] = [None] * len(request.requests)  # BatchItem, as plain data
     ready: list[tuple[int, AttributionRequest, int, SearchKnobs]] = []
 
     def refuse(i: int, exc: Exception) -> None:
         outcome = error_outcome(exc, ("body", "requests", i))
         if outcome is None:
             raise exc  # not the client's: a 500 for the whole batch, logged with its traceback
-        outcomes[i] = BatchItem(status=outcome[0], error=BatchItemError(detail=outcome[1]))
+        outcomes[i] = {"status": outcome[0], "response": None, "error": {"detail": outcome[1]}}
 
     for i, item in enumerate(request.requests):
         try:
@@ -210,21 +211,22 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
             [(queries[i], r.score, r.direction, r.top_k, candidates) for i, r, candidates in members], knobs
         )
         for (i, _, _), one in zip(members, found, strict=True):
-            outcomes[i] = BatchItem(status=200, response=_attribution_response(engine, one, started))
+            outcomes[i] = {
+                "status": 200,
+                "response": _attribution_response(engine, one, started),
+                "error": None,
+            }
     results = [outcome for outcome in outcomes if outcome is not None]
     elapsed = (time.perf_counter() - started) * 1e3
-    return json_response(
-        BatchAttributionResponse(
-            index=engine.name,
-            answered=sum(item.status == 200 for item in results),
-            results=results,
-            timings=Timings(
-                featurize_ms=sum(q.featurize_ms for q in queries.values()) / max(len(queries), 1),
-                retrieve_ms=0.0,
-                rerank_ms=0.0,
-                total_ms=elapsed,
-            ),
-        )
+    timings = Timings(
+        featurize_ms=sum(q.featurize_ms for q in queries.values()) / max(len(queries), 1),
+        retrieve_ms=0.0,
+        rerank_ms=0.0,
+        total_ms=elapsed,
+    )
+    answered = sum(item["status"] == 200 for item in results)
+    return plain_json_response(  # BatchAttributionResponse
+        {"index": engine.name, "answered": answered, "results": results, "timings": timings.model_dump()}
     )
 
 

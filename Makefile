@@ -54,8 +54,10 @@ bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTT
 bench-scale: install-bench  ## the vector store at N = 100,000 and 1,000,000, k = 512 (~12 min): benchmarks/results/SCALE.md
 	$(PY) -m benchmarks.scale $(if $(QUICK),--quick --out var/bench-scale-quick/scale.json)
 
-bench-load: index-demo  ## 32 concurrent clients for 60 s against a live service: errors, p50/p99, throughput
-	$(PY) -m benchmarks.load --index-root $(INDEX_ROOT) --clients 32 --duration 60 --out benchmarks/results/load.json
+bench-load: index-demo  ## locust, 32 clients x 60 s against the live service (all workers), then the batch route; worker memory
+	$(PY) -m benchmarks.load --index-root $(INDEX_ROOT) --clients 32 --duration 60 --batch-size 100 --batch-clients 8 \
+		--batch-duration 20 --out benchmarks/results/load.json
+	$(PY) -m benchmarks.worker_memory --n 200000 --k 512 --out benchmarks/results/workers.json
 
 # bergson for bench-featurize, in a venv of its own over .venv's packages (nothing in .venv changes). Unpinned,
 # pip would replace the CPU torch with a CUDA build (bergson needs torchvision, whose newest release pins a newer

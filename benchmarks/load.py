@@ -1,30 +1,37 @@
-"""Load benchmark: N concurrent HTTP clients against a live uvicorn process, bounded in time and requests.
+"""Load benchmark: locust's concurrent clients against a live ``infotrace-serve run``, bounded in time and
+in requests, loopback only.
 
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.load --index-root var/indexes --clients 32 --duration 60 \\
-        --out benchmarks/results/load.json
+        --batch-size 100 --out benchmarks/results/load.json
 
 The service is started as a subprocess (the ``infotrace-serve run`` console script next to this Python,
-``INFOTRACE_INDEX_ROOT=--index-root``, on a free port of 127.0.0.1), or an already running one is targeted
-with ``--url`` (loopback addresses only: this tool never sends load to another machine). ``--clients``
-asyncio workers, each with its own ``httpx.AsyncClient`` (one keep-alive connection), send requests back to
-back until ``--duration`` seconds have passed or ``--max-requests`` have been issued, whichever comes first.
-Each request is drawn from a fixed mix (:data:`DEFAULT_MIX`):
+with its default settings: one worker process per CPU), or an already running one is targeted with
+``--url`` (loopback addresses only: this tool never sends load to another machine). The load is locust
+(``locust -f benchmarks/locustfile.py --headless``, in a subprocess of its own): ``--clients`` users, each
+one keep-alive connection sending requests back to back until ``--duration`` seconds have passed or
+``--max-requests`` have been issued. Each request is drawn from a fixed mix
+(:data:`~benchmarks.load_requests.DEFAULT_MIX`):
 
 - ``stored_id``: ``POST /v1/indexes/{name}/attributions`` for a random stored query id, with a random
   score, direction and top_k;
 - ``raw_input``: the same for a raw test digit (the test split of
-  ``indexer.demo.mnist.load_mnist_sample()``), which the service featurizes with the index's model and
-  projection;
+  ``indexer.demo.mnist.load_mnist_sample()``), which the service featurizes with the index's model;
 - ``subset``: ``POST /v1/indexes/{name}/attributions/subset`` (greedy group attribution, small sizes);
 - ``list_indexes``: ``GET /v1/indexes``.
 
+With ``--batch-size N`` a second, separate phase (``--batch-clients`` users for ``--batch-duration`` s)
+sends ``POST /v1/indexes/{name}/attributions:batch`` with N stored-id items each and reports stored
+queries answered per second.
+
 Every request's client-side latency and status is recorded; a transport error, a non-200 status or a 200
-whose body lacks what was asked for counts as an error. Writes ``--out`` (JSON: machine and its load
-average, settings, mix, counts by kind and status, error samples, p50/p90/p99/mean latency per kind and
-overall, throughput) and ``LOAD.md`` next to it. This is a benchmark, not a test: it asserts nothing about
-latency. The client runs on the same machine as the server and shares its cores.
+whose body lacks what was asked for counts as an error. At the end, each server process's memory is read
+from ``/proc/<pid>/smaps_rollup`` (the master and each worker: RSS, PSS, shared and private). Writes
+``--out`` (JSON: machine and its load average, settings, mix, counts by kind and status, error samples,
+p50/p90/p99/mean latency per kind and overall, throughput, CPU seconds of the load generator and of the
+server, memory per process) and ``LOAD.md`` next to it. This is a benchmark, not a test: it asserts
+nothing about latency. The load generator runs on the same machine as the server and shares its cores.
 
 :func:`run_load` is the importable, parameterised core (``tests/service/test_load.py`` runs it briefly).
 """
@@ -32,18 +39,17 @@ latency. The client runs on the same machine as the server and shares its cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import ipaddress
 import json
 import os
-import random
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,261 +58,160 @@ import numpy as np
 
 from benchmarks.common import benchmark_parser, latency_stats, load_average, machine_info, write_report_files
 from benchmarks.live_server import running_service
+from benchmarks.load_requests import (
+    BATCH_KIND,
+    DEFAULT_MIX,
+    KINDS,
+    PLAN_ENV,
+    RequestMaker,
+    is_loopback_url,
+    pick_target,
+)
+from benchmarks.worker_memory import children, smaps_rollup
 from indexer.enums import Direction, Objective, Score
 
 __all__ = [
     "DEFAULT_MIX",
     "KINDS",
-    "is_loopback_url",
-    "run_load",
-    "run_load_async",
-    "spawned_server",
+    "LOCUSTFILE",
     "Server",
-    "process_cpu_seconds",
-    "markdown",
+    "is_loopback_url",
     "main",
+    "markdown",
     "parse_args",
+    "process_cpu_seconds",
+    "run_batch_load",
+    "run_load",
+    "server_memory",
+    "spawned_server",
 ]
 
-KINDS = ("stored_id", "raw_input", "subset", "list_indexes")
-DEFAULT_MIX: dict[str, float] = {"stored_id": 0.55, "raw_input": 0.30, "subset": 0.05, "list_indexes": 0.10}
-"""Share of each request kind (renormalised over the kinds the target index can answer)."""
-
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 TOP_KS = (1, 5, 10, 20, 50)
 SUBSET_SIZES = (5, 10, 20)
 SUBSET_CANDIDATES = (100, 200)
 READY_TIMEOUT_S = 90.0
 ERROR_SAMPLES = 20
-PREFERRED_INDEX = "digits"
 
 
-# ---- targets and requests ------------------------------------------------------------------------------
+def _locust_version() -> str:
+    from importlib.metadata import version
+
+    return f"locust {version('locust')}"
 
 
-def is_loopback_url(url: str) -> bool:
-    """Whether ``url`` is an http(s) URL whose host is a loopback address (or ``localhost``)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        return False
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        return False
-    host = parsed.host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _choices() -> dict[str, list[str]]:
+    return {
+        "scores": [s.value for s in Score],
+        "directions": [d.value for d in Direction],
+        "objectives": [o.value for o in Objective],
+    }
 
 
-@dataclass(frozen=True)
-class Target:
-    """The index under load, as the service lists it."""
-
-    name: str
-    n_train: int
-    n_query: int
-    k: int | None
-    raw_inputs: bool
-    input_shape: list[int] | None
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One request to send: its kind, method, path, body and what a complete answer must hold."""
-
-    kind: str
-    method: str
-    path: str
-    body: bytes | None
-    expect: int  # results (at most) / members (exactly) / 0 for the index list
+def _prepare(
+    base_url: str, index: str | None, test_inputs: Sequence[Any], mix: Mapping[str, float], timeout_s: float
+) -> tuple[RequestMaker, list[str]]:
+    """The target index (from the service's listing) and its request maker."""
+    with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
+        listing = client.get("/v1/indexes")
+        listing.raise_for_status()
+        target = pick_target(listing.json()["indexes"], index)
+    inputs = list(test_inputs) if target.raw_inputs else []
+    if inputs and target.input_shape is not None and list(np.shape(inputs[0])) != target.input_shape:
+        inputs = []  # these inputs do not fit this index's model: no raw-input requests
+    encoded = [json.dumps(np.asarray(x, dtype=np.float32).tolist()) for x in inputs]
+    return RequestMaker(target, encoded, mix, **_choices()), encoded
 
 
-def pick_target(indexes: list[dict[str, Any]], name: str | None) -> Target:
-    """The index to load: ``name``, else ``digits`` when served, else the first ready one.
+def _warm_up(base_url: str, maker: RequestMaker, per_kind: int, seed: int, timeout_s: float) -> None:
+    """Untimed requests of each kind before the load; each must succeed.
 
     Raises:
-        RuntimeError: no such ready index.
+        RuntimeError: a warm-up request failed.
     """
-    ready = {entry["name"]: entry for entry in indexes if entry.get("ready")}
-    if not ready:
-        raise RuntimeError(f"the service has no ready index: {indexes}")
-    chosen = name or (PREFERRED_INDEX if PREFERRED_INDEX in ready else sorted(ready)[0])
-    if chosen not in ready:
-        raise RuntimeError(f"index {chosen!r} is not served (ready: {sorted(ready)})")
-    entry = ready[chosen]
-    shape = (entry.get("model") or {}).get("input_shape")
-    return Target(
-        name=chosen,
-        n_train=int(entry["n_train"]),
-        n_query=int(entry["n_query"]),
-        k=entry.get("k"),
-        raw_inputs=bool(entry.get("raw_input_queries")),
-        input_shape=None if shape is None else [int(d) for d in shape],
-    )
+    import random
+
+    from benchmarks.load_requests import incomplete
+
+    rng = random.Random(seed - 1)
+    with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
+        for kind in maker.kinds:
+            for _ in range(per_kind):
+                planned = maker.make(kind, rng)
+                headers = {"content-type": "application/json"} if planned.body is not None else None
+                response = client.request(planned.method, planned.path, content=planned.body, headers=headers)
+                problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code == 200:
+                    problem = incomplete(planned, response.json()) or ""
+                if problem:
+                    raise RuntimeError(f"warm-up {kind} request failed: {problem}")
 
 
-def effective_mix(mix: Mapping[str, float], target: Target, n_inputs: int) -> dict[str, float]:
-    """``mix`` restricted to the kinds ``target`` can answer, renormalised to sum to 1.
+def _run_locust(plan: dict[str, Any], clients: int, duration_s: float, timeout_s: float) -> dict[str, Any]:
+    """Run the locustfile headless on ``plan`` in a subprocess; its samples, and its CPU seconds.
 
     Raises:
-        ValueError: an unknown kind, a negative weight, or nothing left to send.
+        RuntimeError: locust exited without writing its samples (its output is in the message).
     """
-    unknown = set(mix) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown request kinds {sorted(unknown)}; known: {list(KINDS)}")
-    if any(w < 0 for w in mix.values()):
-        raise ValueError(f"mix weights must be non-negative: {dict(mix)}")
-    usable = dict(mix)
-    if target.n_query == 0:
-        usable.pop("stored_id", None)
-    if not target.raw_inputs or n_inputs == 0:
-        usable.pop("raw_input", None)
-    if target.n_query == 0 and "raw_input" not in usable:
-        usable.pop("subset", None)
-    total = sum(usable.values())
-    if total <= 0:
-        raise ValueError(f"no request kind of {dict(mix)} can be sent to index {target.name!r}")
-    return {kind: weight / total for kind, weight in usable.items() if weight > 0}
+    with tempfile.TemporaryDirectory(prefix="infotrace-locust-") as scratch:
+        plan = plan | {"out": str(Path(scratch) / "samples.json")}
+        plan_path = Path(scratch) / "plan.json"
+        plan_path.write_text(json.dumps(plan))
+        command = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(LOCUSTFILE),
+            "--headless",
+            "--users",
+            str(clients),
+            "--spawn-rate",
+            str(clients),  # all users within a second
+            "--run-time",
+            f"{max(1, round(duration_s))}s",
+            "--stop-timeout",
+            f"{timeout_s:g}",  # in-flight requests finish when the time is up
+            "--host",
+            plan["url"],
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+            "BatchUser" if plan["mode"] == "batch" else "ServiceUser",
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOCUST_")} | {
+            PLAN_ENV: str(plan_path)
+        }
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=duration_s + timeout_s + 120,
+            check=False,
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = Path(plan["out"])
+        if not out.exists():
+            raise RuntimeError(f"locust wrote no samples (exit {done.returncode}): {done.stderr[-3000:]}")
+        result: dict[str, Any] = json.loads(out.read_text())
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result | {"client_cpu_seconds": cpu}
 
 
-class RequestMaker:
-    """Draws requests of the mix for one index (raw inputs are JSON-encoded once, up front)."""
-
-    def __init__(self, target: Target, test_inputs: Sequence[Any], mix: Mapping[str, float]) -> None:
-        self.target = target
-        self.encoded_inputs = [json.dumps(np.asarray(x, dtype=np.float32).tolist()) for x in test_inputs]
-        self.mix = effective_mix(mix, target, len(self.encoded_inputs))
-        self.kinds = list(self.mix)
-        self.weights = [self.mix[kind] for kind in self.kinds]
-        self.attributions = f"/v1/indexes/{target.name}/attributions"
-
-    def _query(self, rng: random.Random, stored: bool) -> str:
-        if stored:
-            return json.dumps({"id": rng.randrange(self.target.n_query)})
-        return '{"input": ' + rng.choice(self.encoded_inputs) + "}"
-
-    def make(self, kind: str, rng: random.Random) -> Planned:
-        """One request of ``kind`` with random parameters drawn from ``rng``."""
-        n = self.target.n_train
-        if kind == "list_indexes":
-            return Planned(kind, "GET", "/v1/indexes", None, 0)
-        if kind in ("stored_id", "raw_input"):
-            top_k = min(rng.choice(TOP_KS), n)
-            score, direction = rng.choice(list(Score)), rng.choice(list(Direction))
-            body = (
-                f'{{"query": {self._query(rng, kind == "stored_id")}, "top_k": {top_k}, '
-                f'"score": "{score.value}", "direction": "{direction.value}"}}'
-            )
-            return Planned(kind, "POST", self.attributions, body.encode(), top_k)
-        if kind == "subset":
-            size = min(rng.choice(SUBSET_SIZES), n)
-            candidates = max(size, min(rng.choice(SUBSET_CANDIDATES), n))
-            stored = self.target.n_query > 0 and (not self.encoded_inputs or rng.random() < 0.7)
-            objective = rng.choice(list(Objective))
-            body = (
-                f'{{"query": {self._query(rng, stored)}, "size": {size}, "candidates": {candidates}, '
-                f'"objective": "{objective.value}"}}'
-            )
-            return Planned(kind, "POST", self.attributions + "/subset", body.encode(), size)
-        raise ValueError(f"unknown request kind {kind!r}")
-
-    def draw(self, rng: random.Random) -> Planned:
-        """A request of a kind drawn from the mix."""
-        return self.make(rng.choices(self.kinds, self.weights)[0], rng)
+def _plan(base_url: str, maker: RequestMaker, encoded: list[str], **extra: Any) -> dict[str, Any]:
+    return {
+        "url": base_url,
+        "target": asdict(maker.target),
+        "encoded_inputs": encoded,
+        "mix": maker.mix,
+        **_choices(),
+        **extra,
+    }
 
 
-def incomplete(planned: Planned, payload: Any) -> str | None:
-    """Why a 200 body does not answer ``planned`` (None when it does)."""
-    if not isinstance(payload, dict):
-        return "body is not a JSON object"
-    if planned.kind == "list_indexes":
-        return None if isinstance(payload.get("indexes"), list) else "no 'indexes' list"
-    if planned.kind == "subset":
-        members = payload.get("members")
-        if not isinstance(members, list) or len(members) != planned.expect:
-            return f"expected {planned.expect} subset members"
-        return None
-    results = payload.get("results")
-    if not isinstance(results, list) or len(results) > planned.expect:
-        # fewer than top_k is valid: a direction with fewer examples of that sign
-        return f"expected a list of at most {planned.expect} results"
-    return None
-
-
-# ---- the load ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One completed (or failed) request."""
-
-    kind: str
-    status: int | None
-    latency_ms: float
-    error: str | None
-    worker: int
-
-
-class _Budget:
-    """Shared stop condition of the workers: a deadline and a cap on requests issued."""
-
-    def __init__(self, deadline: float, max_requests: int) -> None:
-        self.deadline = deadline
-        self.max_requests = max_requests
-        self.issued = 0
-        self.stopped_by: str | None = None
-
-    def take(self) -> bool:
-        if self.issued >= self.max_requests:
-            self.stopped_by = self.stopped_by or "max_requests"
-            return False
-        if time.monotonic() >= self.deadline:
-            self.stopped_by = self.stopped_by or "duration"
-            return False
-        self.issued += 1  # one event loop: no lock needed
-        return True
-
-
-async def _send(client: httpx.AsyncClient, planned: Planned, worker: int) -> Sample:
-    headers = {"content-type": "application/json"} if planned.body is not None else None
-    started = time.perf_counter()
-    try:
-        response = await client.request(planned.method, planned.path, content=planned.body, headers=headers)
-    except httpx.HTTPError as exc:
-        elapsed = (time.perf_counter() - started) * 1e3
-        return Sample(planned.kind, None, elapsed, f"{type(exc).__name__}: {exc}", worker)
-    elapsed = (time.perf_counter() - started) * 1e3
-    error = None
-    if response.status_code != 200:
-        error = f"HTTP {response.status_code}: {response.text[:300]}"
-    else:
-        try:
-            error = incomplete(planned, response.json())
-        except ValueError as exc:
-            error = f"invalid JSON body: {exc}"
-    return Sample(planned.kind, response.status_code, elapsed, error, worker)
-
-
-async def _worker(
-    worker: int,
-    base_url: str,
-    maker: RequestMaker,
-    budget: _Budget,
-    seed: int,
-    timeout_s: float,
-    samples: list[Sample],
-) -> None:
-    rng = random.Random(seed * 1_000_003 + worker)
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    client = httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False)
-    async with client:
-        while budget.take():
-            samples.append(await _send(client, maker.draw(rng), worker))
-
-
-async def run_load_async(
+def run_load(
     base_url: str,
     *,
     clients: int,
@@ -319,79 +224,55 @@ async def run_load_async(
     timeout_s: float = 30.0,
     warmup_per_kind: int = 2,
 ) -> dict[str, Any]:
-    """Run the load against ``base_url`` and summarise it (see the module docstring).
+    """Run the mixed load against ``base_url`` with locust and summarise it (see the module docstring).
 
     Args:
         base_url: the service, e.g. ``http://127.0.0.1:8000`` (loopback only).
-        clients: concurrent workers, each with its own ``httpx.AsyncClient``.
-        duration_s: stop issuing requests after this many seconds.
+        clients: locust users, each with one keep-alive connection.
+        duration_s: stop issuing requests after this many seconds (whole seconds, at least 1).
         max_requests: stop issuing requests after this many (whichever bound comes first).
         test_inputs: raw model inputs for ``raw_input`` requests (none: that kind is not sent).
         mix: kind -> weight (see :data:`DEFAULT_MIX`).
         index: the index to query (default: ``digits`` if served, else the first ready one).
-        seed: seeds every worker's random choices.
-        timeout_s: per-request timeout; the whole run is also cut off at
-            ``duration_s + timeout_s + 30`` seconds.
+        seed: seeds every user's random choices.
+        timeout_s: per-request timeout, in seconds.
         warmup_per_kind: untimed requests of each kind before the load (they must succeed).
 
     Returns:
-        ``settings``, ``mix``, ``requests`` (counts), ``errors`` (count, by kind, samples), ``latency_ms``
-        (``overall`` and per kind, for the requests answered with 200 and complete: ``ok``; and for all),
-        ``throughput_rps`` and ``wall_seconds``.
+        ``settings``, ``mix``, ``stopped_by``, ``requests`` (counts), ``errors`` (count, by kind, samples),
+        ``latency_ms`` (``ok`` and ``all``, each ``overall`` and per kind), ``throughput_rps``,
+        ``ok_throughput_rps``, ``wall_seconds``, ``client_cpu_seconds`` and ``load_tool``.
 
     Raises:
         ValueError: a non-loopback URL or non-positive bounds.
-        RuntimeError: the service lists no usable index, or a warm-up request failed.
+        RuntimeError: the service lists no usable index, a warm-up request failed, or locust failed.
     """
     if not is_loopback_url(base_url):
         raise ValueError(f"refusing to load {base_url!r}: only loopback addresses are allowed")
     if clients < 1 or duration_s <= 0 or max_requests < 1 or timeout_s <= 0:
         raise ValueError("clients, duration_s, max_requests and timeout_s must be positive")
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
-        listing = await client.get("/v1/indexes")
-        listing.raise_for_status()
-        target = pick_target(listing.json()["indexes"], index)
-        inputs = list(test_inputs) if target.raw_inputs else []
-        if inputs and target.input_shape is not None and list(np.shape(inputs[0])) != target.input_shape:
-            inputs = []  # these inputs do not fit this index's model: no raw-input requests
-        maker = RequestMaker(target, inputs, mix)
-        warm_rng = random.Random(seed - 1)
-        for kind in maker.kinds:
-            for _ in range(warmup_per_kind):
-                sample = await _send(client, maker.make(kind, warm_rng), -1)
-                if sample.error is not None:
-                    raise RuntimeError(f"warm-up {kind} request failed: {sample.error}")
-
-    samples: list[Sample] = []
-    started_cpu = os.times()
-    started_wall = time.perf_counter()
-    budget = _Budget(time.monotonic() + duration_s, max_requests)
-    workers = [
-        asyncio.create_task(_worker(w, base_url, maker, budget, seed, timeout_s, samples))
-        for w in range(clients)
-    ]
-    cut_off = False
-    try:
-        await asyncio.wait_for(asyncio.gather(*workers), timeout=duration_s + timeout_s + 30)
-    except TimeoutError:
-        cut_off = True  # wait_for has cancelled the workers; what they recorded is kept
-    wall = time.perf_counter() - started_wall
-    ended_cpu = os.times()
-    client_cpu = (ended_cpu.user - started_cpu.user) + (ended_cpu.system - started_cpu.system)
-
-    by_status = Counter("transport_error" if s.status is None else str(s.status) for s in samples)
-    by_kind = Counter(s.kind for s in samples)
-    failed = [s for s in samples if s.error is not None]
-    ok = [s for s in samples if s.error is None]
+    maker, encoded = _prepare(base_url, index, test_inputs, mix, timeout_s)
+    _warm_up(base_url, maker, warmup_per_kind, seed, timeout_s)
+    plan = _plan(
+        base_url, maker, encoded, mode="mix", seed=seed, max_requests=max_requests, timeout_s=timeout_s
+    )
+    result = _run_locust(plan, clients, duration_s, timeout_s)
+    samples = result["samples"]
+    wall = (result["ended"] or result["started"]) - result["started"] if result["started"] else 0.0
+    by_status = Counter("transport_error" if s["status"] is None else str(s["status"]) for s in samples)
+    failed = [s for s in samples if s["error"] is not None]
+    ok = [s for s in samples if s["error"] is None]
     latency = {
-        name: {"overall": latency_stats([s.latency_ms for s in rows], allow_empty=True)}
+        name: {"overall": latency_stats([s["latency_ms"] for s in rows], allow_empty=True)}
         | {
-            kind: latency_stats([s.latency_ms for s in rows if s.kind == kind], allow_empty=True)
+            kind: latency_stats([s["latency_ms"] for s in rows if s["kind"] == kind], allow_empty=True)
             for kind in maker.kinds
         }
         for name, rows in (("ok", ok), ("all", samples))
     }
+    target = maker.target
     return {
+        "load_tool": _locust_version(),
         "settings": {
             "url": base_url,
             "index": target.name,
@@ -399,7 +280,7 @@ async def run_load_async(
             "n_query": target.n_query,
             "k": target.k,
             "raw_input_queries": target.raw_inputs,
-            "n_test_inputs": len(inputs),
+            "n_test_inputs": len(encoded),
             "clients": clients,
             "duration_s": duration_s,
             "max_requests": max_requests,
@@ -409,37 +290,109 @@ async def run_load_async(
             "top_k_choices": list(TOP_KS),
             "subset_sizes": list(SUBSET_SIZES),
             "subset_candidates": list(SUBSET_CANDIDATES),
-            "scores": [s.value for s in Score],
-            "directions": [d.value for d in Direction],
-            "objectives": [o.value for o in Objective],
+            **_choices(),
         },
         "mix": {"requested": dict(mix), "effective": maker.mix},
-        "stopped_by": "cut_off" if cut_off else (budget.stopped_by or "duration"),
+        "stopped_by": result["stopped_by"],
         "requests": {
-            "issued": budget.issued,
+            "issued": result["issued"],
             "completed": len(samples),
-            "by_kind": dict(sorted(by_kind.items())),
+            "by_kind": dict(sorted(Counter(s["kind"] for s in samples).items())),
             "by_status": dict(sorted(by_status.items())),
-            "per_worker_min": min(Counter(s.worker for s in samples).values(), default=0),
+            "per_worker_min": min(Counter(s["user"] for s in samples).values(), default=0),
         },
         "errors": {
             "count": len(failed),
-            "by_kind": dict(sorted(Counter(s.kind for s in failed).items())),
+            "by_kind": dict(sorted(Counter(s["kind"] for s in failed).items())),
             "samples": [
-                {"kind": s.kind, "status": s.status, "error": s.error} for s in failed[:ERROR_SAMPLES]
+                {"kind": s["kind"], "status": s["status"], "error": s["error"]}
+                for s in failed[:ERROR_SAMPLES]
             ],
         },
         "latency_ms": latency,
         "throughput_rps": len(samples) / wall if wall > 0 else 0.0,
         "ok_throughput_rps": len(ok) / wall if wall > 0 else 0.0,
         "wall_seconds": wall,
-        "client_cpu_seconds": client_cpu,
+        "client_cpu_seconds": result["client_cpu_seconds"],
     }
 
 
-def run_load(base_url: str, **kwargs: Any) -> dict[str, Any]:
-    """Synchronous :func:`run_load_async` (its own event loop); same arguments and result."""
-    return asyncio.run(run_load_async(base_url, **kwargs))
+def run_batch_load(
+    base_url: str,
+    *,
+    clients: int,
+    duration_s: float,
+    batch_size: int,
+    index: str | None = None,
+    seed: int = 0,
+    timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """The batch phase: ``clients`` locust users sending ``attributions:batch`` requests of ``batch_size``
+    stored-id items back to back for ``duration_s`` seconds.
+
+    Returns:
+        ``available`` (False, with ``reason``, when the service has no batch route or the index no stored
+        queries), else ``batches``, ``batches_per_s``, ``stored_queries_per_s`` (items answered with 200
+        per second), ``items_by_status``, ``latency_ms`` (per batch), ``errors`` and ``client_cpu_seconds``.
+
+    Raises:
+        ValueError: a non-loopback URL or non-positive bounds.
+    """
+    if not is_loopback_url(base_url):
+        raise ValueError(f"refusing to load {base_url!r}: only loopback addresses are allowed")
+    if clients < 1 or duration_s <= 0 or batch_size < 1:
+        raise ValueError("clients, duration_s and batch_size must be positive")
+    maker, encoded = _prepare(base_url, index, (), {"stored_id": 1.0, "list_indexes": 1.0}, timeout_s)
+    settings = {"clients": clients, "duration_s": duration_s, "batch_size": batch_size, "seed": seed}
+    if maker.target.n_query == 0:
+        return {"available": False, "reason": "the index has no stored queries", "settings": settings}
+    import random
+
+    probe = maker.batch(random.Random(seed - 1), batch_size)
+    answer = httpx.post(
+        base_url + probe.path,
+        content=probe.body,
+        headers={"content-type": "application/json"},
+        timeout=timeout_s,
+        trust_env=False,
+    )
+    if answer.status_code in (404, 405):
+        return {
+            "available": False,
+            "reason": f"HTTP {answer.status_code}: no batch route",
+            "settings": settings,
+        }
+    plan = _plan(
+        base_url,
+        maker,
+        encoded,
+        mode="batch",
+        batch_size=batch_size,
+        seed=seed,
+        max_requests=10**9,
+        timeout_s=timeout_s,
+    )
+    result = _run_locust(plan, clients, duration_s, timeout_s)
+    samples = [s for s in result["samples"] if s["kind"] == BATCH_KIND]
+    wall = (result["ended"] or result["started"]) - result["started"] if result["started"] else 0.0
+    items: Counter[str] = Counter()
+    for s in samples:
+        items.update(s.get("items", {}))
+    failed = [s for s in samples if s["error"] is not None]
+    return {
+        "available": True,
+        "settings": settings,
+        "batches": len(samples),
+        "batches_per_s": len(samples) / wall if wall > 0 else 0.0,
+        "stored_queries_per_s": items.get("200", 0) / wall if wall > 0 else 0.0,
+        "items_by_status": dict(sorted(items.items())),
+        "latency_ms": latency_stats(
+            [s["latency_ms"] for s in samples if s["error"] is None], allow_empty=True
+        ),
+        "errors": {"count": len(failed), "samples": [s["error"] for s in failed[:ERROR_SAMPLES]]},
+        "wall_seconds": wall,
+        "client_cpu_seconds": result["client_cpu_seconds"],
+    }
 
 
 # ---- the server ----------------------------------------------------------------------------------------
@@ -452,6 +405,26 @@ def process_cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _tree_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of ``pid`` and each of its live children (the master and its workers)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += children(pid)
+    found = {p: process_cpu_seconds(p) for p in pids}
+    return {p: s for p, s in found.items() if s is not None}
+
+
+def server_memory(pid: int) -> list[dict[str, Any]]:
+    """``role``, ``pid`` and :func:`~benchmarks.worker_memory.smaps_rollup` (bytes) of the server's master
+    ``pid`` and of each of its workers (empty off Linux)."""
+    rows = []
+    with contextlib.suppress(OSError):
+        rows.append({"role": "master", "pid": pid, **smaps_rollup(pid)})
+        for i, child in enumerate(children(pid)):
+            rows.append({"role": f"worker {i + 1}", "pid": child, **smaps_rollup(child)})
+    return rows
 
 
 @dataclass(frozen=True)
@@ -482,6 +455,14 @@ def spawned_server(
     The process is always terminated (then killed if it lingers) on the way out.
     """
     with running_service(index_root, log_path, dict(env or {}), log_level, ready_timeout_s) as service:
+        deadline = time.monotonic() + ready_timeout_s  # /readyz answers once one worker is up: wait for all
+        workers = int((env or {}).get("INFOTRACE_WORKERS", 0)) or len(os.sched_getaffinity(0))
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if len(children(service.process.pid)) >= workers:
+                    break
+            time.sleep(0.2)
+        time.sleep(1.0)  # a forked worker loads its indexes before it accepts connections
         yield Server(service.url, service.process.pid)
 
 
@@ -494,6 +475,10 @@ def _fmt(value: float | int | None) -> str:
 
 def _loads(values: list[float] | None) -> str:
     return "unknown" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
+def _mb(value: float) -> str:
+    return f"{value / 2**20:,.1f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -509,9 +494,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"server: {report['server']}",
         "",
         f"Index {st['index']!r}: n_train = {st['n_train']:,}, k = {st['k']}, {st['n_query']:,} stored "
-        f"queries. {st['clients']} concurrent clients (asyncio, one httpx.AsyncClient and keep-alive "
-        f"connection each) for {st['duration_s']:g} s (at most {st['max_requests']:,} requests); stopped by "
-        f"{report['stopped_by']}. Mix: "
+        f"queries. {st['clients']} concurrent clients ({report['load_tool']}, headless: FastHttpUser, one "
+        f"keep-alive connection each, no wait) for {st['duration_s']:g} s (at most {st['max_requests']:,} "
+        f"requests); stopped by {report['stopped_by']}. Mix: "
         + ", ".join(f"{kind} {share:.0%}" for kind, share in report["mix"]["effective"].items())
         + ". Scores, directions, top_k (1-50) and ids drawn at random; subsets of 5-20 from 100-200 "
         "candidates.",
@@ -534,15 +519,47 @@ def markdown(report: dict[str, Any]) -> str:
     if report["errors"]["samples"]:
         lines += ["", "First errors:", ""]
         lines += [f"- {e['kind']}: {e['error']}" for e in report["errors"]["samples"]]
+    batch = report.get("batch")
+    if batch is not None:
+        lines += ["", "## Batch route", ""]
+        if not batch["available"]:
+            lines.append(f"Not measured: {batch['reason']}.")
+        else:
+            b, lat = batch["settings"], batch["latency_ms"]
+            lines.append(
+                f"`POST .../attributions:batch`, {b['batch_size']} stored-id items per batch (random score, "
+                f"direction and top_k as above), {b['clients']} clients for {b['duration_s']:g} s: "
+                f"**{batch['stored_queries_per_s']:,.0f} stored queries/s** ({batch['batches']:,} batches, "
+                f"{batch['batches_per_s']:.1f}/s; p50 {_fmt(lat['p50_ms'])} ms, p99 {_fmt(lat['p99_ms'])} ms "
+                f"per batch); items by status: "
+                + ", ".join(f"{k}: {v:,}" for k, v in batch["items_by_status"].items())
+                + f"; errors: {batch['errors']['count']}."
+            )
+    memory = report.get("server_memory") or []
+    if memory:
+        lines += [
+            "",
+            "## Server memory",
+            "",
+            "At the end of the mixed load, from /proc/<pid>/smaps_rollup (PSS divides a shared page among "
+            "the processes that map it):",
+            "",
+            "| process | pid | RSS MB | PSS MB | shared MB | private MB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for p in memory:
+            shared, private = p["Shared_Clean"] + p["Shared_Dirty"], p["Private_Clean"] + p["Private_Dirty"]
+            lines.append(
+                f"| {p['role']} | {p['pid']} | {_mb(p['Rss'])} | {_mb(p['Pss'])} | {_mb(shared)} | "
+                f"{_mb(private)} |"
+            )
     cpu = f"the load generator used {report['client_cpu_seconds']:.0f} CPU seconds"
     if report.get("server_cpu_seconds") is not None:
-        cpu += f" and the server {report['server_cpu_seconds']:.0f}"
+        cpu += f" and the server (master and workers) {report['server_cpu_seconds']:.0f}"
     lines += [
         "",
         f"The clients run on the same machine as the server and share its cores ({cpu} in "
-        f"{report['wall_seconds']:.0f} s), so latency is mostly queueing behind the other clients' requests: "
-        "one uvicorn process answers them from FastAPI's thread pool, with torch, BLAS and FAISS on one "
-        "thread each (INFOTRACE_COMPUTE_THREADS=1). Generated by `python -m benchmarks.load`.",
+        f"{report['wall_seconds']:.0f} s of mixed load). Generated by `python -m benchmarks.load`.",
         "",
     ]
     return "\n".join(lines)
@@ -572,6 +589,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--n-inputs", type=int, default=200, help="test digits used as raw inputs (default 200)"
     )
     parser.add_argument(
+        "--batch-size", type=int, default=0, help="items per batch of the batch phase (default 0: no phase)"
+    )
+    parser.add_argument("--batch-clients", type=int, default=4, help="clients of the batch phase (default 4)")
+    parser.add_argument(
+        "--batch-duration", type=float, default=20.0, help="seconds of batch phase (default 20)"
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path("benchmarks/results/load.json"),
@@ -582,6 +606,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--url {args.url!r} is not a loopback address; only loopback targets are allowed")
     if args.clients < 1 or args.duration <= 0 or args.max_requests < 1 or args.timeout <= 0:
         parser.error("--clients, --duration, --max-requests and --timeout must be positive")
+    if args.batch_size < 0 or args.batch_clients < 1 or args.batch_duration <= 0:
+        parser.error("--batch-size must be >= 0, --batch-clients and --batch-duration positive")
     if args.url is None and not args.index_root.is_dir():
         parser.error(f"--index-root {args.index_root} is not a folder (run `make index-demo` first)")
     return args
@@ -594,39 +620,59 @@ def _test_inputs(n: int) -> list[list[float]]:
     return [row.tolist() for row in test.inputs[:n]]
 
 
+def _measure(
+    url: str, args: argparse.Namespace, inputs: list[list[float]], pid: int | None
+) -> dict[str, Any]:
+    print(
+        f"[load] {args.clients} clients for {args.duration:g} s (at most {args.max_requests})",
+        file=sys.stderr,
+    )
+    before = _tree_cpu_seconds(pid) if pid else {}
+    result = run_load(
+        url,
+        clients=args.clients,
+        duration_s=args.duration,
+        max_requests=args.max_requests,
+        test_inputs=inputs,
+        index=args.index,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
+    if pid:
+        after = _tree_cpu_seconds(pid)
+        # processes alive at both ends (a worker replaced mid-run loses its CPU seconds)
+        result["server_cpu_seconds"] = sum(after[p] - before[p] for p in after if p in before)
+        result["server_memory"] = server_memory(pid)
+    if args.batch_size:
+        print(f"[load] batch phase: {args.batch_clients} clients x {args.batch_size} items", file=sys.stderr)
+        result["batch"] = run_batch_load(
+            url,
+            clients=args.batch_clients,
+            duration_s=args.batch_duration,
+            batch_size=args.batch_size,
+            index=args.index,
+            seed=args.seed,
+            timeout_s=max(args.timeout, 60.0),
+        )
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     machine = machine_info()
     inputs = _test_inputs(args.n_inputs) if args.n_inputs > 0 else []
-    load_kwargs: dict[str, Any] = {
-        "clients": args.clients,
-        "duration_s": args.duration,
-        "max_requests": args.max_requests,
-        "test_inputs": inputs,
-        "index": args.index,
-        "seed": args.seed,
-        "timeout_s": args.timeout,
-    }
-    print(
-        f"[load] {args.clients} clients for {args.duration:g} s (at most {args.max_requests} requests)",
-        file=sys.stderr,
-    )
     if args.url is not None:
         server = f"already running at {args.url}"
-        result = run_load(args.url.rstrip("/"), **load_kwargs)
+        result = _measure(args.url.rstrip("/"), args, inputs, None)
     else:
         with tempfile.TemporaryDirectory(prefix="infotrace-load-") as scratch:
-            log_path = Path(scratch) / "server.log"
-            with spawned_server(args.index_root, log_path) as spawned:
+            with spawned_server(args.index_root, Path(scratch) / "server.log") as spawned:
+                workers = len(children(spawned.pid))
                 server = (
-                    f"`infotrace-serve run` started here on {spawned.url} "
-                    "(default settings; a JSON log line per request, to a file)"
+                    f"`infotrace-serve run` started here on {spawned.url} (default settings: {workers} "
+                    "worker processes, a JSON log line per request, to a file)"
                 )
-                cpu_before = process_cpu_seconds(spawned.pid)
-                result = run_load(spawned.url, **load_kwargs)
-                cpu_after = process_cpu_seconds(spawned.pid)
-                if cpu_before is not None and cpu_after is not None:
-                    result["server_cpu_seconds"] = cpu_after - cpu_before  # warm-up and load
+                result = _measure(spawned.url, args, inputs, spawned.pid)
     report = {
         "benchmark": "infotrace load",
         "machine": machine | {"loadavg_at_end": load_average()},

@@ -233,16 +233,24 @@ class AttributionEngine:
         """
         wanted = [RankRequest(q.terms, score, direction, k, c) for q, score, direction, k, c in requests]
         ranked = self.retriever.searcher.rank_many(wanted, knobs)
+        # one metadata read for every result
+        meta = self._metadata(SPLIT_TRAIN, sorted({int(i) for found in ranked for i in found.ids}))
         return [
-            self._attribution(query, found, score, direction, top_k)
+            self._attribution(query, found, score, direction, top_k, meta)
             for (query, score, direction, top_k, _), found in zip(requests, ranked, strict=True)
         ]
 
     def _attribution(
-        self, query: Query, ranked: Ranked, score: Score, direction: Direction, top_k: int
+        self,
+        query: Query,
+        ranked: Ranked,
+        score: Score,
+        direction: Direction,
+        top_k: int,
+        meta: dict[int, dict[str, Any]] | None = None,
     ) -> Attribution:
         ids = [int(i) for i in ranked.ids]
-        meta = self._metadata(SPLIT_TRAIN, ids)
+        meta = self._metadata(SPLIT_TRAIN, ids) if meta is None else meta
         stored = self.data.examples.get(KEY_PREDICTION)  # absent from an index built from features alone
         predictions = stored[ranked.ids] if stored is not None else [None] * len(ids)
         columns = {s: values.tolist() for s, values in ranked.scores.items()}  # Python floats, at once

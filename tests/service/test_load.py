@@ -1,5 +1,6 @@
-"""A short form of the load benchmark (``benchmarks/load.py``): 8 concurrent clients for about 5 s against a
-live uvicorn process on the small test index. Zero errors and only 200s; no latency assertion."""
+"""A short form of the load benchmark (``benchmarks/load.py``, locust in a subprocess): 8 concurrent clients
+for about 5 s against a live ``infotrace-serve run`` on the small test index, a run bounded by its request
+count, and the batch phase. Zero errors and only 200s; no latency assertion."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import is_loopback_url, parse_args, run_load, spawned_server
+from benchmarks.load import (
+    is_loopback_url,
+    parse_args,
+    run_batch_load,
+    run_load,
+    server_memory,
+    spawned_server,
+)
 from indexer.data import Dataset
 
 pytestmark = pytest.mark.slow
@@ -19,6 +27,8 @@ def test_short_load_has_no_errors(index_root: Path, test_digits: Dataset, tmp_pa
         url = server.url
         report = run_load(url, clients=8, duration_s=5.0, max_requests=20_000, test_inputs=inputs, seed=1)
         bounded = run_load(url, clients=8, duration_s=30.0, max_requests=24, test_inputs=inputs, seed=2)
+        batch = run_batch_load(url, clients=2, duration_s=3.0, batch_size=5, seed=3)
+        memory = server_memory(server.pid)
 
     requests = report["requests"]
     assert report["errors"] == {"count": 0, "by_kind": {}, "samples": []}
@@ -31,7 +41,14 @@ def test_short_load_has_no_errors(index_root: Path, test_digits: Dataset, tmp_pa
     assert report["latency_ms"]["ok"]["overall"]["n"] == requests["completed"]
 
     assert bounded["stopped_by"] == "max_requests"
-    assert bounded["requests"]["completed"] == 24 and bounded["errors"]["count"] == 0
+    assert bounded["requests"]["completed"] == bounded["requests"]["issued"] == 24
+    assert bounded["errors"]["count"] == 0 and report["load_tool"].startswith("locust ")
+
+    assert batch["available"] and batch["errors"]["count"] == 0 and batch["batches"] > 0
+    assert batch["items_by_status"] == {"200": 5 * batch["batches"]}
+    assert batch["stored_queries_per_s"] > 0
+    roles = [p["role"] for p in memory]
+    assert roles[0] == "master" and len(roles) >= 2 and all(p["Rss"] >= p["Pss"] > 0 for p in memory)
 
 
 def test_load_targets_loopback_only() -> None:

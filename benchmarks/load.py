@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
@@ -64,11 +65,13 @@ from benchmarks.load_requests import (
     KINDS,
     PLAN_ENV,
     RequestMaker,
+    incomplete,
     is_loopback_url,
     pick_target,
 )
-from benchmarks.worker_memory import children, smaps_rollup
+from benchmarks.worker_memory import children, server_memory
 from indexer.enums import Direction, Objective, Score
+from service.core.startup import available_cpus
 
 __all__ = [
     "DEFAULT_MIX",
@@ -129,10 +132,6 @@ def _warm_up(base_url: str, maker: RequestMaker, per_kind: int, seed: int, timeo
     Raises:
         RuntimeError: a warm-up request failed.
     """
-    import random
-
-    from benchmarks.load_requests import incomplete
-
     rng = random.Random(seed - 1)
     with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
         for kind in maker.kinds:
@@ -346,8 +345,6 @@ def run_batch_load(
     settings = {"clients": clients, "duration_s": duration_s, "batch_size": batch_size, "seed": seed}
     if maker.target.n_query == 0:
         return {"available": False, "reason": "the index has no stored queries", "settings": settings}
-    import random
-
     probe = maker.batch(random.Random(seed - 1), batch_size)
     answer = httpx.post(
         base_url + probe.path,
@@ -416,17 +413,6 @@ def _tree_cpu_seconds(pid: int) -> dict[int, float]:
     return {p: s for p, s in found.items() if s is not None}
 
 
-def server_memory(pid: int) -> list[dict[str, Any]]:
-    """``role``, ``pid`` and :func:`~benchmarks.worker_memory.smaps_rollup` (bytes) of the server's master
-    ``pid`` and of each of its workers (empty off Linux)."""
-    rows = []
-    with contextlib.suppress(OSError):
-        rows.append({"role": "master", "pid": pid, **smaps_rollup(pid)})
-        for i, child in enumerate(children(pid)):
-            rows.append({"role": f"worker {i + 1}", "pid": child, **smaps_rollup(child)})
-    return rows
-
-
 @dataclass(frozen=True)
 class Server:
     """A service started by :func:`spawned_server`."""
@@ -456,7 +442,7 @@ def spawned_server(
     """
     with running_service(index_root, log_path, dict(env or {}), log_level, ready_timeout_s) as service:
         deadline = time.monotonic() + ready_timeout_s  # /readyz answers once one worker is up: wait for all
-        workers = int((env or {}).get("INFOTRACE_WORKERS", 0)) or len(os.sched_getaffinity(0))
+        workers = int((env or {}).get("INFOTRACE_WORKERS", 0)) or available_cpus()  # the server's default
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 if len(children(service.process.pid)) >= workers:

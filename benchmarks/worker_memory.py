@@ -17,6 +17,7 @@ not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ import numpy as np
 from benchmarks.common import benchmark_parser, machine_info, write_report_files
 from benchmarks.live_server import running_service
 
-__all__ = ["children", "main", "markdown", "measure", "smaps_rollup"]
+__all__ = ["children", "main", "markdown", "measure", "server_memory", "smaps_rollup"]
 
 SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
 
@@ -52,6 +53,17 @@ def smaps_rollup(pid: int) -> dict[str, int]:
 def children(pid: int) -> list[int]:
     """The child processes of ``pid`` (the service's workers under its master), from ``/proc``."""
     return sorted(int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+
+
+def server_memory(pid: int) -> list[dict[str, Any]]:
+    """``role``, ``pid`` and :func:`smaps_rollup` (bytes) of the service's master ``pid`` and of each of
+    its workers (empty off Linux)."""
+    rows = []
+    with contextlib.suppress(OSError):
+        rows.append({"role": "master", "pid": pid, **smaps_rollup(pid)})
+        for i, child in enumerate(children(pid)):
+            rows.append({"role": f"worker {i + 1}", "pid": child, **smaps_rollup(child)})
+    return rows
 
 
 def _build(root: Path, n: int, k: int, seed: int) -> Path:

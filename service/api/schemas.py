@@ -371,7 +371,10 @@ class BatchAttributionResponse(BaseModel):
     index: str
     answered: int = Field(description="items answered with status 200")
     results: list[BatchItem]
-    timings: Timings = Field(description="the whole batch; each item's own timings share the batched steps")
+    timings: Timings = Field(
+        description="the whole batch: validating and featurizing every query, the retrieval (the batched "
+        "scan or search) and the reranks summed over items, and the total"
+    )
 
 
 class SubsetMember(BaseModel):

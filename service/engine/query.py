@@ -300,7 +300,12 @@ class QueryFeaturizer:
         """
         started = time.perf_counter()
         model = self._model()
-        inputs = self._input_tensor(raw)
+        return self._from_tensor(model, self._input_tensor(raw), target, started)
+
+    def _from_tensor(
+        self, model: torch.nn.Module, inputs: torch.Tensor, target: Any, started: float
+    ) -> Query:
+        """The query of one checked `(1, *input_shape)` input (:meth:`_input_tensor`) and its target."""
         logits = self._logits(model, inputs)
         summary = self.output_fn.summarize(logits).numpy()
         return self._featurized("input", inputs, self._target(target, summary), summary, started)
@@ -463,8 +468,11 @@ class QueryFeaturizer:
             with contextlib.suppress(InvalidQueryError):  # some input breaks the model: each on its own
                 batched = self._logits(model, batch)
         if batched is None:  # the dense projection featurizes one gradient at a time anyway
-            for j, _ in valid:
-                outcomes[j] = self._one_input(*items[j])
+            for j, tensor in valid:  # checked already: each featurized on its own
+                try:
+                    outcomes[j] = self._from_tensor(model, tensor, items[j][1], started)
+                except InvalidQueryError as exc:
+                    outcomes[j] = exc
             return _complete(outcomes)
         assert self.hooks is not None
         summaries = self.output_fn.summarize(batched).numpy()
@@ -497,12 +505,6 @@ class QueryFeaturizer:
                 except InvalidQueryError as exc:
                     outcomes[j] = exc
         return _complete(outcomes)
-
-    def _one_input(self, raw: Any, target: float | int | list[int] | None) -> Query | Exception:
-        try:
-            return self.input(raw, target)
-        except (InvalidQueryError, ModelMismatchError) as exc:
-            return exc
 
     def _text_support(self) -> tuple[Any, int]:
         """The index's tokenizer and its sequence length T.

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.live_server import RunningService, running_service
+from benchmarks.worker_memory import children
 
 pytestmark = pytest.mark.slow
 
@@ -27,12 +28,6 @@ def service(index_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     log_path = tmp_path_factory.mktemp("workers") / "server.log"
     with running_service(index_root, log_path, {"INFOTRACE_WORKERS": "2"}) as running:
         yield running
-
-
-def workers(master: int) -> set[int]:
-    """The master's child processes (its workers), from /proc."""
-    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-    return {int(pid) for pid in children}
 
 
 def pid_of(client: httpx.Client) -> int:
@@ -66,7 +61,7 @@ def attributions_counted(url: str) -> float:
 
 
 def test_both_workers_answer_and_the_metrics_add_up(service: RunningService) -> None:
-    pids = workers(service.process.pid)
+    pids = set(children(service.process.pid))
     assert len(pids) == 2
     before = attributions_counted(service.url)
     by_worker = clients_on_each_worker(service.url, pids)
@@ -84,7 +79,7 @@ def test_both_workers_answer_and_the_metrics_add_up(service: RunningService) -> 
 
 def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(service: RunningService) -> None:
     master = service.process.pid
-    pids = workers(master)
+    pids = set(children(master))
     by_worker = clients_on_each_worker(service.url, pids)
     victim, survivor = sorted(pids)
     expected = by_worker[survivor][0].post(ATTRIBUTIONS, json={"query": {"id": 2}, "top_k": 5}).json()
@@ -98,12 +93,12 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_answering(service: Runn
     assert all(a["results"] == expected["results"] for a in answers)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        current = workers(master)
+        current = children(master)
         if len(current) == 2 and victim not in current:
             break
         time.sleep(0.2)
-    replacement = workers(master) - {survivor}
-    assert len(replacement) == 1 and victim not in replacement, workers(master)
+    replacement = set(children(master)) - {survivor}
+    assert len(replacement) == 1 and victim not in replacement, children(master)
     # the replacement answers once its indexes are loaded (it accepts no connection before)
     seen: set[int] = set()
     deadline = time.monotonic() + 60

@@ -202,6 +202,8 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
                 queries[i] = _query(engine, r.query)
             except Exception as exc:  # refuse() re-raises what is not the client's
                 refuse(i, exc)
+    featurized_ms = (time.perf_counter() - started) * 1e3  # validation and every query's featurization
+    retrieve_ms = rerank_ms = 0.0
     groups: dict[SearchKnobs, list[tuple[int, AttributionRequest, int]]] = {}
     for i, r, candidates, knobs in ready:
         if i in queries:
@@ -211,18 +213,20 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
             [(queries[i], r.score, r.direction, r.top_k, candidates) for i, r, candidates in members], knobs
         )
         for (i, _, _), one in zip(members, found, strict=True):
+            retrieve_ms += one.timings.retrieve_ms  # each item's share of the batched scan, and its own
+            rerank_ms += one.timings.rerank_ms
             outcomes[i] = {
                 "status": 200,
                 "response": _attribution_response(engine, one, started),
                 "error": None,
             }
     results = [outcome for outcome in outcomes if outcome is not None]
-    elapsed = (time.perf_counter() - started) * 1e3
+    assert len(results) == len(outcomes), "every item has an outcome: an answer or its error"
     timings = Timings(
-        featurize_ms=sum(q.featurize_ms for q in queries.values()) / max(len(queries), 1),
-        retrieve_ms=0.0,
-        rerank_ms=0.0,
-        total_ms=elapsed,
+        featurize_ms=featurized_ms,
+        retrieve_ms=retrieve_ms,
+        rerank_ms=rerank_ms,
+        total_ms=(time.perf_counter() - started) * 1e3,
     )
     answered = sum(item["status"] == 200 for item in results)
     return plain_json_response(  # BatchAttributionResponse

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,7 +60,7 @@ def brute_force_top_k(
 
 
 def test_health_ready_and_docs(client: TestClient) -> None:
-    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}  # in-process: this one
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"ready": True, "indexes": {"digits": "ready"}, "detail": None, "missing": {}}

@@ -76,6 +76,8 @@ def test_each_item_gets_what_the_single_route_answers(client: TestClient, test_d
     assert response.status_code == 200, response.text
     payload = response.json()
     assert payload["index"] == "digits" and payload["answered"] == len(bodies)
+    timings = payload["timings"]
+    assert timings["total_ms"] >= timings["featurize_ms"] > 0 and timings["retrieve_ms"] > 0
     assert len(payload["results"]) == len(mixed)
     for i, (body, item) in enumerate(zip(mixed, payload["results"], strict=True)):
         single = client.post(SINGLE.format(name="digits"), json=body)
@@ -112,6 +114,7 @@ def test_a_text_index_answers_text_items_as_the_single_route(text_lm: TextLM) ->
             {"query": {"text": ""}, "top_k": 3},
         ]
         payload = client.post(BATCH.format(name="lm"), json={"requests": bodies}).json()
+        assert [item["status"] for item in payload["results"]][:2] == [200, 200]
         for body, item in zip(bodies, payload["results"], strict=True):
             single = client.post(SINGLE.format(name="lm"), json=body)
             assert item["status"] == single.status_code

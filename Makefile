@@ -14,8 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel of this release lies on this machine's disk (pip's find-links)
 	$(PY) -m pip install -q torch==2.13.0
-	# transformers (an optional extra, for the tests of GPT-2's layers), with torch named again so pip keeps it
-	$(PY) -m pip install -q -e '.[test,transformers]' torch==2.13.0
+	# transformers and Ray (optional extras, for the tests of GPT-2's layers and of Ray builds), with torch
+	# named again so pip keeps it
+	$(PY) -m pip install -q -e '.[test,transformers,distributed]' torch==2.13.0
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install infotrace with its test tools

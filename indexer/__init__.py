@@ -12,6 +12,7 @@ from indexer.config import IndexConfig
 from indexer.data import Dataset, load_arrays
 from indexer.demo.mnist import build_demo_index, load_mnist_sample
 from indexer.demo.train import train_classifier
+from indexer.distributed import RayOptions
 from indexer.enums import Direction, Objective, OutputKind, ProjectionKind, Score, parse_enum
 from indexer.exceptions import (
     IndexCorruptError,
@@ -56,6 +57,7 @@ from indexer.precomputed import build_from_features
 from indexer.store import IndexData, Manifest, load_index, make_faiss_index, read_manifest
 
 __all__ = [
+    "RayOptions",
     "ClassificationMargin",
     "PluginError",
     "build_from_features",

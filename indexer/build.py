@@ -15,9 +15,10 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -34,9 +35,9 @@ from indexer.features.hooks import HookFeaturizer
 from indexer.features.language import load_tokenizer
 from indexer.features.models import ModelSpec, load_checkpoint, save_checkpoint
 from indexer.features.projection import PROJECTION_BLOCK_ROWS
-from indexer.features.stream import check_batch, tangent_features
+from indexer.features.stream import check_batch, shard_rows, tangent_features
 from indexer.features.tasks import OutputFunction
-from indexer.gp.surrogate import Surrogate, fit_surrogate
+from indexer.gp.surrogate import Surrogate, fit_surrogate, sharded_data_term
 from indexer.store.faiss_index import check_factory
 from indexer.store.hashing import sha256_file, tensor_digest
 from indexer.store.layout import (
@@ -75,6 +76,9 @@ from indexer.store.sections import EXACT_FACTORY, FaissInfo, ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
 from indexer.store.writer import write_index_dir
 
+if TYPE_CHECKING:
+    from indexer.distributed import RayOptions
+
 __all__ = [
     "build_index",
     "assemble_index",
@@ -103,6 +107,7 @@ def build_index(
     store_inputs: bool | None = None,
     tokenizer: Path | None = None,
     progress: bool = True,
+    ray: RayOptions | None = None,
 ) -> Path:
     """Build an attribution index of ``train`` for ``model`` (DESIGN.md 1.1-1.3, 1.7, 2.1).
 
@@ -136,6 +141,9 @@ def build_index(
             ``tokenizer.json`` (its sha256 in the manifest): the service then takes text queries and
             decodes tokens. Checked against an ``lm_margin``'s vocabulary before any work.
         progress: show progress bars.
+        ray: featurize as Ray tasks, one per shard (:mod:`indexer.distributed`, DESIGN.md 2.3); the files are
+            those of a single-process build with the same ``shard_examples`` (chosen for the cluster and
+            recorded in the manifest's config when the config has none). None: in this process.
 
     Returns:
         ``out_dir``.
@@ -144,6 +152,8 @@ def build_index(
         FileNotFoundError, ValueError: a missing or mismatching checkpoint, empty data, a bad config, a
             model in which examples interact, targets the output function cannot explain.
         BlockingIOError: another process is building the same ``out_dir``.
+        ImportError: ``ray`` given without Ray installed (the message says how to install it).
+        ConnectionError, RuntimeError: no Ray cluster at the address; a Ray task that failed for good.
     """
     config = config or IndexConfig()
     out_dir = Path(out_dir)
@@ -154,20 +164,31 @@ def build_index(
     if tokenizer is not None:
         load_tokenizer(tokenizer, getattr(output_fn, "vocab_size", None))
     check_factory(config.k, config.faiss_factory)
-    n_params = count_parameters(model)
-    featurizer, projection = make_featurizer(model, config, probe, output_fn)
-    if projection.k != config.k:  # the plan's k: the FAISS index is over vectors of this dimension
-        check_factory(projection.k, config.faiss_factory)
     query_set: Examples = (
         queries if queries is not None else Dataset(probe.first_input[:0], probe.targets[:0])
     )
-    with (
-        build_lock(out_dir),
+    with ExitStack() as stack:
+        cluster = None
+        if ray is not None:
+            from indexer.distributed import ray_cluster  # Ray is an optional extra
+
+            cluster = stack.enter_context(ray_cluster(ray))
+            config = cluster.configure(config, train)
+            cluster.put_model(model)  # before the featurizer's hooks are on it
+        n_params = count_parameters(model)
+        featurizer, projection = make_featurizer(model, config, probe, output_fn)
+        if projection.k != config.k:  # the plan's k: the FAISS index is over vectors of this dimension
+            check_factory(projection.k, config.faiss_factory)
+        rows = shard_rows(featurizer, config.batch_size, config.buffer_bytes, config.shard_examples)
+        stack.enter_context(build_lock(out_dir))
         # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
         # removed by the next build that finishes
-        tempfile.TemporaryDirectory(prefix=scratch_prefix(out_dir), dir=out_dir.parent) as scratch,
-    ):
-        stored_checkpoint = Path(scratch) / CHECKPOINT_FILE
+        scratch = Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(prefix=scratch_prefix(out_dir), dir=out_dir.parent)
+            )
+        )
+        stored_checkpoint = scratch / CHECKPOINT_FILE
         save_checkpoint(model, stored_checkpoint)
         checkpoint_sha256 = sha256_file(stored_checkpoint)
         material = _work_key_material(
@@ -177,9 +198,26 @@ def build_index(
         for other in store.others():
             log.warning("%s holds shards of a build of %s with other arguments; not reused", other, out_dir)
         n_outputs = int(probe_outputs(model, probe).shape[1])
+        splits = ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
+        summed_term = None
+        if cluster is not None:  # every shard written by a Ray task; the pass below verifies and reads them
+            for split, data in splits:
+                term = cluster.featurize(
+                    split,
+                    data,
+                    output_fn=output_fn,
+                    config=config,
+                    probe=probe,
+                    projection=projection.to_json(),
+                    folder=store.folder,
+                    shard_rows=rows,
+                    n_outputs=n_outputs,
+                    progress=progress,
+                )
+                summed_term = term if split == SPLIT_TRAIN else summed_term
         features = {
             split: _featurize(featurizer, output_fn, data, config, store, split, progress, keep, n_outputs)
-            for split, data in ((SPLIT_TRAIN, train), (SPLIT_QUERY, query_set))
+            for split, data in splits
         }
         if isinstance(featurizer, HookFeaturizer):
             featurizer.close()
@@ -208,15 +246,17 @@ def build_index(
             },
             name=name or out_dir.name,
             started=started,
-            timings={"featurize": featurize_seconds},
+            timings={"featurize": featurize_seconds} | ({} if cluster is None else cluster.timings()),
             extra_manifest=extra_manifest or {},
             keep_inputs=keep,
             extra_files={CHECKPOINT_FILE: stored_checkpoint}
             | ({} if tokenizer is None else {TOKENIZER_FILE: Path(tokenizer)}),
+            shard_rows=rows,
+            summed_data_term=summed_term,
         )
         # the index is in place: its shards, and whatever killed writes of it left, are no longer needed
         store.remove()
-        for stale in remove_stale_siblings(out_dir, keep=Path(scratch)):
+        for stale in remove_stale_siblings(out_dir, keep=scratch):
             log.info("removed %s, left by an interrupted write of %s", stale, out_dir)
         return path
 
@@ -236,6 +276,8 @@ def assemble_index(
     extra_manifest: dict[str, Any],
     keep_inputs: bool,
     extra_files: dict[str, Path],
+    shard_rows: int | None = None,
+    summed_data_term: np.ndarray | None = None,
 ) -> Path:
     """Features in, index directory out: store the features in the configured dtype, fit the surrogate on
     the stored values, build and measure the approximate index when asked for, write atomically
@@ -251,6 +293,10 @@ def assemble_index(
         name: the index name; started: ``time.perf_counter()`` at the build's start; timings: stages so far
             (seconds); extra_manifest: more manifest fields; keep_inputs: store the raw inputs;
         extra_files: file name -> source path copied in (the checkpoint, the tokenizer).
+        shard_rows: sum the data term in blocks of this many examples, the featurization shards
+            (:func:`~indexer.gp.surrogate.sharded_data_term`; None: in one pass);
+        summed_data_term: `(k, k)` float64 data term of the stored features summed elsewhere (a Ray build's
+            tasks, DESIGN.md 2.3), used instead.
 
     Returns:
         ``out_dir``.
@@ -264,8 +310,15 @@ def assemble_index(
     query_tangent = replace(query_tangent, phi=stored_features(query_tangent.phi, dtype, SPLIT_QUERY))
     t0 = time.perf_counter()
     # beta_i and beta_i r_i come from the featurizer's forward pass (per-token margins, DESIGN.md 1.8)
+    if summed_data_term is None and shard_rows is not None:
+        summed_data_term = sharded_data_term(tangent.phi, tangent.beta, shard_rows)
     surrogate = fit_surrogate(
-        tangent.phi, tangent.beta, tangent.grad_term, config.prior_precision, config.s_floor
+        tangent.phi,
+        tangent.beta,
+        tangent.grad_term,
+        config.prior_precision,
+        config.s_floor,
+        summed_data_term=summed_data_term,
     )
     timings = {**timings, "fit": time.perf_counter() - t0}
     train_stats = example_stats(tangent, output_fn, surrogate)
@@ -484,6 +537,36 @@ def check_finite_inputs(batch: Batch, split: str, start: int) -> None:
             )
 
 
+def checked_batches(
+    data: Examples, batch_size: int, output_fn: OutputFunction, n_outputs: int, split: str, start: int = 0
+) -> Iterator[Batch]:
+    """The batches of ``data``, each refused before it is featurized when its shapes differ from the first
+    batch's, its targets break the output function's rules or its inputs are not finite.
+
+    Args:
+        data: the examples; batch_size: examples per batch; output_fn: the output function; n_outputs: the
+            model's output width; split: ``"train"`` or ``"query"``; start: the id of ``data``'s first example
+            (a Ray task's shard starts past 0), for the messages.
+
+    Yields:
+        :class:`~indexer.data.Batch` objects, in order.
+
+    Raises:
+        ValueError: names the split and the examples.
+    """
+    first = None
+    for batch in data.batches(batch_size):
+        first = batch if first is None else first
+        try:  # the shapes first: targets of another length would be checked against the wrong width
+            check_batch(batch, first)
+        except ValueError as exc:
+            raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
+        check_targets(output_fn, batch.targets, n_outputs, split, start)
+        check_finite_inputs(batch, split, start)
+        start += len(batch)
+        yield batch
+
+
 def _featurize(
     featurizer: Featurizer,
     output_fn: OutputFunction,
@@ -497,32 +580,19 @@ def _featurize(
 ) -> Features:
     """Projected tangent features of one split, reusing and filling its shards; every batch's targets are
     checked before it is featurized."""
-
-    def checked() -> Iterator[Batch]:
-        start, first = 0, None
-        for batch in data.batches(config.batch_size):
-            first = batch if first is None else first
-            try:  # the shapes first: targets of another length would be checked against the wrong width
-                check_batch(batch, first)
-            except ValueError as exc:
-                raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
-            check_targets(output_fn, batch.targets, n_outputs, split, start)
-            check_finite_inputs(batch, split, start)
-            start += len(batch)
-            yield batch
-
     shards = store.split(split)
     total = len(data) if isinstance(data, Dataset) else None
     features = tangent_features(
         featurizer,
         output_fn,
-        checked(),
+        checked_batches(data, config.batch_size, output_fn, n_outputs, split),
         batch_size=config.batch_size,
         buffer_bytes=config.buffer_bytes,
         progress=f"featurize {split}" if progress else None,
         cache=shards,
         keep_inputs=keep_inputs,
         total=total,
+        shard_examples=config.shard_examples,
     )
     log.info(
         "featurize %s: %d shard(s) reused, %d computed (%d corrupt recomputed) in %s",
@@ -560,7 +630,7 @@ def _work_key_material(
         "projection": projection_key,
         # shard boundaries, and the batch shapes the gradients were computed in
         "batch_size": config.batch_size,
-        "buffer_rows": featurizer.buffer_rows(config.batch_size, config.buffer_bytes),
+        "buffer_rows": shard_rows(featurizer, config.batch_size, config.buffer_bytes, config.shard_examples),
         # in-memory data by content; a streamed source by name (each shard also records its data's sha256)
         "train": _data_key(train),
         "query": _data_key(queries),

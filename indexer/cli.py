@@ -27,6 +27,7 @@ import typer
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset, load_arrays
+from indexer.distributed import RayOptions
 from indexer.enums import OutputKind
 from indexer.exceptions import InfotraceError
 from indexer.features.models import ModelSpec, build_model
@@ -188,6 +189,17 @@ def build(
             "or model factory (repeatable)"
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="featurize as Ray tasks: 'local' (start Ray on this machine), 'auto' (the cluster this "
+            "machine joined with ray start) or HOST:PORT of a cluster's head; needs the distributed extra"
+        ),
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="with --ray local: the CPUs (tasks at once) of the local Ray instance")
+    ] = None,
+    ray_cpus_per_task: Annotated[float, typer.Option(help="with --ray: Ray CPUs each task holds")] = 1.0,
     *,
     config: IndexConfig,
 ) -> None:
@@ -198,6 +210,13 @@ def build(
         raise typer.BadParameter(f"--model-kwargs must be a JSON object: {exc}") from exc
     shape = _image_shape(image_shape)
     with _user_errors():
+        if ray is None and ray_workers is not None:
+            raise ValueError("--ray-workers sizes a local Ray instance: give --ray local as well")
+        options = (
+            None
+            if ray is None
+            else RayOptions(address=ray, workers=ray_workers, cpus_per_task=ray_cpus_per_task)
+        )
         load_plugins(plugin or [])
         spec = ModelSpec(model, kwargs)
         output_fn = output_function_from_spec(output, _output_params(output, sigma, vocab_size))
@@ -215,6 +234,7 @@ def build(
             model_spec=spec,
             config=config,
             tokenizer=tokenizer,
+            ray=options,
         )
     typer.echo(f"wrote index {path}")
 

@@ -48,6 +48,11 @@ class IndexConfig:
         nprobe: IVF lists searched by default (approximate IVF indexes; None: FAISS's default, 1).
         ef_search: HNSW search depth by default (approximate HNSW indexes; None: FAISS's default, 16).
         buffer_bytes: gradients gathered per pass over the projection's blocks, in bytes.
+        shard_examples: examples per featurization shard, rounded up to whole batches and capped by
+            ``buffer_bytes``: the unit of work of a Ray task and of what an interrupted build recomputes, and
+            the blocks in which the surrogate's data term is summed (DESIGN.md 2.3). None: as many as
+            ``buffer_bytes`` allows (a Ray build then picks a size that gives every worker several shards,
+            and records it here).
 
     Raises:
         ValueError: a non-positive size, an unknown projection kind, a bad tau or floor.
@@ -112,6 +117,12 @@ class IndexConfig:
         default=256 * 2**20,
         metadata={"help": "dense projection: bytes of per-example gradients gathered per pass over R"},
     )
+    shard_examples: int | None = field(
+        default=None,
+        metadata={
+            "help": "examples per featurization shard (a Ray task's work; default: as buffer_bytes allows)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, enum in (
@@ -132,6 +143,8 @@ class IndexConfig:
                 f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
                 f"{self.batch_size}, {self.buffer_bytes}"
             )
+        if self.shard_examples is not None and self.shard_examples <= 0:
+            raise ValueError(f"shard_examples must be positive; got {self.shard_examples}")
         if self.search_depth <= 0:
             raise ValueError(f"search_depth must be positive; got {self.search_depth}")
         if self.recall_queries <= 0:

@@ -19,7 +19,7 @@ from indexer.data import Batch, Dataset, Examples, StreamedDataset
 from indexer.features.featurize import BufferFeatures, Features, Featurizer, host_array
 from indexer.features.tasks import OutputFunction
 
-__all__ = ["BufferCache", "batch_digest", "check_batch", "tangent_features"]
+__all__ = ["BufferCache", "batch_digest", "check_batch", "shard_rows", "tangent_features"]
 
 
 class BufferCache(Protocol):
@@ -52,6 +52,24 @@ def batch_digest(batches: Sequence[Batch]) -> str:
     return digest.hexdigest()
 
 
+def shard_rows(featurizer: Featurizer, batch_size: int, buffer_bytes: int, shard_examples: int | None) -> int:
+    """Examples per buffer (one shard of a resumable or Ray build, DESIGN.md 2.3): ``shard_examples`` rounded
+    up to whole batches, but never more than the featurizer's memory budget allows.
+
+    Args:
+        featurizer: its ``buffer_rows`` is the budget's bound; batch_size: examples per batch;
+        buffer_bytes: the featurizer's memory budget per buffer, in bytes; shard_examples: the wanted size
+            (None: the bound).
+
+    Returns:
+        A positive multiple of ``batch_size``.
+    """
+    bound = featurizer.buffer_rows(batch_size, buffer_bytes)
+    if shard_examples is None:
+        return bound
+    return min(bound, -(-shard_examples // batch_size) * batch_size)
+
+
 def _buffers(batches: Iterable[Batch], rows: int) -> Iterator[list[Batch]]:
     """Consecutive batches grouped into buffers of ``rows`` examples (the last one may be shorter)."""
     group: list[Batch] = []
@@ -76,6 +94,7 @@ def tangent_features(
     cache: BufferCache | None = None,
     keep_inputs: bool = False,
     total: int | None = None,
+    shard_examples: int | None = None,
 ) -> Features:
     """Projected tangent features of every example, in buffers of consecutive batches (DESIGN.md 1.1, 1.7).
 
@@ -95,6 +114,8 @@ def tangent_features(
             buffer computed is saved to it. None: no cache.
         keep_inputs: also return the inputs (the first tensor of a mapping), e.g. to store them for rendering.
         total: the number of examples, for the progress bar (None: unknown).
+        shard_examples: examples per buffer, rounded up to whole batches (:func:`shard_rows`; None: as many as
+            ``buffer_bytes`` allows).
 
     Returns:
         :class:`~indexer.features.featurize.Features` with `(n, k)` float32 ``phi``.
@@ -106,7 +127,7 @@ def tangent_features(
     if isinstance(batches, Dataset | StreamedDataset):
         total = len(batches) if isinstance(batches, Dataset) else total
         batches = batches.batches(batch_size)
-    rows_per_buffer = featurizer.buffer_rows(batch_size, buffer_bytes)
+    rows_per_buffer = shard_rows(featurizer, batch_size, buffer_bytes, shard_examples)
     parts: list[BufferFeatures] = []
     targets: list[np.ndarray] = []
     metadata: list[dict[str, Any]] = []

@@ -20,7 +20,16 @@ from indexer.gp.coreset import CoresetResult, coreset_information_gain, summed_i
 from indexer.gp.scores import QueryTerms, example_scores, score_vectors
 from indexer.gp.subset import GreedyResult, greedy_subset, joint_score
 
-__all__ = ["S_FLOOR", "Surrogate", "QueryTerms", "fit_surrogate", "default_prior_precision", "whiten"]
+__all__ = [
+    "S_FLOOR",
+    "Surrogate",
+    "QueryTerms",
+    "data_term",
+    "fit_surrogate",
+    "default_prior_precision",
+    "sharded_data_term",
+    "whiten",
+]
 
 S_FLOOR = 1e-6
 """Default floor on s_i = 1 - beta_i h_i (DESIGN.md 1.5): keeps influence and information loss finite."""
@@ -240,6 +249,47 @@ def _chunks(n: int) -> list[slice]:
     return [slice(start, min(start + FIT_CHUNK_ROWS, n)) for start in range(0, n, FIT_CHUNK_ROWS)]
 
 
+def data_term(phi: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """sum_i beta_i phi_i phi_i^T of one block of examples (DESIGN.md 1.2, 2.3), in float64, summed over
+    chunks of :data:`FIT_CHUNK_ROWS` rows in order (the features are never converted whole).
+
+    The same block gives the same bits wherever it is computed (a Ray task or the building process), which
+    is what makes a distributed build's surrogate identical to a single-process build's.
+
+    Args:
+        phi: `(m, k)` features as stored (float16, float32 or float64); beta: `(m,)` float64 weights.
+
+    Returns:
+        `(k, k)` float64, symmetric positive semi-definite.
+    """
+    term = np.zeros((phi.shape[1], phi.shape[1]))
+    for rows in _chunks(len(phi)):
+        chunk = phi[rows]
+        term += (chunk * beta[rows, None]).T @ chunk
+    return term
+
+
+def sharded_data_term(phi: np.ndarray, beta: np.ndarray, shard_rows: int) -> np.ndarray:
+    """The data term summed shard by shard: :func:`data_term` of each block of ``shard_rows`` consecutive
+    examples, added in order (DESIGN.md 2.3): what a Ray build sums from its tasks' blocks.
+
+    Args:
+        phi: `(n, k)` stored features; beta: `(n,)` float64 weights; shard_rows: examples per shard (> 0).
+
+    Returns:
+        `(k, k)` float64.
+
+    Raises:
+        ValueError: ``shard_rows`` is not positive.
+    """
+    if shard_rows <= 0:
+        raise ValueError(f"shard_rows must be positive; got {shard_rows}")
+    total = np.zeros((phi.shape[1], phi.shape[1]))
+    for start in range(0, len(phi), shard_rows):
+        total += data_term(phi[start : start + shard_rows], beta[start : start + shard_rows])
+    return total
+
+
 def default_prior_precision(phi: np.ndarray, beta: np.ndarray) -> float:
     """tau = trace(Phi^T B Phi) / k, the mean eigenvalue of the data term (DESIGN.md 1.1).
 
@@ -266,12 +316,14 @@ def fit_surrogate(
     grad_term: np.ndarray,
     prior_precision: float | None = None,
     s_floor: float = S_FLOOR,
+    summed_data_term: np.ndarray | None = None,
 ) -> Surrogate:
     """Fit the surrogate's posterior (DESIGN.md 1.2).
 
     A = tau I + sum_i beta_i phi_i phi_i^T, A = L L^T, u_i = L^-1 phi_i, h_i = |u_i|^2,
     s_i = max(1 - beta_i h_i, s_floor). The data term is summed over chunks of :data:`FIT_CHUNK_ROWS` rows
-    converted to float64, so the features are never converted whole.
+    converted to float64 (:func:`data_term`), so the features are never converted whole, unless it is given
+    (summed from shards, DESIGN.md 2.3).
 
     Args:
         phi: `(n_train, k)` projected tangent features (float32 or float64; used in float64 and kept as
@@ -280,12 +332,15 @@ def fit_surrogate(
         grad_term: `(n_train,)` beta_i r_i.
         prior_precision: tau; None for :func:`default_prior_precision`.
         s_floor: floor for s_i (DESIGN.md 1.5).
+        summed_data_term: `(k, k)` float64 sum_i beta_i phi_i phi_i^T of exactly these features, computed
+            elsewhere (e.g. :func:`sharded_data_term`, or by a build's Ray tasks); None: computed here.
 
     Returns:
         The fitted :class:`Surrogate`.
 
     Raises:
-        ValueError: inconsistent shapes, negative or non-finite beta, non-finite features, tau <= 0.
+        ValueError: inconsistent shapes, negative or non-finite beta, non-finite features, tau <= 0, a given
+            data term of another shape or not finite.
     """
     phi64 = np.asarray(phi)  # converted to float64 a chunk at a time
     beta = np.asarray(beta, dtype=np.float64)
@@ -299,16 +354,18 @@ def fit_surrogate(
         raise ValueError("phi contains NaN or infinity")
     if not (np.all(np.isfinite(beta)) and np.all(beta >= 0)):
         raise ValueError("beta must be finite and non-negative")
-    data_term = np.zeros((k, k))
-    for rows in _chunks(n):  # sum_i beta_i phi_i phi_i^T, a chunk of rows in float64 at a time
-        chunk = phi64[rows]
-        data_term += (chunk * beta[rows, None]).T @ chunk
-    tau = float(np.trace(data_term) / k) if prior_precision is None else float(prior_precision)
+    if summed_data_term is None:
+        term = data_term(phi64, beta)
+    else:
+        term = np.asarray(summed_data_term, dtype=np.float64)
+        if term.shape != (k, k) or not np.all(np.isfinite(term)):
+            raise ValueError(f"the data term must be a finite ({k}, {k}) matrix; got shape {term.shape}")
+    tau = float(np.trace(term) / k) if prior_precision is None else float(prior_precision)
     if not (np.isfinite(tau) and tau > 0):
         if prior_precision is None:
             raise ValueError("trace(Phi^T B Phi) is zero or not finite; pass an explicit prior precision tau")
         raise ValueError(f"prior precision tau must be positive and finite; got {tau}")
-    cholesky = np.linalg.cholesky(tau * np.eye(k) + data_term)
+    cholesky = np.linalg.cholesky(tau * np.eye(k) + term)
     h = np.empty(n)
     for rows in _chunks(n):  # h_i = |L^-1 phi_i|^2, a chunk at a time (no whitened copy is kept)
         u = whiten(cholesky, phi64[rows])

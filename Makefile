@@ -7,7 +7,7 @@ PORT ?= 8000
 INDEX_ROOT ?= var/indexes
 
 .PHONY: install install-bench run index-demo test lint typecheck bench bench-quick bench-speed bench-load clean browser \
-	dashboard-screenshot bench-featurize bench-lm bench-scale
+	dashboard-screenshot bench-featurize bench-lm bench-scale bench-ray
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-speed: index-demo  ## indexing time, bytes per example, query latency (HTT
 
 bench-scale: install-bench  ## the vector store at N = 100,000 and 1,000,000, k = 512 (~12 min): benchmarks/results/SCALE.md
 	$(PY) -m benchmarks.scale $(if $(QUICK),--quick --out var/bench-scale-quick/scale.json)
+
+bench-ray: install  ## featurizing on Ray: 1 and 2 local workers against one process (~8 min): benchmarks/results/DISTRIBUTED.md
+	$(PY) -m benchmarks.distributed $(if $(QUICK),--quick --out var/bench-ray-quick/distributed.json)
 
 bench-load: index-demo  ## locust, 32 clients x 60 s against the live service (all workers), then the batch route; worker memory
 	$(PY) -m benchmarks.load --index-root $(INDEX_ROOT) --clients 32 --duration 60 --batch-size 100 --batch-clients 8 \

@@ -49,13 +49,15 @@ from indexer.enums import Device
 from indexer.features.factory import make_featurizer, resolve_device
 from indexer.features.featurize import BufferFeatures
 from indexer.features.hooks import HookFeaturizer
-from indexer.features.stream import tangent_features
+from indexer.features.stream import checked_batches, tangent_features
 from indexer.features.tasks import OutputFunction
 from indexer.gp.surrogate import data_term
 from indexer.store.layout import SPLIT_TRAIN
+from indexer.store.records import stored_features
 from indexer.store.shards import SplitShards
 
 __all__ = [
+    "AUTH_ENV",
     "INSTALL_HINT",
     "LOOPBACK_ENV",
     "RayOptions",
@@ -128,6 +130,7 @@ class ShardOutcome:
         queued_s: seconds from submission to the task's start (scheduling, worker start, argument transfer).
         setup_s: seconds the task spent before featurizing (the featurizer rebuilt, its projection checked).
         featurize_s: seconds featurizing and writing the shard.
+        started, finished: the task's start and end, seconds since the epoch on its node's clock.
         pid: the worker process.
     """
 
@@ -138,6 +141,8 @@ class ShardOutcome:
     queued_s: float
     setup_s: float
     featurize_s: float
+    started: float
+    finished: float
     pid: int
 
 
@@ -172,9 +177,6 @@ def _featurize_shard(
     job: _Job, model: nn.Module, data: Examples, buffer: int, start: int, stop: int, submitted: float
 ) -> ShardOutcome:
     """The body of one Ray task: featurize examples ``[start, stop)`` of ``data`` as shard ``buffer``."""
-    from indexer.build import checked_batches  # the build imports this module lazily: no cycle at import
-    from indexer.store.records import stored_features
-
     began = time.time()
     logging.getLogger("infotrace.indexer").setLevel(logging.ERROR)  # the driver already logged the plan
     if torch.__version__ != job.torch_version:
@@ -218,6 +220,7 @@ def _featurize_shard(
             term = data_term(stored_features(features.phi, job.config.feature_dtype.value), features.beta)
         except ValueError:  # beyond float16's range: the driver's own conversion names the example
             term = None
+    finished = time.time()
     return ShardOutcome(
         buffer=buffer,
         rows=stop - start,
@@ -225,7 +228,9 @@ def _featurize_shard(
         reused=shards.reused > 0,
         queued_s=max(began - submitted, 0.0),
         setup_s=ready - began,
-        featurize_s=time.time() - ready,
+        featurize_s=finished - ready,
+        started=began,
+        finished=finished,
         pid=os.getpid(),
     )
 
@@ -235,18 +240,27 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 instance this machine starts listens on 127.0.0.1 instead of the machine's address."""
 
 
+AUTH_ENV = "RAY_AUTH_MODE"
+"""Ray's authentication mode. Clusters that ``ray start`` makes use token authentication by default (the
+token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``); a build joining a cluster uses ``token`` unless this is
+set, which also joins a cluster without authentication."""
+
+
 def import_ray(local: bool = False) -> ModuleType:
     """The ``ray`` module.
 
     Args:
-        local: a Ray instance is to be started here: make its servers listen on loopback only
-            (:data:`LOOPBACK_ENV`), unless the environment says otherwise or Ray is already imported.
+        local: a Ray instance is to be started here, or joined on loopback: make this process's Ray use
+            127.0.0.1 (:data:`LOOPBACK_ENV`), unless the environment says otherwise or Ray is already
+            imported. Either way token authentication is used unless :data:`AUTH_ENV` says otherwise.
 
     Raises:
         ImportError: Ray is not installed; the message says how to install the extra.
     """
-    if local and "ray" not in sys.modules:
-        os.environ.setdefault(LOOPBACK_ENV, "0")
+    if "ray" not in sys.modules:  # both are read when Ray is imported
+        os.environ.setdefault(AUTH_ENV, "token")
+        if local:
+            os.environ.setdefault(LOOPBACK_ENV, "0")
     try:
         return importlib.import_module("ray")
     except ImportError as exc:
@@ -271,17 +285,20 @@ class RayCluster:
     """A connected Ray cluster that featurizes a build's splits (made by :func:`ray_cluster`).
 
     Args:
-        ray: the ``ray`` module, initialized; options: the build's :class:`RayOptions`.
+        ray: the ``ray`` module, initialized; options: the build's :class:`RayOptions`;
+        connect_s: seconds ``ray.init`` took (0 when Ray was already initialized).
 
     Attributes:
         cpus: the cluster's CPUs (Ray's ``cluster_resources``) when connected.
         outcomes: split -> the :class:`ShardOutcome` of each shard, in shard order, once featurized.
+        wall_s: split -> seconds from the first task's submission to the last one's result.
     """
 
-    def __init__(self, ray: ModuleType, options: RayOptions) -> None:
-        self.ray, self.options = ray, options
+    def __init__(self, ray: ModuleType, options: RayOptions, connect_s: float = 0.0) -> None:
+        self.ray, self.options, self.connect_s = ray, options, connect_s
         self.cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
         self.outcomes: dict[str, list[ShardOutcome]] = {}
+        self.wall_s: dict[str, float] = {}
         self._model: Any = None
         self._task: Any = None
 
@@ -355,7 +372,7 @@ class RayCluster:
         job = _Job(
             output_fn=output_fn,
             config=replace(config, device=Device.CUDA if device.type == "cuda" else Device.CPU),
-            probe=probe,
+            probe=_own_copy(probe),
             projection=projection,
             folder=str(folder),
             split=split,
@@ -368,6 +385,7 @@ class RayCluster:
             max_retries=self.options.max_retries,
             retry_exceptions=False,  # only a lost worker is retried; bad data fails the build at once
         )
+        submitted = time.perf_counter()
         job_ref = self.ray.put(job)
         whole = None if isinstance(data, Dataset) else self.ray.put(data)
         pending: dict[Any, tuple[int, int, int]] = {}
@@ -391,7 +409,7 @@ class RayCluster:
                 outcomes[buffer] = outcome
                 bar.update(outcome.rows)
         ordered = [outcomes[b] for b in sorted(outcomes)]
-        self.outcomes[split] = ordered
+        self.outcomes[split], self.wall_s[split] = ordered, time.perf_counter() - submitted
         _log_outcomes(split, ordered, self.cpus)
         if split != SPLIT_TRAIN:
             return None
@@ -403,13 +421,25 @@ class RayCluster:
         return total
 
     def timings(self) -> dict[str, float]:
-        """The manifest's Ray timings (seconds): mean queue time, setup and featurization per task."""
+        """The manifest's Ray timings: the tasks and CPUs (counts), seconds to connect, the tasks' wall time
+        (first submission to last result) and span (first task's start to last task's end: the wall time
+        less the workers' start-up) summed over the splits, and the mean queue time, setup and featurization
+        per task (seconds)."""
         done = [o for outcomes in self.outcomes.values() for o in outcomes]
         if not done:
             return {}
         return {
             "ray_tasks": float(len(done)),
             "ray_cpus": float(self.cpus),
+            "ray_connect": self.connect_s,
+            "ray_tasks_wall": float(sum(self.wall_s.values())),
+            "ray_tasks_span": float(
+                sum(
+                    max(o.finished for o in outcomes) - min(o.started for o in outcomes)
+                    for outcomes in self.outcomes.values()
+                    if outcomes
+                )
+            ),
             "ray_task_queued_mean": float(np.mean([o.queued_s for o in done])),
             "ray_task_setup_mean": float(np.mean([o.setup_s for o in done])),
             "ray_task_featurize_mean": float(np.mean([o.featurize_s for o in done])),
@@ -433,6 +463,18 @@ def _length(data: Examples) -> int:
             f"__len__ and __getitem__), not {type(data.source).__name__}"
         ) from exc
     return int(n)
+
+
+def _own_copy(batch: Batch) -> Batch:
+    """The batch with tensors of its own: a batch sliced from a dataset is a view, and serializing a view
+    sends its whole storage (the dataset) with every task."""
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        return {key: copy(v) for key, v in value.items()} if isinstance(value, dict) else value
+
+    return Batch(copy(batch.inputs), batch.targets.clone(), copy(batch.mask), list(batch.metadata))
 
 
 def _slice(data: Dataset, start: int, stop: int) -> Dataset:
@@ -498,8 +540,10 @@ def ray_cluster(options: RayOptions) -> Iterator[RayCluster]:
         ImportError: Ray is not installed (the message says how to install it).
         ConnectionError: no Ray cluster answers at the address.
     """
-    ray = import_ray(local=options.address == LOCAL)
+    host = options.address.rpartition(":")[0].strip("[]")
+    ray = import_ray(local=options.address == LOCAL or host in ("127.0.0.1", "localhost", "::1"))
     started = not ray.is_initialized()
+    began = time.perf_counter()
     if options.workers is not None and (options.address != LOCAL or not started):
         log.warning("workers=%d sizes a Ray instance this build starts; ignored here", options.workers)
     if started:
@@ -513,7 +557,7 @@ def ray_cluster(options: RayOptions) -> Iterator[RayCluster]:
         except ConnectionError as exc:
             raise ConnectionError(f"no Ray cluster answers at {options.address!r}: {exc}") from exc
     try:
-        yield RayCluster(ray, options)
+        yield RayCluster(ray, options, time.perf_counter() - began if started else 0.0)
     finally:
         if started:
             ray.shutdown()

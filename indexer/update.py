@@ -26,13 +26,12 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.build import check_finite_inputs, check_targets
 from indexer.data import Dataset, Examples
 from indexer.features.featurize import DenseFeaturizer, Features, Featurizer, count_parameters
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.models import build_model, load_checkpoint
 from indexer.features.projection import DenseProjection, KroneckerProjection
-from indexer.features.stream import tangent_features
+from indexer.features.stream import check_finite_inputs, check_targets, tangent_features
 from indexer.features.tasks import OutputFunction, output_function_from_spec
 from indexer.gp.surrogate import Surrogate, whiten
 from indexer.store.layout import (

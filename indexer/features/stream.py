@@ -8,7 +8,7 @@ consecutive examples; each finished buffer can be handed to a :class:`BufferCach
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,10 +16,20 @@ import torch
 from tqdm.auto import tqdm
 
 from indexer.data import Batch, Dataset, Examples, StreamedDataset
+from indexer.exceptions import InvalidTargetsError
 from indexer.features.featurize import BufferFeatures, Features, Featurizer, host_array
 from indexer.features.tasks import OutputFunction
 
-__all__ = ["BufferCache", "batch_digest", "check_batch", "shard_rows", "tangent_features"]
+__all__ = [
+    "BufferCache",
+    "batch_digest",
+    "check_batch",
+    "check_finite_inputs",
+    "check_targets",
+    "checked_batches",
+    "shard_rows",
+    "tangent_features",
+]
 
 
 class BufferCache(Protocol):
@@ -204,3 +214,83 @@ def check_batch(batch: Batch, first: Batch) -> None:
                 f"{list(want.shape[1:])}: every batch must have the same shape per example (pad sequences to "
                 "one fixed length, e.g. the collator's padding='max_length', not to each batch's longest)"
             )
+
+
+def check_targets(
+    output_fn: OutputFunction, targets: torch.Tensor, n_outputs: int, split: str, start: int
+) -> None:
+    """The output function's check of one batch's targets, its error naming the examples of the split.
+
+    Args:
+        output_fn: the output function; targets: `(B, ...)` the batch's targets; n_outputs: the model's
+            output width per example; split: ``"train"`` or ``"query"``; start: the batch's first example.
+
+    Raises:
+        ValueError: the targets break a rule; the message names the examples (``train example(s) [19]``,
+            from an :class:`~indexer.exceptions.InvalidTargetsError`'s rows) or the batch's range.
+    """
+    try:
+        output_fn.check_targets(targets, n_outputs)
+    except InvalidTargetsError as exc:
+        if not exc.rows:
+            raise ValueError(f"{split} examples {start}..{start + len(targets) - 1}: {exc}") from exc
+        named = [start + row for row in exc.rows[:10]]
+        more = f" and {len(exc.rows) - 10} more" if len(exc.rows) > 10 else ""
+        raise ValueError(f"{split} example(s) {named}{more}: {exc.reason}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{split} examples {start}..{start + len(targets) - 1}: {exc}") from exc
+
+
+def check_finite_inputs(batch: Batch, split: str, start: int) -> None:
+    """Refuse floating-point inputs that hold NaN or infinity (in the dtype the model gets: a float64
+    value beyond float32's range is infinite once cast).
+
+    Args:
+        batch: one batch; split: ``"train"`` or ``"query"``; start: the id of its first example.
+
+    Raises:
+        ValueError: names the split, the example and the dtype.
+    """
+    tensors = batch.inputs.items() if isinstance(batch.inputs, Mapping) else [("", batch.inputs)]
+    for key, x in tensors:
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            continue
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
+        if bool(bad.any()):
+            row = start + int(bad.nonzero()[0, 0])
+            where = f" {key!r}" if key else ""
+            dtype = str(x.dtype).removeprefix("torch.")
+            raise ValueError(
+                f"{split} example {row}: its input{where} holds NaN or infinity as {dtype} (or a value "
+                "beyond that type's range, e.g. float64 data cast for a float32 model); give finite inputs"
+            )
+
+
+def checked_batches(
+    data: Examples, batch_size: int, output_fn: OutputFunction, n_outputs: int, split: str, start: int = 0
+) -> Iterator[Batch]:
+    """The batches of ``data``, each refused before it is featurized when its shapes differ from the first
+    batch's, its targets break the output function's rules or its inputs are not finite.
+
+    Args:
+        data: the examples; batch_size: examples per batch; output_fn: the output function; n_outputs: the
+            model's output width; split: ``"train"`` or ``"query"``; start: the id of ``data``'s first example
+            (a Ray task's shard starts past 0), for the messages.
+
+    Yields:
+        :class:`~indexer.data.Batch` objects, in order.
+
+    Raises:
+        ValueError: names the split and the examples.
+    """
+    first = None
+    for batch in data.batches(batch_size):
+        first = batch if first is None else first
+        try:  # the shapes first: targets of another length would be checked against the wrong width
+            check_batch(batch, first)
+        except ValueError as exc:
+            raise ValueError(f"{split} examples {start}..{start + len(batch) - 1}: {exc}") from exc
+        check_targets(output_fn, batch.targets, n_outputs, split, start)
+        check_finite_inputs(batch, split, start)
+        start += len(batch)
+        yield batch

@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 from indexer.build import build_index
 from indexer.config import IndexConfig
 from indexer.data import Dataset, StreamedDataset
-from indexer.distributed import LOOPBACK_ENV, RayOptions, shard_examples_for
+from indexer.distributed import LOOPBACK_ENV, RayOptions, _own_copy, shard_examples_for
 from indexer.enums import Direction, Score
 from indexer.features import ClassificationMargin, LanguageModelMargin
 from indexer.features.language import causal_lm_targets
@@ -113,6 +113,18 @@ def test_the_data_term_summed_by_shard_is_the_one_pass_sum() -> None:
     np.testing.assert_allclose(given.cholesky, computed.cholesky, rtol=1e-12)
     with pytest.raises(ValueError, match=r"finite \(12, 12\) matrix"):
         fit_surrogate(phi, beta, np.zeros(1000), summed_data_term=np.zeros((3, 3)))
+
+
+def test_the_probe_sent_with_every_task_is_not_a_view_of_the_data() -> None:
+    data = Dataset(
+        torch.rand(10_000, 64), torch.randint(0, 10, (10_000,)), [{"row": i} for i in range(10_000)]
+    )
+    probe = next(iter(data.batches(8)))
+    assert len(ray.cloudpickle.dumps(probe)) > 10_000 * 64 * 4  # a view pickles its whole storage
+    sent = _own_copy(probe)
+    assert len(ray.cloudpickle.dumps(sent)) < 8 * 64 * 4 + 8 * 8 + 4096
+    assert torch.equal(sent.inputs, probe.inputs) and torch.equal(sent.targets, probe.targets)
+    assert list(sent.metadata) == [{"row": i} for i in range(8)]
 
 
 def test_the_shard_size_gives_every_cpu_its_shards() -> None:

@@ -374,7 +374,7 @@ class RayCluster:
             config=replace(config, device=Device.CUDA if device.type == "cuda" else Device.CPU),
             probe=_own_copy(probe),
             projection=projection,
-            folder=str(folder),
+            folder=str(Path(folder).resolve()),  # a worker may run in another directory
             split=split,
             n_outputs=n_outputs,
             torch_version=torch.__version__,

@@ -5,6 +5,7 @@ running cluster."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -386,3 +387,21 @@ def test_the_cli_builds_on_a_running_cluster(tmp_path: Path, cluster: str) -> No
     )
     assert stray.returncode == 2
     assert stray.stderr.strip() == "error: --ray-workers sizes a local Ray instance: give --ray local as well"
+
+
+@pytest.mark.slow
+def test_a_relative_output_folder_is_the_same_folder_for_the_workers(
+    tmp_path: Path, cluster: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    workers_cwd = Path.cwd()  # where the test cluster's workers run
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="infotrace.indexer"):
+        _build(
+            Path("relative") / "mlp",
+            IndexConfig(k=16, batch_size=64, shard_examples=256),
+            RayOptions(address=cluster),
+        )
+    # every shard a task wrote was found by the driver: none computed twice, none written elsewhere
+    assert "featurize train: 4 shard(s) reused, 0 computed" in caplog.text
+    assert not list(workers_cwd.glob("relative/.mlp.work-*"))
+    assert (tmp_path / "relative" / "mlp" / MANIFEST_FILE).is_file()

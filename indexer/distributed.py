@@ -550,7 +550,8 @@ def ray_cluster(options: RayOptions) -> Iterator[RayCluster]:
         settings: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
         try:
             if options.address == LOCAL:
-                ray.init(num_cpus=options.workers, **settings)
+                # "local": a new instance even when a cluster runs on this machine (plain init joins it)
+                ray.init(address="local", num_cpus=options.workers, **settings)
             else:
                 _check_reachable(options.address)
                 ray.init(address=options.address, **settings)

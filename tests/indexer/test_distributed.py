@@ -49,7 +49,7 @@ WAIT_S = 120.0
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """A local Ray cluster of :data:`CPUS` CPUs in this process; yields its GCS address."""
-    ray.init(num_cpus=CPUS, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, configure_logging=False)
     try:
         yield str(ray.get_runtime_context().gcs_address)
     finally:

@@ -173,19 +173,19 @@ def build_index(
         queries if queries is not None else Dataset(probe.first_input[:0], probe.targets[:0])
     )
     with ExitStack() as stack:
+        stack.enter_context(build_lock(out_dir))  # before a Ray instance is started for nothing
         cluster = None
         if ray is not None:
             from indexer.distributed import ray_cluster  # Ray is an optional extra
 
             cluster = stack.enter_context(ray_cluster(ray))
-            config = cluster.configure(config, train)
+            config = cluster.configure(config, train, queries)
             cluster.put_model(model)  # before the featurizer's hooks are on it
         n_params = count_parameters(model)
         featurizer, projection = make_featurizer(model, config, probe, output_fn)
         if projection.k != config.k:  # the plan's k: the FAISS index is over vectors of this dimension
             check_factory(projection.k, config.faiss_factory)
         rows = shard_rows(featurizer, config.batch_size, config.buffer_bytes, config.shard_examples)
-        stack.enter_context(build_lock(out_dir))
         # beside the output, named like write_index_dir's temporary folder: what a kill leaves behind is
         # removed by the next build that finishes
         scratch = Path(
@@ -224,6 +224,13 @@ def build_index(
             split: _featurize(featurizer, output_fn, data, config, store, split, progress, keep, n_outputs)
             for split, data in splits
         }
+        if summed_term is not None and store.split(SPLIT_TRAIN).computed:
+            # a shard the tasks wrote was not the one this pass found (data that differ between reads, a
+            # corrupted file): their data term is not that of the features stored; sum it from those
+            log.warning(
+                "training shards were featurized again after the Ray tasks; the data term is recomputed"
+            )
+            summed_term = None
         if isinstance(featurizer, HookFeaturizer):
             featurizer.close()
         tangent, query_tangent = features[SPLIT_TRAIN], features[SPLIT_QUERY]

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,7 +71,7 @@ __all__ = [
 
 log = logging.getLogger("infotrace.indexer")
 
-INSTALL_HINT = "pip install 'infotrace[distributed]' (Ray)"
+INSTALL_HINT = "pip install 'infotrace[distributed]' (from a checkout: pip install -e '.[distributed]')"
 """How to get the optional Ray extra; named in the error a Ray build without it raises."""
 
 LOCAL = "local"
@@ -85,7 +86,8 @@ class RayOptions:
         address: ``"local"`` starts a Ray instance on this machine (loopback only) and stops it afterwards;
             ``"auto"`` joins the cluster this machine belongs to (``ray start``); ``"HOST:PORT"`` the cluster
             whose head listens there (its GCS port, 6379 by default); ``"ray://HOST:10001"`` a Ray Client
-            server. When Ray is already initialized in this process it is used as it is.
+            server (needs ``pip install 'ray[client]'``, not part of the extra). When Ray is already
+            initialized in this process it is used as it is.
         workers: for ``"local"``: the CPUs given to the local instance, i.e. tasks at once (None: all).
         cpus_per_task: Ray CPUs each task holds (a task's torch uses that many threads).
         gpus_per_task: Ray GPUs each task holds (None: 1 when the driver featurizes on CUDA, else 0).
@@ -302,13 +304,29 @@ class RayCluster:
         self._model: Any = None
         self._task: Any = None
 
-    def configure(self, config: IndexConfig, train: Examples) -> IndexConfig:
+    def configure(self, config: IndexConfig, train: Examples, queries: Examples | None = None) -> IndexConfig:
         """``config`` with a shard size for this cluster when it has none (:func:`shard_examples_for`).
 
         Raises:
-            ValueError: ``train`` cannot be split by index (an iterable dataset).
+            ValueError: ``train`` or ``queries`` cannot be split by index (an iterable dataset), or a task
+                asks for more CPUs than any node of the cluster has (Ray would wait for such a node forever).
         """
         n_train = _length(train)
+        if queries is not None:
+            _length(queries)
+        largest = max(
+            (
+                float(node.get("Resources", {}).get("CPU", 0))
+                for node in self.ray.nodes()
+                if node.get("Alive")
+            ),
+            default=0.0,
+        )
+        if self.options.cpus_per_task > largest:
+            raise ValueError(
+                f"--ray-cpus-per-task {self.options.cpus_per_task:g} is more than any node of the Ray "
+                f"cluster has ({largest:g} CPUs): no task could start"
+            )
         if config.shard_examples is not None:
             return config
         size = shard_examples_for(n_train, self.cpus, config.batch_size, self.options.shards_per_cpu)
@@ -510,6 +528,20 @@ def _log_outcomes(split: str, outcomes: list[ShardOutcome], cpus: int) -> None:
     )
 
 
+CURRENT_CLUSTER_FILE = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+"""Where ``ray start`` records the address of the cluster this machine runs (what ``auto`` joins)."""
+
+
+def _joined_address(address: str) -> str:
+    """The ``HOST:PORT`` an address joins: ``auto`` is ``RAY_ADDRESS`` or the running cluster's record."""
+    if address != "auto":
+        return address
+    try:
+        return os.environ.get("RAY_ADDRESS") or CURRENT_CLUSTER_FILE.read_text().strip()
+    except OSError:
+        return address
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Refuse at once a ``HOST:PORT`` address where nothing listens (Ray itself retries for a minute).
 
@@ -540,7 +572,7 @@ def ray_cluster(options: RayOptions) -> Iterator[RayCluster]:
         ImportError: Ray is not installed (the message says how to install it).
         ConnectionError: no Ray cluster answers at the address.
     """
-    host = options.address.rpartition(":")[0].strip("[]")
+    host = _joined_address(options.address).rpartition(":")[0].strip("[]")
     ray = import_ray(local=options.address == LOCAL or host in ("127.0.0.1", "localhost", "::1"))
     started = not ray.is_initialized()
     began = time.perf_counter()

@@ -290,6 +290,28 @@ def test_bad_data_fails_a_ray_build_with_the_example_named(tmp_path: Path, clust
         def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             yield from zip(train.inputs, train.targets, strict=True)
 
+    with pytest.raises(ValueError, match="a Ray build splits the examples by index"):  # before any task
+        build_index(
+            model,
+            ClassificationMargin(),
+            train,
+            tmp_path / "queries",
+            queries=StreamedDataset(Stream()),
+            config=IndexConfig(k=16),
+            progress=False,
+            ray=RayOptions(address=cluster),
+        )
+    assert not list(tmp_path.glob(".queries.work-*"))
+    with pytest.raises(ValueError, match=r"--ray-cpus-per-task 64 is more than any node .* \(4 CPUs\)"):
+        build_index(
+            model,
+            ClassificationMargin(),
+            train,
+            tmp_path / "cpus",
+            config=IndexConfig(k=16),
+            progress=False,
+            ray=RayOptions(address=cluster, cpus_per_task=64),
+        )
     with pytest.raises(ValueError, match="a Ray build splits the examples by index"):
         build_index(
             model,
@@ -405,3 +427,43 @@ def test_a_relative_output_folder_is_the_same_folder_for_the_workers(
     assert "featurize train: 4 shard(s) reused, 0 computed" in caplog.text
     assert not list(workers_cwd.glob("relative/.mlp.work-*"))
     assert (tmp_path / "relative" / "mlp" / MANIFEST_FILE).is_file()
+
+
+class _Noisy(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Inputs that change on every read (random augmentation): the driver's pass finds other data."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i] + 0.01 * torch.rand(self.inputs.shape[1]), self.targets[i]
+
+
+@pytest.mark.slow
+def test_data_that_change_between_reads_still_give_the_posterior_of_the_stored_features(
+    tmp_path: Path, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
+    model, train, _ = _problem(600)
+    config = IndexConfig(k=16, batch_size=50, shard_examples=100)
+    with caplog.at_level(logging.INFO, logger="infotrace.indexer"):
+        path = build_index(
+            model,
+            ClassificationMargin(),
+            StreamedDataset(_Noisy(train.inputs, train.targets)),
+            tmp_path / "noisy",
+            config=config,
+            progress=False,
+            ray=RayOptions(address=cluster),
+        )
+    assert "the data term is recomputed" in caplog.text
+    index = load_index(path)
+    surrogate = index.surrogate
+    term = sharded_data_term(np.asarray(index.phi), surrogate.beta, 100)
+    precision = surrogate.cholesky @ surrogate.cholesky.T
+    np.testing.assert_allclose(
+        precision, surrogate.prior_precision * np.eye(surrogate.k) + term, rtol=1e-10, atol=1e-10 * term.max()
+    )

@@ -329,7 +329,8 @@ class RayCluster:
             )
         if config.shard_examples is not None:
             return config
-        size = shard_examples_for(n_train, self.cpus, config.batch_size, self.options.shards_per_cpu)
+        slots = max(int(self.cpus // self.options.cpus_per_task), 1)  # tasks the cluster runs at once
+        size = shard_examples_for(n_train, slots, config.batch_size, self.options.shards_per_cpu)
         log.info("Ray build: %d CPUs, shards of %d examples (shard_examples)", self.cpus, size)
         return replace(config, shard_examples=size)
 

@@ -196,33 +196,35 @@ class FeatureScan:
         return x, err
 
     def inner_many(self, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_ij = <b_j, phi_i> for several query vectors at once: one float32 matrix product per chunk of
+        """x_ji = <b_j, phi_i> for several query vectors at once: one float32 matrix product per chunk of
         stored rows (float16 rows converted exactly to float32 first), with a bound on each error.
 
         Args:
             b: `(m, k)` float64 query vectors, each of norm <= 1 (the callers scale them so).
 
         Returns:
-            ``(x, err)``: `(n, m)` tensors (float32; float64 for float64 features); |x_ij - <b_j, phi_i>| <=
-            err_ij in exact arithmetic on the stored values.
+            ``(x, err)``: `(m, n)` tensors (float32; float64 for float64 features), one contiguous row per
+            query (a strided column made every later step of a query's rank a cache miss per example);
+            |x_ji - <b_j, phi_i>| <= err_ji in exact arithmetic on the stored values.
         """
         if self.mode == "float64":
-            x = self.phi @ torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float64))
+            x = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float64)) @ self.phi.T
             norms = torch.from_numpy(np.linalg.norm(b, axis=1))
-            err = self.relative * x.abs() + self.absolute * self.phi_norm.double()[:, None] * norms[None]
-            return x, err + 1e-300
+            err = self.relative * x.abs() + self.absolute * norms[:, None] * self.phi_norm.double()[None]
+            return x.contiguous(), err + 1e-300
         bt = torch.from_numpy(np.ascontiguousarray(b.T, dtype=np.float32))
-        x = torch.empty((self.n, len(b)))
+        product = torch.empty((self.n, len(b)))
         for start in range(0, self.n, _CHUNK_ROWS):
             chunk = self.phi[start : start + _CHUNK_ROWS]
             torch.mm(
                 chunk.float() if chunk.dtype != torch.float32 else chunk,
                 bt,
-                out=x[start : start + _CHUNK_ROWS],
+                out=product[start : start + _CHUNK_ROWS],
             )
+        x = product.T.contiguous()
         # float32 products of exact float32 inputs: b's own rounding and the accumulation (as "upcast")
         norms = torch.from_numpy(np.linalg.norm(b, axis=1).astype(np.float32))
-        err = 2.0**-23 * x.abs() + (self.k * 2.0**-23 + 2.0**-23) * self.phi_norm[:, None] * norms[None]
+        err = 2.0**-23 * x.abs() + (self.k * 2.0**-23 + 2.0**-23) * norms[:, None] * self.phi_norm[None]
         return x, err + 1e-30
 
 
@@ -462,7 +464,7 @@ class Searcher:
         shared_ms = (time.perf_counter() - t0) * 1e3 / len(requests)  # the product's time, split evenly
         ranked = []
         for r, slot in zip(requests, slots, strict=True):
-            scanned = {s: (x[:, j], err[:, j], b_norm) for s, (j, b_norm) in slot.items()} if slot else None
+            scanned = {s: (x[j], err[j], b_norm) for s, (j, b_norm) in slot.items()} if slot else None
             one = self._exact(r.query, r.score, r.direction, r.top_k, r.candidates, scanned)
             ranked.append(dataclasses.replace(one, retrieve_ms=one.retrieve_ms + shared_ms))
         return ranked

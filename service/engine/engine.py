@@ -62,6 +62,11 @@ def _without_label(meta: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in meta.items() if key != "label"}
 
 
+def _shown(meta: dict[int, dict[str, Any]]) -> dict[int, tuple[Any, dict[str, Any]]]:
+    """id -> (label, metadata without the label): once per id, however many results of a batch show it."""
+    return {i: (m.get("label"), _without_label(m)) for i, m in meta.items()}
+
+
 class AttributionEngine:
     """Answers attribution queries against one loaded index.
 
@@ -234,9 +239,9 @@ class AttributionEngine:
         wanted = [RankRequest(q.terms, score, direction, k, c) for q, score, direction, k, c in requests]
         ranked = self.retriever.searcher.rank_many(wanted, knobs)
         # one metadata read for every result
-        meta = self._metadata(SPLIT_TRAIN, sorted({int(i) for found in ranked for i in found.ids}))
+        shown = _shown(self._metadata(SPLIT_TRAIN, sorted({int(i) for found in ranked for i in found.ids})))
         return [
-            self._attribution(query, found, score, direction, top_k, meta)
+            self._attribution(query, found, score, direction, top_k, shown)
             for (query, score, direction, top_k, _), found in zip(requests, ranked, strict=True)
         ]
 
@@ -247,24 +252,28 @@ class AttributionEngine:
         score: Score,
         direction: Direction,
         top_k: int,
-        meta: dict[int, dict[str, Any]] | None = None,
+        shown: dict[int, tuple[Any, dict[str, Any]]] | None = None,
     ) -> Attribution:
         ids = [int(i) for i in ranked.ids]
-        meta = self._metadata(SPLIT_TRAIN, ids) if meta is None else meta
+        shown = _shown(self._metadata(SPLIT_TRAIN, ids)) if shown is None else shown
         stored = self.data.examples.get(KEY_PREDICTION)  # absent from an index built from features alone
         predictions = stored[ranked.ids] if stored is not None else [None] * len(ids)
-        columns = {s: values.tolist() for s, values in ranked.scores.items()}  # Python floats, at once
+        # Python floats, at once; each example's scores one dict(zip) (a dict comprehension per example was
+        # an eighth of an attribution batch)
+        keys = list(ranked.scores)
+        rows = zip(*(values.tolist() for values in ranked.scores.values()), strict=True)
+        per_example = [dict(zip(keys, row, strict=True)) for row in rows]
         signed = ranked.signed.tolist()
         examples = [
             RankedExample(
                 rank=r + 1,
                 id=i,
-                label=meta.get(i, {}).get("label"),
+                label=shown[i][0] if i in shown else None,
                 prediction=to_python(predictions[r]),
                 sign=(signed[r] > 0) - (signed[r] < 0),
                 signed_score=signed[r],
-                scores={s: column[r] for s, column in columns.items()},
-                metadata=_without_label(meta.get(i, {})),
+                scores=per_example[r] if per_example else {},
+                metadata=shown[i][1] if i in shown else {},
             )
             for r, i in enumerate(ids)
         ]

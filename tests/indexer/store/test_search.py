@@ -308,12 +308,13 @@ def test_a_batch_ranks_each_query_as_it_ranks_alone(dtype: str) -> None:
         np.testing.assert_array_equal(many.signed, one.signed)
 
 
-def test_the_batched_scan_bound_holds_for_every_example() -> None:
-    surrogate, norms, queries = problem(5000, 64, "float16", scale=50.0)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_the_batched_scan_bound_holds_for_every_example(dtype: str) -> None:
+    surrogate, norms, queries = problem(5000, 64, dtype, scale=50.0)
     units = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     x, err = FeatureScan(surrogate.phi, norms).inner_many(units)
-    exact = np.asarray(surrogate.phi, dtype=np.float64) @ units.T
-    assert x.shape == (5000, len(queries))
+    exact = units @ np.asarray(surrogate.phi, dtype=np.float64).T
+    assert x.shape == (len(queries), 5000) and x.is_contiguous()
     assert np.all(np.abs(x.double().numpy() - exact) <= err.double().numpy())
 
 

@@ -78,7 +78,8 @@ def make_featurizer(
         config.dims(),
         config.uncovered,
     )
-    plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs))
+    small = config.dense_layer_params
+    plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs), dense_params=small)
     unmatched = [
         p for p in config.dims() if not any(fnmatch.fnmatchcase(n, p) for n, _ in model.named_modules())
     ]
@@ -91,7 +92,9 @@ def make_featurizer(
             "module, scale_grad_by_freq, a bypassed forward): they are dense-projected in the rest block",
             sorted(mismatched),
         )
-        plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs), exclude=mismatched)
+        plan = plan_kronecker(
+            model, *settings, fired=fired_modules(model, inputs), exclude=mismatched, dense_params=small
+        )
     coverage = plan.coverage_json()
     if coverage["covered_fraction"] < config.min_coverage:
         log.warning(

@@ -9,7 +9,9 @@ its input with a 1 for the bias). Its block of the features is
     ``R_row^T G R_col = sum_t (R_row^T u_t) (R_col^T v_t)^T``,
 
 so a forward hook keeps the projected input side and the backward pass gives the projected output side; G
-is never formed and no `(batch, P)` tensor exists. The output-side gradients come from
+is never formed and no `(batch, P)` tensor exists. A small layer's dense block (identity sides) forms its
+own G per example, `(batch, rows x cols)` with rows x cols bounded by the plan, and projects it with one
+matrix. The output-side gradients come from
 ``torch.autograd.grad`` with respect to a zero tensor added to each layer's output, so no parameter
 gradient is computed and in-place operations after the layer (``ReLU(inplace=True)``) do no harm.
 
@@ -226,6 +228,13 @@ class HookFeaturizer:
             tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
             for block in plan.blocks
         ]
+        # a dense block's sides are identities, so its part of a batch is G itself, then projected by R
+        self.dense = [
+            None
+            if (r := block.dense_matrix(plan.seed, plan.distribution)) is None
+            else torch.from_numpy(r).to(self.device)
+            for block in plan.blocks
+        ]
         self._handles = []
         bound: set[str] = set()
         for module in model.modules():
@@ -369,8 +378,14 @@ class HookFeaturizer:
         finally:
             state.capturing, state.calls, state.norm_calls = False, [], []
         pieces = [
-            (blk.reshape(b, -1) if blk is not None else torch.zeros(b, block.k, device=self.device))
-            for blk, block in zip(blocks, self.plan.blocks, strict=True)
+            (
+                torch.zeros(b, block.k, device=self.device)
+                if blk is None
+                else blk.reshape(b, -1)
+                if dense is None
+                else blk.reshape(b, -1) @ dense
+            )
+            for blk, block, dense in zip(blocks, self.plan.blocks, self.dense, strict=True)
         ]
         phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
         if self._rest is not None:

@@ -23,7 +23,7 @@ from indexer.features.hooks import HookFeaturizer, gradient_shape, layer_bias, l
 from indexer.features.projection import KroneckerProjection, LayerBlock, RestBlock
 from indexer.features.tasks import OutputFunction
 
-__all__ = ["fired_modules", "plan_kronecker", "mismatched_blocks"]
+__all__ = ["DENSE_LAYER_PARAMS", "fired_modules", "plan_kronecker", "mismatched_blocks"]
 
 
 def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
@@ -64,6 +64,16 @@ def _factor(share: float, rows: int, cols: int) -> tuple[int, int]:
     return min(near, key=lambda rc: (max(rc) / min(rc), -rc[0] * rc[1], rc[0]))
 
 
+DENSE_LAYER_PARAMS = 65_536
+"""Default largest gradient (rows x cols, bias included) of a layer projected densely rather than two-sided
+(:class:`~indexer.features.projection.LayerBlock`): at k = 512 such a block costs at most 2^25
+multiply-adds and one `(batch, rows x cols)` float32 gradient, and it is what keeps small networks' LDS at
+the dense projection's."""
+
+DENSE_LAYER_SIDE = 4096
+"""Largest side (rows or cols) of a dense block: its two sides are identities, `(side, side)` float32."""
+
+
 def plan_kronecker(
     model: nn.Module,
     k: int,
@@ -74,13 +84,17 @@ def plan_kronecker(
     uncovered: Uncovered | str = Uncovered.DENSE,
     fired: set[str] | None = None,
     exclude: frozenset[str] = frozenset(),
+    dense_params: int = DENSE_LAYER_PARAMS,
 ) -> KroneckerProjection:
     """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
 
     Every supported layer whose module name matches one of ``layers`` gets a block for its weight (and
     bias); a total budget of ``k`` features is shared among the blocks (balanced ``k_row`` x ``k_col``,
     water-filled so that small layers give their unused share to large ones) after the rest block's share,
-    ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes.
+    ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes. A
+    layer whose gradient has at most ``dense_params`` entries (and neither side above
+    :data:`DENSE_LAYER_SIDE`) gets a dense block of its share instead (at most rows x cols features), unless
+    ``dims`` names it.
 
     Args:
         model: the network (its trainable parameters are projected).
@@ -95,16 +109,20 @@ def plan_kronecker(
             gets no block. None: every supported module is trusted to run.
         exclude: weight names that get no block (their gradient has paths the hooks do not see, found by
             :func:`mismatched_blocks`): they go to the rest block.
+        dense_params: gradients of at most this many entries are projected densely (0: every block
+            two-sided).
 
     Returns:
         The :class:`~indexer.features.projection.KroneckerProjection`.
 
     Raises:
-        ValueError: ``k`` below 1, a weight shared by layers of different shapes, or a ``dims`` entry
-            outside its layer's shape.
+        ValueError: ``k`` below 1, a negative ``dense_params``, a weight shared by layers of different
+            shapes, or a ``dims`` entry outside its layer's shape.
     """
     if k < 1:
         raise ValueError(f"k must be positive; got {k}")
+    if dense_params < 0:
+        raise ValueError(f"dense_params must be 0 or more; got {dense_params}")
     treatment = parse_enum(Uncovered, uncovered)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     name_of = {id(p): name for name, p in named}
@@ -138,15 +156,16 @@ def plan_kronecker(
     k_rest = 0
     if rest_named and treatment is Uncovered.DENSE:
         k_rest = min(rest_numel, max(1, round(k * rest_numel / n_params)))
-    blocks = _allocate(found, k - k_rest, dims or {})
+    blocks = _allocate(found, k - k_rest, dims or {}, dense_params)
     rest = RestBlock(tuple(n for n, _ in rest_named), tuple(int(p.numel()) for _, p in rest_named), k_rest)
     return KroneckerProjection(int(seed), parse_enum(Distribution, distribution), blocks, rest, n_params)
 
 
 def _allocate(
-    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]]
+    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]], dense_params: int
 ) -> tuple[LayerBlock, ...]:
     sizes: dict[str, tuple[int, int]] = {}
+    dense: set[str] = set()
     for name, (block, module_name) in found.items():
         for pattern, (k_row, k_col) in dims.items():
             if fnmatch.fnmatchcase(module_name, pattern):
@@ -164,11 +183,17 @@ def _allocate(
     )
     for i, name in enumerate(free):
         block = found[name][0]
-        sizes[name] = _factor(max(budget, 0) / (len(free) - i), block.rows, block.cols)
+        share = max(budget, 0) / (len(free) - i)
+        numel = block.rows * block.cols
+        if numel <= dense_params and max(block.rows, block.cols) <= DENSE_LAYER_SIDE:
+            sizes[name] = (min(numel, max(1, int(share))), 1)
+            dense.add(name)
+        else:
+            sizes[name] = _factor(share, block.rows, block.cols)
         budget -= sizes[name][0] * sizes[name][1]
     order = list(found)  # model order, whatever order the sizes were chosen in
     return tuple(
-        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n])
+        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n], dense=n in dense)
         for n in order
         for b in (found[n][0],)
     )
@@ -193,8 +218,8 @@ def mismatched_blocks(
 
     A weight used outside its module's forward (a tied head written ``h @ embedding.weight.T``, a
     ``F.linear`` with a module's weight), an embedding with ``scale_grad_by_freq``, a layer whose forward is
-    bypassed: for each block, the features from the hooks are compared with ``R_row^T G R_col`` for G from
-    one plain autograd backward.
+    bypassed: for each block, the features from the hooks are compared with ``R_row^T G R_col`` (a dense
+    block: ``R^T vec(G)``) for G from one plain autograd backward.
 
     Args:
         model: the network, in eval mode; plan: its plan; output_fn: the output function m.
@@ -226,6 +251,9 @@ def mismatched_blocks(
             torch.from_numpy(m).double().to(raw.device) for m in block.matrices(plan.seed, plan.distribution)
         )
         want = (r_row.T @ _gradient_matrix(block, by_name).to(raw.device) @ r_col).reshape(-1).cpu().numpy()
+        dense = block.dense_matrix(plan.seed, plan.distribution)
+        if dense is not None:  # r_row, r_col are identities: want is vec(G)
+            want = want @ dense.astype(np.float64)
         got = phi[start : start + block.k] if phi is not None else np.zeros(block.k)
         start += block.k
         dtype = by_name[block.name].dtype

@@ -168,9 +168,19 @@ class DenseProjection:
 
 @dataclass(frozen=True)
 class LayerBlock:
-    """One Kronecker block (DESIGN.md 1.7): the 2-D gradient ``G`` `(rows, cols)` of one weight matrix (its
+    """One per-layer block (DESIGN.md 1.7): the 2-D gradient ``G`` `(rows, cols)` of one weight matrix (its
     bias, when the layer has one, is one more column on the input side) projected to
-    ``R_row^T G R_col`` `(k_row, k_col)`, flattened row-major into ``k_row * k_col`` features.
+    ``R_row^T G R_col`` `(k_row, k_col)`, flattened row-major into ``k_row * k_col`` features; or, for a
+    small layer (``dense``), ``R^T vec(G)`` with one `(rows * cols, k_row)` matrix R (``k_col = 1``).
+
+    Why dense blocks: a two-sided block estimates an inner product of two gradients as the product of two
+    sketches, one of each side, of ``k_row`` and ``k_col`` dimensions, so its relative error is about
+    ``1/sqrt(k_row) + 1/sqrt(k_col)`` where one dense sketch of the same ``k`` features has ``1/sqrt(k)``
+    (Johnson-Lindenstrauss). On the quality harness's MLP 784-64-10 at k = 512 the two-sided first layer
+    (64 x 785 -> 16 x 16) cost 0.06 of LDS against the dense projection; projected densely per layer
+    (the same 256 features) it is within 0.002 (benchmarks/results/QUALITY.md). A dense block costs
+    ``rows * cols * k_row`` multiply-adds per example and forms G per example, so it is used only below a
+    parameter count (:func:`~indexer.features.plan.plan_kronecker`'s ``dense_params``).
 
     Attributes:
         name: the weight's parameter name (``model.named_parameters()``), the seeding key.
@@ -179,7 +189,8 @@ class LayerBlock:
         params: the parameters the block covers (the weight, and the bias if any).
         rows, cols: the shape of G: for ``linear`` and ``conv*`` (d_out, d_in [+ 1]); ``embedding``
             (num_embeddings, dim); ``gpt2_conv1d`` (d_in [+ 1], d_out).
-        k_row, k_col: the projected sizes.
+        k_row, k_col: the projected sizes (a dense block: its ``k`` features and 1).
+        dense: whether the block is one dense projection of vec(G) rather than two-sided.
     """
 
     name: str
@@ -189,6 +200,7 @@ class LayerBlock:
     cols: int
     k_row: int
     k_col: int
+    dense: bool = False
 
     @property
     def k(self) -> int:
@@ -196,11 +208,21 @@ class LayerBlock:
         return self.k_row * self.k_col
 
     def matrices(self, seed: int, distribution: Distribution) -> tuple[np.ndarray, np.ndarray]:
-        """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name)."""
+        """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name); for a
+        dense block the identities `(rows, rows)` and `(cols, cols)`, so that the two sides give G itself."""
+        if self.dense:
+            return np.eye(self.rows, dtype=np.float32), np.eye(self.cols, dtype=np.float32)
         return (
             seeded_matrix(seed, f"{self.name}/row", self.rows, self.k_row, distribution),
             seeded_matrix(seed, f"{self.name}/col", self.cols, self.k_col, distribution),
         )
+
+    def dense_matrix(self, seed: int, distribution: Distribution) -> np.ndarray | None:
+        """A dense block's R, `(rows * cols, k)` float32 with N(0, 1/k) (or +-1/sqrt(k)) entries seeded by
+        (seed, name), applied to vec(G) flattened row-major; None for a two-sided block."""
+        if not self.dense:
+            return None
+        return seeded_matrix(seed, f"{self.name}/dense", self.rows * self.cols, self.k, distribution)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of this block."""
@@ -212,6 +234,7 @@ class LayerBlock:
             "cols": self.cols,
             "k_row": self.k_row,
             "k_col": self.k_col,
+            "projection": "dense" if self.dense else "kronecker",
         }
 
     @classmethod
@@ -219,7 +242,7 @@ class LayerBlock:
         """Inverse of :meth:`to_json`.
 
         Raises:
-            KeyError, TypeError: a record without these fields.
+            KeyError, TypeError, ValueError: a record without these fields, or another projection.
         """
         return cls(
             name=str(record["name"]),
@@ -229,7 +252,15 @@ class LayerBlock:
             cols=int(record["cols"]),
             k_row=int(record["k_row"]),
             k_col=int(record["k_col"]),
+            dense=_block_projection(record.get("projection", "kronecker")),
         )
+
+
+def _block_projection(value: Any) -> bool:
+    """Whether a block record's ``projection`` says dense (records from before dense blocks have none)."""
+    if value not in ("dense", "kronecker"):
+        raise ValueError(f"a block's projection is 'dense' or 'kronecker'; got {value!r}")
+    return bool(value == "dense")
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,11 @@ def example_scores(
         ``{Score: (m,) float64}`` for all five scores.
     """
     phi64 = np.asarray(phi, dtype=np.float64)
-    c = phi64 @ query.precision_phi
-    x = phi64 @ query.phi
+    # einsum, not a BLAS product: an example's score must not depend on which other rows are scored with
+    # it (a matrix-vector product's kernel, and so its last bits, changes with the number of rows; a
+    # deepening or a batch reranks other sets of rows than a single query at another depth)
+    c = np.einsum("ij,j->i", phi64, query.precision_phi)
+    x = np.einsum("ij,j->i", phi64, query.phi)
     phi_norm = np.linalg.norm(phi64, axis=1)
     information_loss = 0.5 * np.log1p(safe_div(beta * c**2, query.posterior_variance * s))
     ratio = safe_div(beta * x**2, query.phi_norm**2 * (beta * phi_norm**2 + prior_precision))

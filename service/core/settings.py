@@ -79,6 +79,13 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         256, ge=1, description="largest number of queries in one request to the batch attribution route"
     )
+    batch_inputs_together: bool = Field(
+        True,
+        description="featurize the raw inputs of one batch request in one forward and backward pass (faster; "
+        "each feature equals the single route's up to float32 rounding, so after the float16 rounding of "
+        "an index's features a score may differ in its third significant digit); false: each input on its "
+        "own, so that every answer is bit for bit the single route's",
+    )
     max_body_bytes: int = Field(
         8 << 20, ge=1024, description="largest request body accepted, in bytes (larger: 413)"
     )

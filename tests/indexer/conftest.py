@@ -21,7 +21,7 @@ import torch
 
 from indexer.data import Dataset
 from indexer.features.models import ModelSpec, build_model
-from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock, seeded_matrix
 from indexer.gp.surrogate import Surrogate, fit_surrogate
 
 RTOL = 1e-8
@@ -150,15 +150,20 @@ def _explicit_kronecker(
     plan: KroneckerProjection, grads: Sequence[dict[str, torch.Tensor]], with_rest: bool = True
 ) -> np.ndarray:
     """`(n, k)` (or `(n, k_blocks)` without the rest block): per block ``(R_row (x) R_col)^T vec(G)`` with the
-    Kronecker product formed explicitly, then the rest block's parameters dense-projected, for one gradient
-    dict per example."""
+    Kronecker product formed explicitly (a dense block: ``R^T vec(G)``, R seeded from its name), then the
+    rest block's parameters dense-projected, for one gradient dict per example."""
     rows = []
     for g in grads:
         parts = []
         for block in plan.blocks:
+            vec_g = _gradient_matrix(block, g).reshape(-1)
+            if block.dense:  # one seeded (rows * cols, k) matrix, drawn here from its name
+                r = seeded_matrix(plan.seed, f"{block.name}/dense", block.rows * block.cols, block.k)
+                parts.append(r.astype(np.float64).T @ vec_g)
+                continue
             r_row, r_col = block.matrices(plan.seed, plan.distribution)
             kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))  # (rows * cols, k_row * k_col)
-            parts.append(kron.T @ _gradient_matrix(block, g).reshape(-1))
+            parts.append(kron.T @ vec_g)
         if with_rest and plan.rest.k:
             rest = np.concatenate([g[n].detach().double().reshape(-1).numpy() for n in plan.rest.params])
             dense = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution)

@@ -165,11 +165,16 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
     product over the stored features) or one FAISS search for all, then each reranked exactly.
 
     Each item is the body of ``POST .../attributions`` and gets the answer that route gives it (the same
-    examples, ranks and scores; ``candidates_searched`` may differ, the batched scan bounding in float32, and
-    the timings do): ``{"status": 200, "response": ...}``, or ``{"status": 4xx, "error": {"detail": ...}}``
-    for an item that route would refuse, validation errors located under ``["body", "requests", i]``. The
-    batch as a whole is refused (422) only when it is not a non-empty list of at most INFOTRACE_MAX_BATCH
-    items.
+    examples, ranks and scores, bit for bit; ``candidates_searched`` may differ, the batched scan bounding
+    in float32, and the timings do): ``{"status": 200, "response": ...}``, or ``{"status": 4xx, "error":
+    {"detail": ...}}`` for an item that route would refuse, validation errors located under ``["body",
+    "requests", i]``. Raw inputs are featurized together (INFOTRACE_BATCH_INPUTS_TOGETHER, default true):
+    their features then equal the single route's up to float32 rounding, and their scores after the
+    index's float16 rounding to about 1e-3 relative; with the setting false each input is featurized
+    alone and its answer is the single route's bit for bit. The batch as a whole is refused (422) when it
+    is not a non-empty list of at most INFOTRACE_MAX_BATCH items, and when its body is not JSON the
+    service reads (duplicate keys, numbers beyond float64, nesting beyond the parser: the strict parsing
+    of every route, before any item is looked at).
     """
     started = time.perf_counter()
     _check_limit("the number of requests", len(request.requests), settings.max_batch, "INFOTRACE_MAX_BATCH")
@@ -188,8 +193,11 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
         except (ValidationError, InvalidQueryError) as exc:
             refuse(i, exc)
     queries: dict[int, Query] = {}
+    together = settings.batch_inputs_together
     raw = [
-        (i, spec) for i, spec, *_ in [(i, r.query) for i, r, _, _ in ready] if isinstance(spec, InputQuery)
+        (i, spec)
+        for i, spec, *_ in [(i, r.query) for i, r, _, _ in ready]
+        if together and isinstance(spec, InputQuery)
     ]
     for (i, _), query in zip(raw, engine.queries.inputs([(s.input, s.target) for _, s in raw]), strict=True):
         if isinstance(query, Exception):
@@ -197,7 +205,7 @@ def attributions_batch(request: BatchAttributionRequest, engine: IndexDep, setti
         else:
             queries[i] = query
     for i, r, _, _ in ready:
-        if not isinstance(r.query, InputQuery):
+        if not (together and isinstance(r.query, InputQuery)):
             try:
                 queries[i] = _query(engine, r.query)
             except Exception as exc:  # refuse() re-raises what is not the client's

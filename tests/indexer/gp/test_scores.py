@@ -428,3 +428,20 @@ def test_query_terms_rejects_bad_queries(problem):
     bad[0] = np.nan
     with pytest.raises(InvalidQueryError, match="finite"):
         sur.query_terms(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_an_examples_scores_do_not_depend_on_the_rows_scored_with_it(dtype: type) -> None:
+    """Every score of a row has the same bits whether it is scored alone, in any subset, or with all rows
+    (a deepening or a batch reranks other row sets than a single query: their answers must agree)."""
+    rng = np.random.default_rng(3)
+    n, k = 3000, 506
+    phi = rng.standard_normal((n, k)).astype(dtype)
+    sur = fit_surrogate(phi, rng.uniform(0.05, 0.25, n), rng.normal(size=n), prior_precision=2.0)
+    terms = sur.query_terms(rng.standard_normal(k))
+    every = sur.scores(terms)
+    for m in (1, 2, 3, 17, 250, 1001):
+        rows = np.sort(rng.choice(n, size=m, replace=False))
+        some = sur.scores(terms, rows)
+        for score in Score:
+            assert np.array_equal(some[score], every[score][rows]), (m, score)

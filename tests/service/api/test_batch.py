@@ -137,3 +137,35 @@ def test_the_envelope_is_checked_as_a_whole(client: TestClient) -> None:
     # every item bad: still a 200 with each item's error
     all_bad = client.post(url, json={"requests": [{"query": {}}, 5, None]}).json()
     assert all_bad["answered"] == 0 and [r["status"] for r in all_bad["results"]] == [422, 422, 422]
+
+
+def test_inputs_featurized_alone_answer_bit_for_bit(index_root: Path, test_digits: Dataset) -> None:
+    """INFOTRACE_BATCH_INPUTS_TOGETHER=false: every raw-input item is the single route's answer exactly."""
+    settings = Settings(index_root=index_root, max_batch=64, batch_inputs_together=False)
+    with TestClient(create_app(settings)) as alone:
+        bodies = [
+            {"query": {"input": test_digits.inputs[i].tolist()}, "top_k": 20, "score": score.value}
+            for i, score in zip(range(10), [*Score, *Score], strict=True)
+        ]
+        payload = alone.post(BATCH.format(name="digits"), json={"requests": bodies}).json()
+        for body, item in zip(bodies, payload["results"], strict=True):
+            want = alone.post(SINGLE.format(name="digits"), json=body).json()
+            assert comparable(item["response"]) == comparable(want)
+
+
+def test_stored_ids_agree_bit_for_bit_whatever_the_depth(client: TestClient) -> None:
+    """The batched scan and the single one deepen to other depths and rerank other row sets; an example's
+    exact scores do not depend on the set it was reranked in, so the answers are the same bits."""
+    bodies = [
+        {"query": {"id": q}, "top_k": top_k, "candidates": candidates, "score": s.value, "direction": d.value}
+        for q in (0, 5)
+        for s in Score
+        for d in Direction
+        for top_k, candidates in ((50, 1), (7, 3))
+    ]
+    for start in range(0, len(bodies), 64):
+        part = bodies[start : start + 64]
+        payload = client.post(BATCH.format(name="digits"), json={"requests": part}).json()
+        for body, item in zip(part, payload["results"], strict=True):
+            want = client.post(SINGLE.format(name="digits"), json=body).json()
+            assert comparable(item["response"]) == comparable(want), body

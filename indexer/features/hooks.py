@@ -81,6 +81,14 @@ def gradient_shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
     return int(weight.shape[0]), int(np.prod(weight.shape[1:])) + int(has_bias)
 
 
+def _dense_block(g: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
+    """`(B, k)` = vec(G) R for `(B, rows x cols)` gradients and R^T `(k, rows x cols)` (a batch of one: one
+    matrix-vector product)."""
+    if g.shape[0] == 1:
+        return torch.mv(r_t, g[0])[None]
+    return g @ r_t.T
+
+
 class _Binding:
     """One hooked module: its block, kind, and where its forward keeps the projected input side."""
 
@@ -228,11 +236,13 @@ class HookFeaturizer:
             tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
             for block in plan.blocks
         ]
-        # a dense block's sides are identities, so its part of a batch is G itself, then projected by R
-        self.dense = [
+        # a dense block's sides are identities, so its part of a batch is G itself, then projected by R,
+        # held as R^T `(k, rows x cols)`: a single query is then one matrix-vector product reading R^T's rows
+        # in order (1.6 ms for the demo's 51 MB first layer here, against 3 to 4 ms for (1, n) @ R)
+        self.dense_t = [
             None
             if (r := block.dense_matrix(plan.seed, plan.distribution)) is None
-            else torch.from_numpy(r).to(self.device)
+            else torch.from_numpy(np.ascontiguousarray(r.T)).to(self.device)
             for block in plan.blocks
         ]
         self._handles = []
@@ -382,10 +392,10 @@ class HookFeaturizer:
                 torch.zeros(b, block.k, device=self.device)
                 if blk is None
                 else blk.reshape(b, -1)
-                if dense is None
-                else blk.reshape(b, -1) @ dense
+                if dense_t is None
+                else _dense_block(blk.reshape(b, -1), dense_t)
             )
-            for blk, block, dense in zip(blocks, self.plan.blocks, self.dense, strict=True)
+            for blk, block, dense_t in zip(blocks, self.plan.blocks, self.dense_t, strict=True)
         ]
         phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
         if self._rest is not None:

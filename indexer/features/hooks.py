@@ -98,6 +98,7 @@ class _Binding:
         self.kind = kind
         self.module = module
         self.has_bias = layer_bias(module) is not None
+        self.dense = featurizer.plan.blocks[block_index].dense
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         f = self.featurizer.state  # this thread's batch, if it is featurizing one
@@ -125,9 +126,12 @@ class _Binding:
         else:
             r_in = r_row if self.kind == "gpt2_conv1d" else r_col
             flat = x.reshape(f.batch_size, -1, x.shape[-1]).float()
-            side = flat @ r_in[: x.shape[-1]]
-            if self.has_bias:
-                side = side + r_in[-1]
+            if self.dense:  # identity sides: the input itself, with a 1 for the bias (no identity product)
+                side = F.pad(flat, (0, 1), value=1.0) if self.has_bias else flat
+            else:
+                side = flat @ r_in[: x.shape[-1]]
+                if self.has_bias:
+                    side = side + r_in[-1]
         eps = torch.zeros_like(output, requires_grad=True)
         f.calls.append((self, side, eps))
         return output + eps
@@ -154,7 +158,8 @@ class _Binding:
         if self.kind.startswith("conv"):
             return torch.einsum("bol,ok->blk", grad.reshape(b, grad.shape[1], -1).float(), r_row)
         r_out = r_col if self.kind in ("embedding", "gpt2_conv1d") else r_row
-        return grad.reshape(b, -1, grad.shape[-1]).float() @ r_out
+        flat = grad.reshape(b, -1, grad.shape[-1]).float()
+        return flat if self.dense else flat @ r_out
 
     @property
     def input_on_rows(self) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 from indexer.enums import Distribution, Uncovered
 from indexer.features.hooks import HookFeaturizer
 from indexer.features.plan import DENSE_LAYER_PARAMS, plan_kronecker
-from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock, seeded_matrix
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
 from indexer.features.tasks import ClassificationMargin, OutputFunction
 
 MARGIN = ClassificationMargin()
@@ -466,7 +466,7 @@ def test_a_layer_on_an_input_shared_by_the_batch_gets_per_example_gradients(chec
     check_against_explicit(Positions(), torch.randint(0, 9, (6, 5)), torch.randint(0, 3, (6,)), k=30)
 
 
-def test_small_layers_get_dense_blocks_and_large_ones_stay_two_sided() -> None:
+def test_small_layers_get_dense_blocks_and_large_ones_stay_two_sided(explicit_kronecker) -> None:
     """The plan's threshold: a gradient of at most ``dense_params`` entries (both sides at most 4096) is one
     dense block of its share (at most rows x cols features), a larger one two-sided; ``dims`` forces
     two-sided; the manifest's record says which, and a record from before dense blocks reads as two-sided."""
@@ -494,21 +494,5 @@ def test_small_layers_get_dense_blocks_and_large_ones_stay_two_sided() -> None:
     x, y = torch.randn(6, 300), torch.randint(0, 2, (6,))
     with HookFeaturizer(model.eval(), plan) as f:
         got = f.featurize(MARGIN, x, y).phi
-    np.testing.assert_allclose(got, _reference(plan, model, x, y), rtol=1e-4, atol=1e-5 * np.abs(got).max())
-
-
-def _reference(plan: KroneckerProjection, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    rows = []
-    for g in per_example_param_grads(model, MARGIN, x, y):
-        parts = []
-        for block in plan.blocks:
-            w, bias = g[block.params[0]].double(), g[block.params[1]].double()
-            vec = torch.cat([w, bias[:, None]], 1).reshape(-1).numpy()
-            if block.dense:
-                r = seeded_matrix(plan.seed, f"{block.name}/dense", block.rows * block.cols, block.k)
-                parts.append(vec @ r.astype(np.float64))
-            else:
-                r_row, r_col = (m.astype(np.float64) for m in block.matrices(plan.seed, plan.distribution))
-                parts.append(np.kron(r_row, r_col).T @ vec)
-        rows.append(np.concatenate(parts))
-    return np.stack(rows)
+    want = explicit_kronecker(plan, per_example_param_grads(model, MARGIN, x, y))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(got).max())

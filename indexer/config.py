@@ -29,10 +29,10 @@ class IndexConfig:
         distribution: ``"gaussian"`` or ``"rademacher"`` entries of the projection matrices.
         projection_layers: comma-separated fnmatch patterns of module names projected per layer (Kronecker).
         projection_dims: ``"pattern=k_rowxk_col,..."`` fixed block sizes for matching modules (Kronecker).
-        dense_layer_params: Kronecker: a layer whose gradient (rows x cols, bias included) has at most this
-            many entries gets one dense projection of its own instead of a two-sided one (DESIGN.md 1.7's
-            block, with the dense projection's accuracy where it is cheap; 0: none). The default is
-            :data:`indexer.features.plan.DENSE_LAYER_PARAMS`.
+        small_layer_params: Kronecker: a layer whose gradient (rows x cols, bias included) has at most this
+            many entries is projected whole, a count sketch of vec(G), instead of two-sided (the dense
+            projection's accuracy where forming G is cheap; 0: none; :class:`~indexer.enums.BlockProjection`).
+            The default is :data:`indexer.features.plan.SMALL_LAYER_PARAMS`.
         uncovered: ``"dense"`` or ``"omit"`` for parameters outside supported layers (Kronecker).
         min_coverage: warn when less than this fraction of the parameters reaches the features.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"`` for featurization.
@@ -80,11 +80,11 @@ class IndexConfig:
     projection_dims: str = field(
         default="", metadata={"help": "fixed block sizes 'pattern=KROWxKCOL,...' (default: shared out of k)"}
     )
-    dense_layer_params: int = field(
+    small_layer_params: int = field(
         default=65_536,
         metadata={
-            "help": "Kronecker: layers whose gradient has at most this many entries are projected densely "
-            "per layer (0: every layer two-sided)"
+            "help": "Kronecker: layers whose gradient has at most this many entries are projected whole "
+            "(a count sketch of the gradient; 0: every layer two-sided)"
         },
     )
     uncovered: Uncovered = field(
@@ -154,8 +154,8 @@ class IndexConfig:
                 f"k, batch_size and buffer_bytes must be positive; got {self.k}, "
                 f"{self.batch_size}, {self.buffer_bytes}"
             )
-        if self.dense_layer_params < 0:
-            raise ValueError(f"dense_layer_params must be 0 or more; got {self.dense_layer_params}")
+        if self.small_layer_params < 0:
+            raise ValueError(f"small_layer_params must be 0 or more; got {self.small_layer_params}")
         if self.shard_examples is not None and self.shard_examples <= 0:
             raise ValueError(f"shard_examples must be positive; got {self.shard_examples}")
         if self.search_depth <= 0:

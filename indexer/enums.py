@@ -9,6 +9,7 @@ __all__ = [
     "Score",
     "Direction",
     "ProjectionKind",
+    "BlockProjection",
     "Distribution",
     "FeatureDtype",
     "Uncovered",
@@ -60,6 +61,21 @@ class ProjectionKind(str, Enum):
     neither R nor the per-example gradient is ever formed (DESIGN.md 1.7). The default."""
     DENSE = "dense"
     """One dense `(P, k)` matrix applied to whole per-example gradients: the reference, for small models."""
+
+
+class BlockProjection(str, Enum):
+    """How one layer's gradient G `(rows, cols)` is projected inside the per-layer projection (DESIGN.md 1.7;
+    :class:`~indexer.features.projection.LayerBlock`)."""
+
+    KRONECKER = "kronecker"
+    """Two-sided: ``R_row^T G R_col``, from the hooks' projected sides; G is never formed."""
+    COUNT_SKETCH = "count_sketch"
+    """Whole: ``R^T vec(G)`` with R a count sketch (one +-1 per gradient entry, in a seeded one of the
+    block's k columns): G is formed per example, the product costs one add per entry whatever k. The
+    default for small layers."""
+    DENSE = "dense"
+    """Whole: ``R^T vec(G)`` with a seeded Gaussian (or Rademacher) `(rows * cols, k)` R: what small layers
+    got before count sketches (indexes built then keep it)."""
 
 
 class FeatureDtype(str, Enum):

@@ -118,7 +118,7 @@ def build_text_demo_index(
         "steps": steps,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "projection": config.projection.value,
-        "dense_layer_params": config.dense_layer_params,
+        "small_layer_params": config.small_layer_params,
     }
     if not force and built_with(out_dir, settings):
         return out_dir

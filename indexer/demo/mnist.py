@@ -117,7 +117,7 @@ def build_demo_index(
         "n_train": n_train,
         "epochs": epochs,
         "projection": config.projection.value,
-        "dense_layer_params": config.dense_layer_params,
+        "small_layer_params": config.small_layer_params,
     }
     if not force and built_with(out_dir, settings):
         return out_dir

@@ -78,8 +78,8 @@ def make_featurizer(
         config.dims(),
         config.uncovered,
     )
-    small = config.dense_layer_params
-    plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs), dense_params=small)
+    small = config.small_layer_params
+    plan = plan_kronecker(model, *settings, fired=fired_modules(model, inputs), small_params=small)
     unmatched = [
         p for p in config.dims() if not any(fnmatch.fnmatchcase(n, p) for n, _ in model.named_modules())
     ]
@@ -93,7 +93,7 @@ def make_featurizer(
             sorted(mismatched),
         )
         plan = plan_kronecker(
-            model, *settings, fired=fired_modules(model, inputs), exclude=mismatched, dense_params=small
+            model, *settings, fired=fired_modules(model, inputs), exclude=mismatched, small_params=small
         )
     coverage = plan.coverage_json()
     if coverage["covered_fraction"] < config.min_coverage:

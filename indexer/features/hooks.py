@@ -9,9 +9,9 @@ its input with a 1 for the bias). Its block of the features is
     ``R_row^T G R_col = sum_t (R_row^T u_t) (R_col^T v_t)^T``,
 
 so a forward hook keeps the projected input side and the backward pass gives the projected output side; G
-is never formed and no `(batch, P)` tensor exists. A small layer's dense block (identity sides) forms its
-own G per example, `(batch, rows x cols)` with rows x cols bounded by the plan, and projects it with one
-matrix. The output-side gradients come from
+is never formed and no `(batch, P)` tensor exists. A small layer's whole block (identity sides) forms its
+own G per example, `(batch, rows x cols)` with rows x cols bounded by the plan, and projects it with a
+count sketch (one scatter-add). The output-side gradients come from
 ``torch.autograd.grad`` with respect to a zero tensor added to each layer's output, so no parameter
 gradient is computed and in-place operations after the layer (``ReLU(inplace=True)``) do no harm.
 
@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from indexer.data import Batch
+from indexer.enums import BlockProjection, Distribution
 from indexer.features.featurize import BufferFeatures, model_outputs, per_example_gradients, to_device
-from indexer.features.projection import DenseProjection, KroneckerProjection
+from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
 from indexer.features.tasks import OutputFunction
 
 __all__ = ["layer_kind", "layer_bias", "gradient_shape", "model_device", "HookFeaturizer"]
@@ -81,12 +82,57 @@ def gradient_shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
     return int(weight.shape[0]), int(np.prod(weight.shape[1:])) + int(has_bias)
 
 
-def _dense_block(g: torch.Tensor, r_t: torch.Tensor) -> torch.Tensor:
-    """`(B, k)` = vec(G) R for `(B, rows x cols)` gradients and R^T `(k, rows x cols)` (a batch of one: one
-    matrix-vector product)."""
-    if g.shape[0] == 1:
-        return torch.mv(r_t, g[0])[None]
-    return g @ r_t.T
+class _WholeR:
+    """A whole block's R on the featurizing device (DESIGN.md 1.7; :class:`~indexer.features.projection.
+    LayerBlock`): a count sketch's columns and signs (the default), or a dense R held transposed,
+    R^T `(k, rows x cols)`, so that a single query is one matrix-vector product reading its rows in order."""
+
+    def __init__(
+        self, block: LayerBlock, seed: int, distribution: Distribution, device: torch.device
+    ) -> None:
+        self.k = block.k
+        self.r_t: torch.Tensor | None = None
+        if block.projection is BlockProjection.COUNT_SKETCH:
+            columns, signs = block.count_sketch(seed)
+            self.columns = torch.from_numpy(columns).to(device)
+            self.signs = torch.from_numpy(signs).to(device)
+        else:
+            r = block.whole_matrix(seed, distribution)
+            if r is None:
+                raise ValueError(f"block {block.name!r} is two-sided, not whole")
+            self.r_t = torch.from_numpy(np.ascontiguousarray(r.T)).to(device)
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """`(B, k)` = vec(G) R for `(B, rows x cols)` float32 gradients: a count sketch as one scatter-add
+        (one add per entry), a dense R as one product (a batch of one: one matrix-vector product)."""
+        if self.r_t is None:
+            out = torch.zeros(g.shape[0], self.k, dtype=g.dtype, device=g.device)
+            return out.index_add_(1, self.columns, g * self.signs)
+        if g.shape[0] == 1:
+            return torch.mv(self.r_t, g[0])[None]
+        return g @ self.r_t.T
+
+
+class _InPlace(Exception):
+    """A captured layer output was modified in place after its hook ran: featurize the batch again with
+    that layer's gradient read at a zero tensor added to its output."""
+
+
+def _gradient_point(
+    owner: _Binding | _NormTap, output: torch.Tensor, shared: bool = False
+) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+    """Where the backward reads ``d m / d output`` for one hooked call: ``(point, version, returned)``.
+
+    The output itself (``returned`` None: the forward goes on unchanged), with its version counter, which
+    :meth:`HookFeaturizer._featurize` checks after the forward: an in-place operation on it later (a
+    ``ReLU(inplace=True)``) would make its gradient the one after that operation. An owner found so (its
+    ``direct`` set to False) or a ``shared`` output (expanded to the batch) gets a zero tensor added to its
+    output instead (``version`` None), which costs one fill and one add of the output's size.
+    """
+    if owner.direct and not shared:
+        return output, output._version, None
+    eps = torch.zeros_like(output, requires_grad=True)
+    return eps, None, output + eps
 
 
 class _Binding:
@@ -98,7 +144,8 @@ class _Binding:
         self.kind = kind
         self.module = module
         self.has_bias = layer_bias(module) is not None
-        self.dense = featurizer.plan.blocks[block_index].dense
+        self.whole = featurizer.plan.blocks[block_index].whole
+        self.direct = True  # d m / d output read at the output itself (see _gradient_point)
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         f = self.featurizer.state  # this thread's batch, if it is featurizing one
@@ -106,7 +153,8 @@ class _Binding:
             return None
         r_row, r_col = self.featurizer.matrices[self.block_index]
         x = args[0]
-        if x.shape[0] == 1 and output.shape[0] == 1 and f.batch_size > 1:
+        shared = x.shape[0] == 1 and output.shape[0] == 1 and f.batch_size > 1
+        if shared:
             # one input shared by the whole batch (GPT-2's position ids, (1, T)), its output broadcast
             # downstream: expanded to the batch, so that each example's gradient reaches its own row
             x = x.expand(f.batch_size, *x.shape[1:])
@@ -126,40 +174,67 @@ class _Binding:
         else:
             r_in = r_row if self.kind == "gpt2_conv1d" else r_col
             flat = x.reshape(f.batch_size, -1, x.shape[-1]).float()
-            if self.dense:  # identity sides: the input itself, with a 1 for the bias (no identity product)
-                side = F.pad(flat, (0, 1), value=1.0) if self.has_bias else flat
+            if self.whole:  # identity sides: the input itself, with a 1 for the bias (no identity product)
+                side = flat  # the bias's 1 is added in gradient(): no copy of the input with a 1 column
             else:
                 side = flat @ r_in[: x.shape[-1]]
                 if self.has_bias:
                     side = side + r_in[-1]
-        eps = torch.zeros_like(output, requires_grad=True)
-        f.calls.append((self, side, eps))
-        return output + eps
+        point, version, returned = _gradient_point(self, output, shared)
+        f.calls.append((self, side, point, version))
+        return returned
 
     def _conv_side(self, module: Any, x: torch.Tensor, r_col: torch.Tensor) -> torch.Tensor:
         """`(B, L, k_col)`: each output location's patch projected by R_col, as one convolution with R_col's
-        columns as kernels (the patch is never unfolded)."""
-        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+        columns as kernels (the patch is never unfolded); a whole block's (R_col the identity) the patches
+        themselves, unfolded (1-D and 2-D; a 3-D one by the identity convolution), with a 1 for the bias."""
         weight = module.weight
-        patch = int(np.prod(weight.shape[1:]))
-        kernels = r_col[:patch].T.reshape(r_col.shape[1], *weight.shape[1:])
         padding = module.padding
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-            padding = 0
+        if module.padding_mode != "zeros" or isinstance(padding, str):  # "same"/"valid": padded here
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * (x.dim() - 2)
+        if self.whole and x.dim() in (3, 4):  # unfold: a copy, where the identity kernels cost patch^2
+            lead = () if x.dim() == 4 else (1,)  # a 1-D convolution as a 2-D one on (1, length)
+            patches = F.unfold(
+                x if x.dim() == 4 else x[:, :, None],
+                (*lead, *weight.shape[2:]),
+                dilation=(*lead, *module.dilation),
+                padding=(*(0,) * len(lead), *padding),
+                stride=(*lead, *module.stride),
+            )
+            return patches.transpose(1, 2)  # the bias's 1: in gradient()
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+        patch = int(np.prod(weight.shape[1:]))
+        # a whole block's identity kernels give the patch itself (its bias's 1: in gradient())
+        r_patch = r_col[:patch, :patch] if self.whole else r_col[:patch]
+        kernels = r_patch.T.reshape(r_patch.shape[1], *weight.shape[1:])
         out = conv(x, kernels, None, module.stride, padding, module.dilation)
         side = out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
-        return side + r_col[-1] if self.has_bias else side
+        return side + r_col[-1] if self.has_bias and not self.whole else side
 
     def out_side(self, grad: torch.Tensor) -> torch.Tensor:
         """`(B, T, k)`: the gradient at the layer's output projected by the block's output-side matrix."""
         r_row, r_col = self.featurizer.matrices[self.block_index]
         b = grad.shape[0]
         if self.kind.startswith("conv"):
-            return torch.einsum("bol,ok->blk", grad.reshape(b, grad.shape[1], -1).float(), r_row)
+            per_location = grad.reshape(b, grad.shape[1], -1).float()
+            if self.whole:  # the identity side: the gradient itself, (B, L, C_out) as a view
+                return per_location.transpose(1, 2)
+            return torch.einsum("bol,ok->blk", per_location, r_row)
         r_out = r_col if self.kind in ("embedding", "gpt2_conv1d") else r_row
         flat = grad.reshape(b, -1, grad.shape[-1]).float()
-        return flat if self.dense else flat @ r_out
+        return flat if self.whole else flat @ r_out
+
+    def gradient(self, side: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`(B, k_row, k_col)`: the block's part of one call, ``sum_t`` of the outer products of the two
+        projected sides `(B, T, .)`; a whole block's (identity sides: G itself) gets its bias row or column,
+        ``sum_t`` of the output side, here rather than a 1 appended to every input position."""
+        if self.input_on_rows:
+            part = torch.einsum("btr,btc->brc", side, out)
+            return torch.cat([part, out.sum(1)[:, None]], 1) if self.whole and self.has_bias else part
+        part = torch.einsum("btr,btc->brc", out, side)
+        return torch.cat([part, out.sum(1)[:, :, None]], 2) if self.whole and self.has_bias else part
 
     @property
     def input_on_rows(self) -> bool:
@@ -177,6 +252,7 @@ class _NormTap:
         self.bias = bias
         self.layer = isinstance(module, nn.LayerNorm)
         self.n_params = int(np.prod(module.normalized_shape)) if self.layer else 0
+        self.direct = True  # d m / d output read at the output itself (see _gradient_point)
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         state = self.featurizer.state
@@ -187,13 +263,14 @@ class _NormTap:
             dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
             mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
             xhat = (x - mean) / torch.sqrt(var + module.eps)
-        else:
+        else:  # running statistics: xhat = x / sigma - mean / sigma in one pass over x
             shape = (1, -1) + (1,) * (x.dim() - 2)
             mean, var = module.running_mean.float().reshape(shape), module.running_var.float().reshape(shape)
-            xhat = (x - mean) / torch.sqrt(var + module.eps)
-        eps = torch.zeros_like(output, requires_grad=True)
-        state.norm_calls.append((self, xhat.detach(), eps))
-        return output + eps
+            inv_std = torch.rsqrt(var + module.eps)
+            xhat = torch.addcmul(-mean * inv_std, x, inv_std)
+        point, version, returned = _gradient_point(self, output)
+        state.norm_calls.append((self, xhat.detach(), point, version))
+        return returned
 
     def grads(self, xhat: torch.Tensor, delta: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
         """Add this call's per-example `(B, numel)` gradients of the scale and shift to ``out``."""
@@ -201,9 +278,10 @@ class _NormTap:
         if self.layer:  # the parameters span the trailing dims: sum over every other position
             w = (delta * xhat).reshape(b, -1, self.n_params).sum(1)
             bias = delta.reshape(b, -1, self.n_params).sum(1)
-        else:  # one parameter per channel (dim 1)
+        else:  # one parameter per channel (dim 1); sum_t delta_t xhat_t without a (B, C, L) product
             c = delta.shape[1]
-            w, bias = (delta * xhat).reshape(b, c, -1).sum(2), delta.reshape(b, c, -1).sum(2)
+            flat = delta.reshape(b, c, -1)
+            w, bias = torch.einsum("bcl,bcl->bc", flat, xhat.reshape(b, c, -1)), flat.sum(2)
         for grad, name in ((w, self.weight), (bias, self.bias)):
             if name is not None:
                 out[name] = out[name] + grad if name in out else grad
@@ -241,13 +319,9 @@ class HookFeaturizer:
             tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
             for block in plan.blocks
         ]
-        # a dense block's sides are identities, so its part of a batch is G itself, then projected by R,
-        # held as R^T `(k, rows x cols)`: a single query is then one matrix-vector product reading R^T's rows
-        # in order (1.6 ms for the demo's 51 MB first layer here, against 3 to 4 ms for (1, n) @ R)
-        self.dense_t = [
-            None
-            if (r := block.dense_matrix(plan.seed, plan.distribution)) is None
-            else torch.from_numpy(np.ascontiguousarray(r.T)).to(self.device)
+        # a whole block's sides are identities, so its part of a batch is G itself, then projected by R
+        self.whole_r = [
+            _WholeR(block, plan.seed, plan.distribution, self.device) if block.whole else None
             for block in plan.blocks
         ]
         self._handles = []
@@ -341,10 +415,14 @@ class HookFeaturizer:
             ValueError: the model is in train mode, a layer is not batch-first, or a block's layer did not
                 run (its forward is bypassed).
         """
-        if self._needs_vmap:  # functional_call swaps the shared module's parameters: one batch at a time
-            with self._vmap_lock:
+        while True:  # again only after a captured output was found modified in place (at most once per layer)
+            try:
+                if self._needs_vmap:  # functional_call swaps the shared module's parameters: one at a time
+                    with self._vmap_lock:
+                        return self._featurize(output_fn, inputs, targets)
                 return self._featurize(output_fn, inputs, targets)
-        return self._featurize(output_fn, inputs, targets)
+            except _InPlace:
+                continue
 
     def _featurize(self, output_fn: OutputFunction, inputs: Any, targets: torch.Tensor) -> BufferFeatures:
         training = [name for name, m in self.model.named_modules() if m.training]
@@ -363,26 +441,27 @@ class HookFeaturizer:
             raw = model_outputs(self.model, inputs)
             flat = raw.reshape(b, -1)
             m = torch.func.vmap(output_fn.output)(flat, targets)
-            eps = [e for _, _, e in state.calls] + [e for _, _, e in state.norm_calls]
-            all_grads = torch.autograd.grad(m.sum(), eps, allow_unused=True) if eps else ()
+            captured = state.calls + state.norm_calls
+            moved = [owner for owner, _, point, v in captured if v is not None and point._version != v]
+            if moved:  # modified in place after the hook: read their gradient at an added zero instead
+                for owner in moved:
+                    owner.direct = False
+                raise _InPlace
+            points = [point for _, _, point, _ in captured]
+            all_grads = torch.autograd.grad(m.sum(), points, allow_unused=True) if points else ()
             grads, norm_deltas = all_grads[: len(state.calls)], all_grads[len(state.calls) :]
-            for (tap, xhat, _), delta in zip(state.norm_calls, norm_deltas, strict=True):
+            for (tap, xhat, _, _), delta in zip(state.norm_calls, norm_deltas, strict=True):
                 if delta is not None:
                     tap.grads(xhat, delta, norm_grads)
             blocks: list[torch.Tensor | None] = [None] * len(self.plan.blocks)
-            for (binding, side, _), grad in zip(state.calls, grads, strict=True):
+            for (binding, side, _, _), grad in zip(state.calls, grads, strict=True):
                 if grad is None:
                     continue
-                out = binding.out_side(grad)
-                part = (
-                    torch.einsum("btr,btc->brc", side, out)
-                    if binding.input_on_rows
-                    else torch.einsum("btr,btc->brc", out, side)
-                )
+                part = binding.gradient(side, binding.out_side(grad))
                 i = binding.block_index
                 previous = blocks[i]
                 blocks[i] = part if previous is None else previous + part
-            ran = {binding.block_index for binding, _, _ in state.calls}
+            ran = {binding.block_index for binding, _, _, _ in state.calls}
             silent = [block.name for i, block in enumerate(self.plan.blocks) if i not in ran]
             if silent:
                 raise ValueError(
@@ -397,10 +476,10 @@ class HookFeaturizer:
                 torch.zeros(b, block.k, device=self.device)
                 if blk is None
                 else blk.reshape(b, -1)
-                if dense_t is None
-                else _dense_block(blk.reshape(b, -1), dense_t)
+                if whole_r is None
+                else whole_r.project(blk.reshape(b, -1))
             )
-            for blk, block, dense_t in zip(blocks, self.plan.blocks, self.dense_t, strict=True)
+            for blk, block, whole_r in zip(blocks, self.plan.blocks, self.whole_r, strict=True)
         ]
         phi = torch.cat(pieces, dim=1).detach().cpu().numpy() if pieces else np.zeros((b, 0), np.float32)
         if self._rest is not None:

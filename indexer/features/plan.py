@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from indexer.enums import Distribution, Uncovered, parse_enum
+from indexer.enums import BlockProjection, Distribution, Uncovered, parse_enum
 from indexer.features.featurize import model_outputs, to_device
 from indexer.features.hooks import HookFeaturizer, gradient_shape, layer_bias, layer_kind, model_device
 from indexer.features.projection import KroneckerProjection, LayerBlock, RestBlock
 from indexer.features.tasks import OutputFunction
 
-__all__ = ["DENSE_LAYER_PARAMS", "fired_modules", "plan_kronecker", "mismatched_blocks"]
+__all__ = ["SMALL_LAYER_PARAMS", "SMALL_LAYER_SIDE", "fired_modules", "plan_kronecker", "mismatched_blocks"]
 
 
 def fired_modules(model: nn.Module, inputs: Any) -> set[str]:
@@ -64,14 +64,14 @@ def _factor(share: float, rows: int, cols: int) -> tuple[int, int]:
     return min(near, key=lambda rc: (max(rc) / min(rc), -rc[0] * rc[1], rc[0]))
 
 
-DENSE_LAYER_PARAMS = 65_536
-"""Default largest gradient (rows x cols, bias included) of a layer projected densely rather than two-sided
-(:class:`~indexer.features.projection.LayerBlock`): at k = 512 such a block costs at most 2^25
-multiply-adds and one `(batch, rows x cols)` float32 gradient, and it is what keeps small networks' LDS at
-the dense projection's."""
+SMALL_LAYER_PARAMS = 65_536
+"""Default largest gradient (rows x cols, bias included) of a layer projected whole (a count sketch of
+vec(G)) rather than two-sided (:class:`~indexer.features.projection.LayerBlock`): such a block forms one
+`(batch, rows x cols)` float32 gradient per batch (64 MiB at batch 256), and it is what keeps small
+networks' LDS at the dense projection's."""
 
-DENSE_LAYER_SIDE = 4096
-"""Largest side (rows or cols) of a dense block: its two sides are identities, `(side, side)` float32."""
+SMALL_LAYER_SIDE = 4096
+"""Largest side (rows or cols) of a whole block: its two sides are identities, `(side, side)` float32."""
 
 
 def plan_kronecker(
@@ -84,7 +84,8 @@ def plan_kronecker(
     uncovered: Uncovered | str = Uncovered.DENSE,
     fired: set[str] | None = None,
     exclude: frozenset[str] = frozenset(),
-    dense_params: int = DENSE_LAYER_PARAMS,
+    small_params: int = SMALL_LAYER_PARAMS,
+    small_projection: BlockProjection | str = BlockProjection.COUNT_SKETCH,
 ) -> KroneckerProjection:
     """Choose the blocks of a Kronecker projection of ``model``'s tangent features (DESIGN.md 1.7).
 
@@ -92,9 +93,9 @@ def plan_kronecker(
     bias); a total budget of ``k`` features is shared among the blocks (balanced ``k_row`` x ``k_col``,
     water-filled so that small layers give their unused share to large ones) after the rest block's share,
     ``k * P_rest / P`` (at least 1) when the rest is dense-projected. ``dims`` fixes a block's sizes. A
-    layer whose gradient has at most ``dense_params`` entries (and neither side above
-    :data:`DENSE_LAYER_SIDE`) gets a dense block of its share instead (at most rows x cols features), unless
-    ``dims`` names it.
+    layer whose gradient has at most ``small_params`` entries (and neither side above
+    :data:`SMALL_LAYER_SIDE`) is projected whole instead, ``R^T vec(G)`` with its share of features (at most
+    rows x cols), unless ``dims`` names it.
 
     Args:
         model: the network (its trainable parameters are projected).
@@ -109,20 +110,27 @@ def plan_kronecker(
             gets no block. None: every supported module is trusted to run.
         exclude: weight names that get no block (their gradient has paths the hooks do not see, found by
             :func:`mismatched_blocks`): they go to the rest block.
-        dense_params: gradients of at most this many entries are projected densely (0: every block
+        small_params: gradients of at most this many entries are projected whole (0: every block
             two-sided).
+        small_projection: the R of those blocks: ``count_sketch`` (the default) or ``dense`` (a seeded
+            Gaussian matrix, what indexes built before count sketches have; kept for them and for tests).
 
     Returns:
         The :class:`~indexer.features.projection.KroneckerProjection`.
 
     Raises:
-        ValueError: ``k`` below 1, a negative ``dense_params``, a weight shared by layers of different
-            shapes, or a ``dims`` entry outside its layer's shape.
+        ValueError: ``k`` below 1, a negative ``small_params``, ``small_projection`` two-sided, a weight
+            shared by layers of different shapes, or a ``dims`` entry outside its layer's shape.
     """
     if k < 1:
         raise ValueError(f"k must be positive; got {k}")
-    if dense_params < 0:
-        raise ValueError(f"dense_params must be 0 or more; got {dense_params}")
+    if small_params < 0:
+        raise ValueError(f"small_params must be 0 or more; got {small_params}")
+    whole = parse_enum(BlockProjection, small_projection)
+    if whole is BlockProjection.KRONECKER:
+        raise ValueError(
+            "small_projection is count_sketch or dense (small_params=0 makes every block two-sided)"
+        )
     treatment = parse_enum(Uncovered, uncovered)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     name_of = {id(p): name for name, p in named}
@@ -156,16 +164,20 @@ def plan_kronecker(
     k_rest = 0
     if rest_named and treatment is Uncovered.DENSE:
         k_rest = min(rest_numel, max(1, round(k * rest_numel / n_params)))
-    blocks = _allocate(found, k - k_rest, dims or {}, dense_params)
+    blocks = _allocate(found, k - k_rest, dims or {}, small_params, whole)
     rest = RestBlock(tuple(n for n, _ in rest_named), tuple(int(p.numel()) for _, p in rest_named), k_rest)
     return KroneckerProjection(int(seed), parse_enum(Distribution, distribution), blocks, rest, n_params)
 
 
 def _allocate(
-    found: dict[str, tuple[LayerBlock, str]], budget: int, dims: dict[str, tuple[int, int]], dense_params: int
+    found: dict[str, tuple[LayerBlock, str]],
+    budget: int,
+    dims: dict[str, tuple[int, int]],
+    small_params: int,
+    whole: BlockProjection,
 ) -> tuple[LayerBlock, ...]:
     sizes: dict[str, tuple[int, int]] = {}
-    dense: set[str] = set()
+    small: set[str] = set()
     for name, (block, module_name) in found.items():
         for pattern, (k_row, k_col) in dims.items():
             if fnmatch.fnmatchcase(module_name, pattern):
@@ -185,15 +197,23 @@ def _allocate(
         block = found[name][0]
         share = max(budget, 0) / (len(free) - i)
         numel = block.rows * block.cols
-        if numel <= dense_params and max(block.rows, block.cols) <= DENSE_LAYER_SIDE:
+        if numel <= small_params and max(block.rows, block.cols) <= SMALL_LAYER_SIDE:
             sizes[name] = (min(numel, max(1, int(share))), 1)
-            dense.add(name)
+            small.add(name)
         else:
             sizes[name] = _factor(share, block.rows, block.cols)
         budget -= sizes[name][0] * sizes[name][1]
     order = list(found)  # model order, whatever order the sizes were chosen in
     return tuple(
-        LayerBlock(b.name, b.layer, b.params, b.rows, b.cols, *sizes[n], dense=n in dense)
+        LayerBlock(
+            b.name,
+            b.layer,
+            b.params,
+            b.rows,
+            b.cols,
+            *sizes[n],
+            whole if n in small else BlockProjection.KRONECKER,
+        )
         for n in order
         for b in (found[n][0],)
     )
@@ -218,7 +238,7 @@ def mismatched_blocks(
 
     A weight used outside its module's forward (a tied head written ``h @ embedding.weight.T``, a
     ``F.linear`` with a module's weight), an embedding with ``scale_grad_by_freq``, a layer whose forward is
-    bypassed: for each block, the features from the hooks are compared with ``R_row^T G R_col`` (a dense
+    bypassed: for each block, the features from the hooks are compared with ``R_row^T G R_col`` (a whole
     block: ``R^T vec(G)``) for G from one plain autograd backward.
 
     Args:
@@ -251,9 +271,9 @@ def mismatched_blocks(
             torch.from_numpy(m).double().to(raw.device) for m in block.matrices(plan.seed, plan.distribution)
         )
         want = (r_row.T @ _gradient_matrix(block, by_name).to(raw.device) @ r_col).reshape(-1).cpu().numpy()
-        dense = block.dense_matrix(plan.seed, plan.distribution)
-        if dense is not None:  # r_row, r_col are identities: want is vec(G)
-            want = want @ dense.astype(np.float64)
+        r_whole = block.whole_matrix(plan.seed, plan.distribution)
+        if r_whole is not None:  # r_row, r_col are identities: want is vec(G)
+            want = want @ r_whole.astype(np.float64)
         got = phi[start : start + block.k] if phi is not None else np.zeros(block.k)
         start += block.k
         dtype = by_name[block.name].dtype

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.enums import Distribution, parse_enum
+from indexer.enums import BlockProjection, Distribution, parse_enum
 
 __all__ = [
     "PROJECTION_BLOCK_ROWS",
@@ -48,6 +48,11 @@ def _entries(rng: np.random.Generator, shape: tuple[int, int], distribution: Dis
     return rng.integers(0, 2, size=shape, dtype=np.int8).astype(np.float32) * 2 - 1
 
 
+def _name_words(name: str) -> list[int]:
+    """The first 16 bytes of the sha256 of ``name`` as four uint32 words: a generator's seed material."""
+    return [int(w) for w in np.frombuffer(hashlib.sha256(name.encode()).digest()[:16], dtype=np.uint32)]
+
+
 def seeded_matrix(
     seed: int, name: str, rows: int, cols: int, distribution: Distribution | str = Distribution.GAUSSIAN
 ) -> np.ndarray:
@@ -68,8 +73,7 @@ def seeded_matrix(
     """
     if rows <= 0 or cols <= 0 or seed < 0:
         raise ValueError(f"rows and cols must be positive and seed non-negative; got {rows}, {cols}, {seed}")
-    words = np.frombuffer(hashlib.sha256(name.encode()).digest()[:16], dtype=np.uint32)
-    rng = np.random.default_rng([int(seed), *map(int, words)])
+    rng = np.random.default_rng([int(seed), *_name_words(name)])
     values = _entries(rng, (rows, cols), parse_enum(Distribution, distribution))
     values *= np.float32(1.0 / math.sqrt(cols))
     return values
@@ -171,16 +175,20 @@ class LayerBlock:
     """One per-layer block (DESIGN.md 1.7): the 2-D gradient ``G`` `(rows, cols)` of one weight matrix (its
     bias, when the layer has one, is one more column on the input side) projected to
     ``R_row^T G R_col`` `(k_row, k_col)`, flattened row-major into ``k_row * k_col`` features; or, for a
-    small layer (``dense``), ``R^T vec(G)`` with one `(rows * cols, k_row)` matrix R (``k_col = 1``).
+    small layer (projected whole), ``R^T vec(G)`` with one `(rows * cols, k_row)` matrix R (``k_col = 1``):
+    a count sketch (:meth:`count_sketch`) by default, a seeded Gaussian one in indexes built before it.
 
-    Why dense blocks: a two-sided block estimates an inner product of two gradients as the product of two
+    Why whole blocks: a two-sided block estimates an inner product of two gradients as the product of two
     sketches, one of each side, of ``k_row`` and ``k_col`` dimensions, so its relative error is about
-    ``1/sqrt(k_row) + 1/sqrt(k_col)`` where one dense sketch of the same ``k`` features has ``1/sqrt(k)``
-    (Johnson-Lindenstrauss). On the quality harness's MLP 784-64-10 at k = 512 the two-sided first layer
-    (64 x 785 -> 16 x 16) cost 0.06 of LDS against the dense projection; projected densely per layer
-    (the same 256 features) it is within 0.002 (benchmarks/results/QUALITY.md). A dense block costs
-    ``rows * cols * k_row`` multiply-adds per example and forms G per example, so it is used only below a
-    parameter count (:func:`~indexer.features.plan.plan_kronecker`'s ``dense_params``).
+    ``1/sqrt(k_row) + 1/sqrt(k_col)`` where one sketch of vec(G) with the same ``k`` features has
+    ``1/sqrt(k)`` (Johnson-Lindenstrauss). On the quality harness's MLP 784-64-10 at k = 512 the two-sided
+    first layer (64 x 785 -> 16 x 16) cost 0.06 of LDS against the dense projection; projected whole per
+    layer (the same 256 features) it is within 0.01 (benchmarks/results/QUALITY.md). A count sketch of
+    ``x`` estimates ``<x, y>`` without bias and with a variance ``(|x|^2 |y|^2 + <x, y>^2 - 2 sum_i x_i^2
+    y_i^2) / k``, never above a Gaussian sketch's ``(|x|^2 |y|^2 + <x, y>^2) / k`` (Charikar et al. 2002;
+    Weinberger et al. 2009), for one add per entry instead of k multiply-adds and no matrix to hold. A
+    whole block forms G per example, so it is used only below a parameter count
+    (:func:`~indexer.features.plan.plan_kronecker`'s ``small_params``).
 
     Attributes:
         name: the weight's parameter name (``model.named_parameters()``), the seeding key.
@@ -189,8 +197,8 @@ class LayerBlock:
         params: the parameters the block covers (the weight, and the bias if any).
         rows, cols: the shape of G: for ``linear`` and ``conv*`` (d_out, d_in [+ 1]); ``embedding``
             (num_embeddings, dim); ``gpt2_conv1d`` (d_in [+ 1], d_out).
-        k_row, k_col: the projected sizes (a dense block: its ``k`` features and 1).
-        dense: whether the block is one dense projection of vec(G) rather than two-sided.
+        k_row, k_col: the projected sizes (a whole block: its ``k`` features and 1).
+        projection: two-sided (``kronecker``) or whole (``count_sketch``, ``dense``).
     """
 
     name: str
@@ -200,29 +208,59 @@ class LayerBlock:
     cols: int
     k_row: int
     k_col: int
-    dense: bool = False
+    projection: BlockProjection = BlockProjection.KRONECKER
 
     @property
     def k(self) -> int:
         """Features of this block, ``k_row * k_col``."""
         return self.k_row * self.k_col
 
+    @property
+    def whole(self) -> bool:
+        """Whether the block projects vec(G) as one vector (its two sides are identities)."""
+        return self.projection is not BlockProjection.KRONECKER
+
     def matrices(self, seed: int, distribution: Distribution) -> tuple[np.ndarray, np.ndarray]:
         """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name); for a
-        dense block the identities `(rows, rows)` and `(cols, cols)`, so that the two sides give G itself."""
-        if self.dense:
+        whole block the identities `(rows, rows)` and `(cols, cols)`, so that the two sides give G itself."""
+        if self.whole:
             return np.eye(self.rows, dtype=np.float32), np.eye(self.cols, dtype=np.float32)
         return (
             seeded_matrix(seed, f"{self.name}/row", self.rows, self.k_row, distribution),
             seeded_matrix(seed, f"{self.name}/col", self.cols, self.k_col, distribution),
         )
 
-    def dense_matrix(self, seed: int, distribution: Distribution) -> np.ndarray | None:
-        """A dense block's R, `(rows * cols, k)` float32 with N(0, 1/k) (or +-1/sqrt(k)) entries seeded by
-        (seed, name), applied to vec(G) flattened row-major; None for a two-sided block."""
-        if not self.dense:
-            return None
-        return seeded_matrix(seed, f"{self.name}/dense", self.rows * self.cols, self.k, distribution)
+    def count_sketch(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """A count-sketch block's R as ``(columns, signs)``: `(rows * cols,)` int64 in ``[0, k)`` and
+        `(rows * cols,)` float32 +-1, entry i of vec(G) (row-major) added with its sign to feature
+        ``columns[i]``; drawn from a generator seeded by ``seed`` and the sha256 of ``"<name>/count_sketch"``
+        (columns first, then signs), the same on every machine.
+
+        Raises:
+            ValueError: the block is not a count sketch, or a negative seed.
+        """
+        if self.projection is not BlockProjection.COUNT_SKETCH:
+            raise ValueError(f"block {self.name!r} is {self.projection.value}, not count_sketch")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative; got {seed}")
+        rng = np.random.default_rng([int(seed), *_name_words(f"{self.name}/count_sketch")])
+        n = self.rows * self.cols
+        columns = rng.integers(0, self.k, size=n, dtype=np.int64)
+        signs = rng.integers(0, 2, size=n, dtype=np.int8).astype(np.float32) * 2 - 1
+        return columns, signs
+
+    def whole_matrix(self, seed: int, distribution: Distribution) -> np.ndarray | None:
+        """A whole block's R, `(rows * cols, k)` float32, applied to vec(G) flattened row-major: the count
+        sketch's as a matrix (for tests and checks: the hooks apply it as a scatter-add), or the Gaussian
+        (or Rademacher) N(0, 1/k) entries seeded by (seed, ``"<name>/dense"``); None for a two-sided block."""
+        if self.projection is BlockProjection.COUNT_SKETCH:
+            columns, signs = self.count_sketch(seed)
+            r = np.zeros((self.rows * self.cols, self.k), dtype=np.float32)
+            r[np.arange(len(columns)), columns] = signs
+            return r
+        if self.projection is BlockProjection.DENSE:
+            return seeded_matrix(seed, f"{self.name}/dense", self.rows * self.cols, self.k, distribution)
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of this block."""
@@ -234,12 +272,12 @@ class LayerBlock:
             "cols": self.cols,
             "k_row": self.k_row,
             "k_col": self.k_col,
-            "projection": "dense" if self.dense else "kronecker",
+            "projection": self.projection.value,
         }
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> LayerBlock:
-        """Inverse of :meth:`to_json`.
+        """Inverse of :meth:`to_json`; a record from before whole blocks (no ``projection``) is two-sided.
 
         Raises:
             KeyError, TypeError, ValueError: a record without these fields, or another projection.
@@ -252,15 +290,8 @@ class LayerBlock:
             cols=int(record["cols"]),
             k_row=int(record["k_row"]),
             k_col=int(record["k_col"]),
-            dense=_block_projection(record.get("projection", "kronecker")),
+            projection=parse_enum(BlockProjection, record.get("projection", "kronecker")),
         )
-
-
-def _block_projection(value: Any) -> bool:
-    """Whether a block record's ``projection`` says dense (records from before dense blocks have none)."""
-    if value not in ("dense", "kronecker"):
-        raise ValueError(f"a block's projection is 'dense' or 'kronecker'; got {value!r}")
-    return bool(value == "dense")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ The helpers live in fixtures rather than in an importable module: ``tests/indexe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from indexer.data import Dataset
+from indexer.enums import BlockProjection
 from indexer.features.models import ModelSpec, build_model
 from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock, seeded_matrix
 from indexer.gp.surrogate import Surrogate, fit_surrogate
@@ -150,16 +152,28 @@ def _explicit_kronecker(
     plan: KroneckerProjection, grads: Sequence[dict[str, torch.Tensor]], with_rest: bool = True
 ) -> np.ndarray:
     """`(n, k)` (or `(n, k_blocks)` without the rest block): per block ``(R_row (x) R_col)^T vec(G)`` with the
-    Kronecker product formed explicitly (a dense block: ``R^T vec(G)``, R seeded from its name), then the
-    rest block's parameters dense-projected, for one gradient dict per example."""
+    Kronecker product formed explicitly (a whole block: ``R^T vec(G)``, R drawn here from its name by the
+    documented recipe: a count sketch or a Gaussian matrix), then the rest block's parameters
+    dense-projected, for one gradient dict per example."""
     rows = []
     for g in grads:
         parts = []
         for block in plan.blocks:
             vec_g = _gradient_matrix(block, g).reshape(-1)
-            if block.dense:  # one seeded (rows * cols, k) matrix, drawn here from its name
+            if block.projection is BlockProjection.DENSE:  # one seeded (rows * cols, k) Gaussian matrix
                 r = seeded_matrix(plan.seed, f"{block.name}/dense", block.rows * block.cols, block.k)
                 parts.append(r.astype(np.float64).T @ vec_g)
+                continue
+            if block.projection is BlockProjection.COUNT_SKETCH:  # entry i, with its sign, to one column
+                words = np.frombuffer(
+                    hashlib.sha256(f"{block.name}/count_sketch".encode()).digest()[:16], np.uint32
+                )
+                rng = np.random.default_rng([plan.seed, *map(int, words)])
+                columns = rng.integers(0, block.k, size=len(vec_g), dtype=np.int64)
+                signs = rng.integers(0, 2, size=len(vec_g), dtype=np.int8).astype(np.float64) * 2 - 1
+                r = np.zeros((len(vec_g), block.k))
+                r[np.arange(len(vec_g)), columns] = signs
+                parts.append(r.T @ vec_g)
                 continue
             r_row, r_col = block.matrices(plan.seed, plan.distribution)
             kron = np.kron(r_row.astype(np.float64), r_col.astype(np.float64))  # (rows * cols, k_row * k_col)

@@ -322,24 +322,25 @@ def test_inputs_and_targets_a_build_cannot_use_are_refused_naming_them(
             build_index(one_output, RegressionOutput(1.0), Dataset(data.inputs, targets), tmp_path / "e")
 
 
-def test_small_layers_are_projected_densely_unless_turned_off(
+def test_small_layers_are_projected_whole_unless_turned_off(
     tmp_path: Path, tiny_problem: TinyProblem
 ) -> None:
-    """IndexConfig.dense_layer_params: the tiny MLP's layers get dense blocks by default, two-sided ones with
-    0; the manifest records both the setting and each block's projection, and the default is the plan's."""
-    from indexer.features.plan import DENSE_LAYER_PARAMS
+    """IndexConfig.small_layer_params: the tiny MLP's layers get count-sketch blocks by default, two-sided
+    ones with 0; the manifest records both the setting and each block's projection, and the default is the
+    plan's."""
+    from indexer.features.plan import SMALL_LAYER_PARAMS
 
-    assert IndexConfig().dense_layer_params == DENSE_LAYER_PARAMS
+    assert IndexConfig().small_layer_params == SMALL_LAYER_PARAMS
     model, data = tiny_problem
     kinds = {}
-    for small in (DENSE_LAYER_PARAMS, 0):
+    for small in (SMALL_LAYER_PARAMS, 0):
         out = tmp_path / f"d{small}"
-        config = IndexConfig(k=8, dense_layer_params=small)
+        config = IndexConfig(k=8, small_layer_params=small)
         build_index(model, ClassificationMargin(), data, out, config=config, progress=False)
         index = load_index(out)
-        assert index.manifest.to_json()["config"]["dense_layer_params"] == small
+        assert index.manifest.to_json()["config"]["small_layer_params"] == small
         coverage = index.manifest.projection.coverage or {}
         kinds[small] = [b["projection"] for b in coverage["blocks"]]
-    assert kinds == {DENSE_LAYER_PARAMS: ["dense", "dense"], 0: ["kronecker", "kronecker"]}
-    with pytest.raises(ValueError, match="dense_layer_params must be 0 or more"):
-        IndexConfig(dense_layer_params=-1)
+    assert kinds == {SMALL_LAYER_PARAMS: ["count_sketch", "count_sketch"], 0: ["kronecker", "kronecker"]}
+    with pytest.raises(ValueError, match="small_layer_params must be 0 or more"):
+        IndexConfig(small_layer_params=-1)

@@ -7,18 +7,28 @@ autograd loop (one backward per example), to 1e-5 relative in float32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from indexer.enums import Distribution, Uncovered
+from indexer.enums import BlockProjection, Distribution, Uncovered
 from indexer.features.hooks import HookFeaturizer
-from indexer.features.plan import DENSE_LAYER_PARAMS, plan_kronecker
+from indexer.features.plan import plan_kronecker
 from indexer.features.projection import DenseProjection, KroneckerProjection, LayerBlock
 from indexer.features.tasks import ClassificationMargin, OutputFunction
 
 MARGIN = ClassificationMargin()
+
+# the three kinds of block: every layer two-sided; these small layers whole by a count sketch (the default)
+# or by a Gaussian matrix (what indexes built before count sketches have)
+BLOCK_KINDS = {
+    "kronecker": {"small_params": 0},
+    "count_sketch": {},
+    "dense": {"small_projection": BlockProjection.DENSE},
+}
 
 
 class Flatten(nn.Module):
@@ -72,16 +82,16 @@ def _check_against_explicit(
     explicit_kronecker, model: nn.Module, inputs, targets: torch.Tensor, k: int = 40, **plan_kw
 ) -> None:
     model.eval()
-    # every layer two-sided, then (these layers being small) every layer not named by dims dense
-    for dense_params in (
-        [plan_kw.pop("dense_params")] if "dense_params" in plan_kw else [0, DENSE_LAYER_PARAMS]
-    ):
-        plan = plan_kronecker(model, k, seed=3, dense_params=dense_params, **plan_kw)
+    # every layer two-sided, then (these layers being small) every layer not named by dims whole
+    for kind, kind_kw in BLOCK_KINDS.items():
+        plan = plan_kronecker(model, k, seed=3, **kind_kw, **plan_kw)
         assert plan.blocks, "the model should have supported layers"
-        if dense_params == 0:
-            assert not any(b.dense for b in plan.blocks)
+        if kind == "kronecker":
+            assert not any(b.whole for b in plan.blocks)
         elif not plan_kw.get("dims"):
-            assert all(b.dense and b.k_col == 1 and b.k <= b.rows * b.cols for b in plan.blocks)
+            assert all(
+                b.projection.value == kind and b.k_col == 1 and b.k <= b.rows * b.cols for b in plan.blocks
+            )
         with HookFeaturizer(model, plan) as featurizer:
             got = featurizer.featurize(MARGIN, inputs, targets)
         grads = per_example_param_grads(model, MARGIN, inputs, targets)
@@ -109,9 +119,13 @@ def test_linear(bias: bool, check_against_explicit) -> None:
         (2, {"kernel_size": 3, "stride": 1, "padding": 1, "dilation": 1}),
         (2, {"kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 2), "dilation": (1, 2), "bias": False}),
         (2, {"kernel_size": 3, "padding": "same", "padding_mode": "circular"}),
+        (1, {"kernel_size": 4, "padding": "same"}),  # an even kernel: asymmetric zero padding
+        (2, {"kernel_size": (2, 4), "padding": "same", "dilation": (1, 2)}),
+        (2, {"kernel_size": 3, "padding": "valid", "stride": 2}),
         (3, {"kernel_size": 2, "stride": 1, "padding": 1, "dilation": 1}),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths")
 def test_convolutions(dims: int, conv: dict, check_against_explicit) -> None:
     torch.manual_seed(dims)
     layer = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](2, 3, **conv)
@@ -167,28 +181,28 @@ def test_tied_weights_are_one_block_whose_uses_add_up(check_against_explicit) ->
     check_against_explicit(model, torch.randint(0, 9, (5, 3)), torch.randint(0, 9, (5,)), k=30)
 
 
-@pytest.mark.parametrize("dense_params", [0, DENSE_LAYER_PARAMS])
-def test_features_do_not_depend_on_batch_size_or_seed_reuse(dense_params: int) -> None:
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_features_do_not_depend_on_batch_size_or_seed_reuse(kind: str) -> None:
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
-    plan = plan_kronecker(model, 24, seed=11, dense_params=dense_params)
+    plan = plan_kronecker(model, 24, seed=11, **BLOCK_KINDS[kind])
     with HookFeaturizer(model, plan) as f:
         whole = f.featurize(MARGIN, x, y).phi
         ones = np.concatenate([f.featurize(MARGIN, x[i : i + 1], y[i : i + 1]).phi for i in range(64)])
     np.testing.assert_allclose(ones, whole, rtol=1e-5, atol=1e-6)
-    again = plan_kronecker(model, 24, seed=11, dense_params=dense_params)
+    again = plan_kronecker(model, 24, seed=11, **BLOCK_KINDS[kind])
     assert again == plan
     with HookFeaturizer(model, again) as f:
         np.testing.assert_array_equal(f.featurize(MARGIN, x, y).phi, whole)
-    with HookFeaturizer(model, plan_kronecker(model, 24, seed=12, dense_params=dense_params)) as f:
+    with HookFeaturizer(model, plan_kronecker(model, 24, seed=12, **BLOCK_KINDS[kind])) as f:
         assert not np.allclose(f.featurize(MARGIN, x, y).phi, whole)
 
 
-@pytest.mark.parametrize("dense_params", [0, DENSE_LAYER_PARAMS])
-def test_inner_products_are_preserved_in_expectation(dense_params: int) -> None:
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_inner_products_are_preserved_in_expectation(kind: str) -> None:
     """E[<phi_a, phi_b>] = <g_a, g_b> over seeds (DESIGN.md 1.7): the mean over 300 seeds lies within 4
-    standard errors of the exact inner product of the whole gradients (two-sided and dense blocks)."""
+    standard errors of the exact inner product of the whole gradients (every kind of block)."""
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
     x, y = torch.randn(2, 6), torch.tensor([0, 2])
@@ -196,7 +210,7 @@ def test_inner_products_are_preserved_in_expectation(dense_params: int) -> None:
     exact = sum(float((g[0][n] * g[1][n]).sum()) for n in g[0])
     products = []
     for seed in range(300):
-        with HookFeaturizer(model, plan_kronecker(model, 8, seed=seed, dense_params=dense_params)) as f:
+        with HookFeaturizer(model, plan_kronecker(model, 8, seed=seed, **BLOCK_KINDS[kind])) as f:
             phi = f.featurize(MARGIN, x, y).phi.astype(np.float64)
         products.append(phi[0] @ phi[1])
     mean, se = np.mean(products), np.std(products) / np.sqrt(len(products))
@@ -258,6 +272,40 @@ def test_norm_scales_come_from_their_own_hooks_exactly() -> None:
     np.testing.assert_allclose(phi[:, -plan.rest.k :], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_outputs_modified_in_place_after_their_hook_give_the_gradient_before_the_change(kind: str) -> None:
+    """The hooks read d m / d output at the layer's output itself; when a later ``ReLU(inplace=True)``
+    overwrites it (a convolution's, a batch norm's, a Linear's), the batch is featurized again with a zero
+    added there instead: the features equal those of the same network with out-of-place ReLUs, on the first
+    batch and on later ones."""
+
+    def network(inplace: bool) -> nn.Module:
+        torch.manual_seed(21)
+        net = nn.Sequential(
+            nn.Conv2d(2, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.ReLU(inplace=inplace),
+            Flatten(),
+            nn.Linear(3 * 4 * 4, 5),
+            nn.ReLU(inplace=inplace),
+            nn.Linear(5, 3),
+        ).eval()
+        net[1].running_mean.uniform_(-1.0, 1.0)
+        net[1].running_var.uniform_(0.5, 2.0)
+        return net
+
+    x, y = torch.randn(6, 2, 6, 6), torch.randint(0, 3, (6,))
+    plain, overwritten = network(False), network(True)
+    plan = plan_kronecker(plain, 40, seed=5, **BLOCK_KINDS[kind])
+    assert plan.rest.params == ("1.weight", "1.bias")
+    with HookFeaturizer(plain, plan) as f:
+        want = f.featurize(MARGIN, x, y).phi
+    with HookFeaturizer(overwritten, plan) as f:
+        first, again = f.featurize(MARGIN, x, y).phi, f.featurize(MARGIN, x, y).phi
+    np.testing.assert_allclose(first, want, rtol=1e-6, atol=1e-7 * np.abs(want).max())
+    np.testing.assert_array_equal(again, first)
+
+
 def test_a_layer_whose_forward_is_bypassed_gets_no_block() -> None:
     """MultiheadAttention calls its out_proj's weight directly: a probe shows the hook never fires."""
     attention = nn.MultiheadAttention(4, 2, batch_first=True)
@@ -302,17 +350,15 @@ def test_rademacher_entries_and_explicit_dims(check_against_explicit) -> None:
 
 
 # bf16 keeps 8 bits of mantissa (0.4% per rounding; the weights themselves are rounded), fp16 keeps 11;
-# measured: bf16 3% (two-sided) and 8% (dense blocks) of the largest feature, fp16 0.04%
-@pytest.mark.parametrize("dense_params", [0, DENSE_LAYER_PARAMS])
+# measured: bf16 3% (two-sided) and 8% (whole blocks) of the largest feature, fp16 0.04%
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.1), (torch.float16, 4e-3)])
-def test_low_precision_models_accumulate_in_float32(
-    dtype: torch.dtype, tolerance: float, dense_params: int
-) -> None:
+def test_low_precision_models_accumulate_in_float32(dtype: torch.dtype, tolerance: float, kind: str) -> None:
     """A bf16 or fp16 model: the projected blocks are float32 and close to the float32 model's."""
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
-    plan = plan_kronecker(model, 64, dense_params=dense_params)
+    plan = plan_kronecker(model, 64, **BLOCK_KINDS[kind])
     with HookFeaturizer(model, plan) as f:
         want = f.featurize(MARGIN, x, y).phi
     low = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
@@ -466,33 +512,70 @@ def test_a_layer_on_an_input_shared_by_the_batch_gets_per_example_gradients(chec
     check_against_explicit(Positions(), torch.randint(0, 9, (6, 5)), torch.randint(0, 3, (6,)), k=30)
 
 
-def test_small_layers_get_dense_blocks_and_large_ones_stay_two_sided(explicit_kronecker) -> None:
-    """The plan's threshold: a gradient of at most ``dense_params`` entries (both sides at most 4096) is one
-    dense block of its share (at most rows x cols features), a larger one two-sided; ``dims`` forces
-    two-sided; the manifest's record says which, and a record from before dense blocks reads as two-sided."""
+def test_small_layers_are_projected_whole_and_large_ones_stay_two_sided(explicit_kronecker) -> None:
+    """The plan's threshold: a gradient of at most ``small_params`` entries (both sides at most 4096) is one
+    whole block of its share (at most rows x cols features; a count sketch, or a Gaussian R on request), a
+    larger one two-sided; ``dims`` forces two-sided; the manifest's record says which, and a record from
+    before whole blocks reads as two-sided."""
     model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10), nn.ReLU(), nn.Linear(10, 2))
-    plan = plan_kronecker(model, 512, dense_params=10_000)
+    plan = plan_kronecker(model, 512, small_params=10_000)
     big, mid, small = plan.blocks  # 200 x 301 = 60,200; 10 x 201 = 2,010; 2 x 11 = 22 entries
-    assert not big.dense and big.k_row * big.k_col == big.k and big.k_row < 200
-    assert mid.dense and (mid.k_row, mid.k_col) == (mid.k, 1) and mid.k <= 2010
-    assert small.dense and small.k == 22  # its whole gradient: no more features than entries
+    assert not big.whole and big.k_row * big.k_col == big.k and big.k_row < 200
+    assert mid.whole and (mid.k_row, mid.k_col) == (mid.k, 1) and mid.k <= 2010
+    assert small.whole and small.k == 22  # its whole gradient: no more features than entries
     assert plan.k <= 512 and plan.k >= 500
-    assert [b["projection"] for b in plan.coverage_json()["blocks"]] == ["kronecker", "dense", "dense"]
+    records = [b["projection"] for b in plan.coverage_json()["blocks"]]
+    assert records == ["kronecker", "count_sketch", "count_sketch"]
     assert LayerBlock.from_json(mid.to_json()) == mid
     legacy = {key: value for key, value in big.to_json().items() if key != "projection"}
     assert LayerBlock.from_json(legacy) == big
-    with pytest.raises(ValueError, match="'dense' or 'kronecker'"):
+    with pytest.raises(ValueError, match="'kronecker', 'count_sketch', 'dense'"):
         LayerBlock.from_json({**legacy, "projection": "sparse"})
-    forced = plan_kronecker(model, 512, dense_params=10_000, dims={"2": (5, 20)})
-    assert not forced.blocks[1].dense and (forced.blocks[1].k_row, forced.blocks[1].k_col) == (5, 20)
-    assert not any(b.dense for b in plan_kronecker(model, 512, dense_params=0).blocks)
+    gaussian = plan_kronecker(model, 512, small_params=10_000, small_projection="dense")
+    assert [b.projection for b in gaussian.blocks] == [
+        BlockProjection.KRONECKER,
+        *[BlockProjection.DENSE] * 2,
+    ]
+    assert LayerBlock.from_json(gaussian.blocks[1].to_json()) == gaussian.blocks[1]
+    forced = plan_kronecker(model, 512, small_params=10_000, dims={"2": (5, 20)})
+    assert not forced.blocks[1].whole and (forced.blocks[1].k_row, forced.blocks[1].k_col) == (5, 20)
+    assert not any(b.whole for b in plan_kronecker(model, 512, small_params=0).blocks)
     wide = nn.Sequential(nn.Linear(5000, 1))  # 5,001 entries, but a side above 4096
-    assert not plan_kronecker(wide, 64, dense_params=10_000).blocks[0].dense
-    with pytest.raises(ValueError, match="dense_params must be 0 or more"):
-        plan_kronecker(model, 64, dense_params=-1)
-    # the hooks give R^T vec(G) for the dense blocks and the two-sided product for the big one
+    assert not plan_kronecker(wide, 64, small_params=10_000).blocks[0].whole
+    with pytest.raises(ValueError, match="small_params must be 0 or more"):
+        plan_kronecker(model, 64, small_params=-1)
+    with pytest.raises(ValueError, match="small_projection is count_sketch or dense"):
+        plan_kronecker(model, 64, small_projection="kronecker")
+    # the hooks give R^T vec(G) for the whole blocks and the two-sided product for the big one
     x, y = torch.randn(6, 300), torch.randint(0, 2, (6,))
-    with HookFeaturizer(model.eval(), plan) as f:
-        got = f.featurize(MARGIN, x, y).phi
-    want = explicit_kronecker(plan, per_example_param_grads(model, MARGIN, x, y))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(got).max())
+    for p in (plan, gaussian):
+        with HookFeaturizer(model.eval(), p) as f:
+            got = f.featurize(MARGIN, x, y).phi
+        want = explicit_kronecker(p, per_example_param_grads(model, MARGIN, x, y))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(got).max())
+
+
+def test_a_count_sketch_is_one_signed_entry_per_gradient_entry() -> None:
+    """The count sketch's R: each row (gradient entry) holds exactly one +-1, in a column within [0, k), the
+    same for the same (seed, name) and independent across names and seeds; its columns are used evenly (a
+    chi-square check: 2,010 entries over 100 columns)."""
+    block = LayerBlock(
+        "2.weight", "linear", ("2.weight", "2.bias"), 10, 201, 100, 1, BlockProjection.COUNT_SKETCH
+    )
+    columns, signs = block.count_sketch(4)
+    r = block.whole_matrix(4, Distribution.GAUSSIAN)
+    assert r is not None and r.shape == (2010, 100) and r.dtype == np.float32
+    np.testing.assert_array_equal(np.abs(r).sum(1), np.ones(2010))
+    np.testing.assert_array_equal(r[np.arange(2010), columns], signs)
+    assert set(np.unique(signs)) == {-1.0, 1.0} and columns.min() >= 0 and columns.max() < 100
+    again = block.count_sketch(4)
+    np.testing.assert_array_equal(again[0], columns)
+    np.testing.assert_array_equal(again[1], signs)
+    other = dataclasses.replace(block, name="0.weight")
+    assert (other.count_sketch(4)[0] != columns).mean() > 0.9
+    assert (block.count_sketch(5)[0] != columns).mean() > 0.9
+    counts = np.bincount(columns, minlength=100)
+    chi2 = ((counts - 20.1) ** 2 / 20.1).sum()  # 99 degrees of freedom: 99 +- 14
+    assert 40 < chi2 < 170, chi2
+    with pytest.raises(ValueError, match="not count_sketch"):
+        LayerBlock("w", "linear", ("w",), 2, 2, 2, 2).count_sketch(0)

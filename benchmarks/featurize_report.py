@@ -371,7 +371,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"## {report['models'][cnn_key]['label']} ({report['models'][cnn_key]['n_params']:,} parameters)",
         "",
         "BatchNorm's scales and shifts are not a supported layer: the Kronecker plan dense-projects them "
-        "from their own per-example gradients (its rest block: a vmap over the whole network for them).",
+        "from their own per-example gradients (its rest block), which hooks on the BatchNorm layers give "
+        "from the same forward and backward pass (no vmap).",
         "",
         *_main_table(report, cnn_key),
         "",

@@ -11,9 +11,10 @@ its input with a 1 for the bias). Its block of the features is
 so a forward hook keeps the projected input side and the backward pass gives the projected output side; G
 is never formed and no `(batch, P)` tensor exists. A small layer's whole block (identity sides) forms its
 own G per example, `(batch, rows x cols)` with rows x cols bounded by the plan, and projects it with a
-count sketch (one scatter-add). The output-side gradients come from
-``torch.autograd.grad`` with respect to a zero tensor added to each layer's output, so no parameter
-gradient is computed and in-place operations after the layer (``ReLU(inplace=True)``) do no harm.
+count sketch (one scatter-add). The output-side gradients come from ``torch.autograd.grad`` with respect
+to each layer's output (no parameter gradient is computed); an output that a later in-place operation
+overwrites (``ReLU(inplace=True)``) is detected by its version counter, and that layer's gradient is then
+read at a zero tensor added to its output instead (the batch featurized again).
 
 Supported layers: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any stride, padding, dilation and padding mode;
 groups = 1), ``nn.Embedding`` (the padding index contributes nothing) and transformers' ``Conv1D``
@@ -83,9 +84,9 @@ def gradient_shape(kind: str, module: Any, has_bias: bool) -> tuple[int, int]:
 
 
 class _WholeR:
-    """A whole block's R on the featurizing device (DESIGN.md 1.7; :class:`~indexer.features.projection.
-    LayerBlock`): a count sketch's columns and signs (the default), or a dense R held transposed,
-    R^T `(k, rows x cols)`, so that a single query is one matrix-vector product reading its rows in order."""
+    """A whole block's R on the featurizing device (:class:`~indexer.features.projection.LayerBlock`): a
+    count sketch's columns and signs (the default), or a dense R held transposed, R^T `(k, rows x cols)`, so
+    that a single query is one matrix-vector product reading its rows in order."""
 
     def __init__(
         self, block: LayerBlock, seed: int, distribution: Distribution, device: torch.device
@@ -98,8 +99,6 @@ class _WholeR:
             self.signs = torch.from_numpy(signs).to(device)
         else:
             r = block.whole_matrix(seed, distribution)
-            if r is None:
-                raise ValueError(f"block {block.name!r} is two-sided, not whole")
             self.r_t = torch.from_numpy(np.ascontiguousarray(r.T)).to(device)
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
@@ -120,15 +119,18 @@ class _InPlace(Exception):
 
 def _gradient_point(
     owner: _Binding | _NormTap, output: torch.Tensor, shared: bool = False
-) -> tuple[torch.Tensor, int | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, int | None, torch.Tensor | None]:
     """Where the backward reads ``d m / d output`` for one hooked call: ``(point, version, returned)``.
 
     The output itself (``returned`` None: the forward goes on unchanged), with its version counter, which
     :meth:`HookFeaturizer._featurize` checks after the forward: an in-place operation on it later (a
     ``ReLU(inplace=True)``) would make its gradient the one after that operation. An owner found so (its
     ``direct`` set to False) or a ``shared`` output (expanded to the batch) gets a zero tensor added to its
-    output instead (``version`` None), which costs one fill and one add of the output's size.
+    output instead (``version`` None), which costs one fill and one add of the output's size. A call whose
+    output has no gradient (under ``torch.no_grad``) gives no point (None): it contributes nothing.
     """
+    if not (torch.is_grad_enabled() and output.requires_grad):  # e.g. a call under no_grad: no gradient
+        return None, None, None
     if owner.direct and not shared:
         return output, output._version, None
     eps = torch.zeros_like(output, requires_grad=True)
@@ -165,7 +167,9 @@ class _Binding:
                 f"dimension is not the batch ({f.batch_size}): per-example features need batch-first layers"
             )
         if self.kind == "embedding":
-            side = r_row[x.reshape(f.batch_size, -1)]  # (B, T, k_row): a row lookup
+            ids = x.reshape(f.batch_size, -1)
+            # (B, T, k_row): a row lookup; a whole block's identity rows are the one-hot ids
+            side = F.one_hot(ids, int(module.num_embeddings)).float() if self.whole else r_row[ids]
             pad = module.padding_idx
             if pad is not None:
                 side = side * (x.reshape(f.batch_size, -1, 1) != pad)
@@ -174,8 +178,8 @@ class _Binding:
         else:
             r_in = r_row if self.kind == "gpt2_conv1d" else r_col
             flat = x.reshape(f.batch_size, -1, x.shape[-1]).float()
-            if self.whole:  # identity sides: the input itself, with a 1 for the bias (no identity product)
-                side = flat  # the bias's 1 is added in gradient(): no copy of the input with a 1 column
+            if self.whole:  # identity sides: the input itself (the bias: gradient()), no identity product
+                side = flat
             else:
                 side = flat @ r_in[: x.shape[-1]]
                 if self.has_bias:
@@ -186,8 +190,9 @@ class _Binding:
 
     def _conv_side(self, module: Any, x: torch.Tensor, r_col: torch.Tensor) -> torch.Tensor:
         """`(B, L, k_col)`: each output location's patch projected by R_col, as one convolution with R_col's
-        columns as kernels (the patch is never unfolded); a whole block's (R_col the identity) the patches
-        themselves, unfolded (1-D and 2-D; a 3-D one by the identity convolution), with a 1 for the bias."""
+        columns as kernels (the patch is never unfolded); for a whole block `(B, L, patch)`, the patches
+        themselves, unfolded (1-D and 2-D; a 3-D one by a convolution with identity kernels), without the
+        bias's 1 (:meth:`gradient` adds the bias's row or column)."""
         weight = module.weight
         padding = module.padding
         if module.padding_mode != "zeros" or isinstance(padding, str):  # "same"/"valid": padded here
@@ -228,8 +233,8 @@ class _Binding:
 
     def gradient(self, side: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`(B, k_row, k_col)`: the block's part of one call, ``sum_t`` of the outer products of the two
-        projected sides `(B, T, .)`; a whole block's (identity sides: G itself) gets its bias row or column,
-        ``sum_t`` of the output side, here rather than a 1 appended to every input position."""
+        projected sides `(B, T, .)`; for a whole block `(B, rows, cols)`, G itself (identity sides), its bias
+        row or column ``sum_t`` of the output side, here rather than a 1 appended to every input position."""
         if self.input_on_rows:
             part = torch.einsum("btr,btc->brc", side, out)
             return torch.cat([part, out.sum(1)[:, None]], 1) if self.whole and self.has_bias else part
@@ -263,11 +268,10 @@ class _NormTap:
             dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
             mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
             xhat = (x - mean) / torch.sqrt(var + module.eps)
-        else:  # running statistics: xhat = x / sigma - mean / sigma in one pass over x
+        else:  # running statistics (x - mean first: x / sigma - mean / sigma cancels when |mean| >> sigma)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             mean, var = module.running_mean.float().reshape(shape), module.running_var.float().reshape(shape)
-            inv_std = torch.rsqrt(var + module.eps)
-            xhat = torch.addcmul(-mean * inv_std, x, inv_std)
+            xhat = (x - mean).mul_(torch.rsqrt(var + module.eps))
         point, version, returned = _gradient_point(self, output)
         state.norm_calls.append((self, xhat.detach(), point, version))
         return returned
@@ -315,8 +319,12 @@ class HookFeaturizer:
         self.state = threading.local()
         params = dict(model.named_parameters())
         index = {block.name: i for i, block in enumerate(plan.blocks)}
+        # a whole block's identity sides are read only by a 3-D convolution (its identity kernels); the other
+        # kinds skip them (empty placeholders), so no (rows, rows) or (cols, cols) identity is held for them
         self.matrices = [
             tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
+            if not block.whole or block.layer == "conv3d"
+            else (torch.empty(0, 0, device=self.device), torch.empty(0, 0, device=self.device))
             for block in plan.blocks
         ]
         # a whole block's sides are identities, so its part of a batch is G itself, then projected by R
@@ -442,13 +450,24 @@ class HookFeaturizer:
             flat = raw.reshape(b, -1)
             m = torch.func.vmap(output_fn.output)(flat, targets)
             captured = state.calls + state.norm_calls
-            moved = [owner for owner, _, point, v in captured if v is not None and point._version != v]
+            moved = [
+                o
+                for o, _, point, v in captured
+                if point is not None and v is not None and point._version != v
+            ]
             if moved:  # modified in place after the hook: read their gradient at an added zero instead
                 for owner in moved:
                     owner.direct = False
                 raise _InPlace
-            points = [point for _, _, point, _ in captured]
-            all_grads = torch.autograd.grad(m.sum(), points, allow_unused=True) if points else ()
+            live = [i for i, (_, _, point, _) in enumerate(captured) if point is not None]
+            found = (
+                torch.autograd.grad(m.sum(), [captured[i][2] for i in live], allow_unused=True)
+                if live
+                else ()
+            )
+            all_grads: list[torch.Tensor | None] = [None] * len(captured)
+            for i, got in zip(live, found, strict=True):
+                all_grads[i] = got
             grads, norm_deltas = all_grads[: len(state.calls)], all_grads[len(state.calls) :]
             for (tap, xhat, _, _), delta in zip(state.norm_calls, norm_deltas, strict=True):
                 if delta is not None:

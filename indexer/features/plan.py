@@ -267,13 +267,15 @@ def mismatched_blocks(
         phi = None
     bad, start = set(), 0
     for block in plan.blocks:
-        r_row, r_col = (
-            torch.from_numpy(m).double().to(raw.device) for m in block.matrices(plan.seed, plan.distribution)
-        )
-        want = (r_row.T @ _gradient_matrix(block, by_name).to(raw.device) @ r_col).reshape(-1).cpu().numpy()
-        r_whole = block.whole_matrix(plan.seed, plan.distribution)
-        if r_whole is not None:  # r_row, r_col are identities: want is vec(G)
-            want = want @ r_whole.astype(np.float64)
+        g = _gradient_matrix(block, by_name).to(raw.device)
+        if block.whole:  # R^T vec(G), its sides identities (never formed here)
+            want = block.project_whole(g.reshape(-1).cpu().numpy(), plan.seed, plan.distribution)
+        else:
+            r_row, r_col = (
+                torch.from_numpy(m).double().to(raw.device)
+                for m in block.matrices(plan.seed, plan.distribution)
+            )
+            want = (r_row.T @ g @ r_col).reshape(-1).cpu().numpy()
         got = phi[start : start + block.k] if phi is not None else np.zeros(block.k)
         start += block.k
         dtype = by_name[block.name].dtype

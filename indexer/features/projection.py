@@ -210,6 +210,14 @@ class LayerBlock:
     k_col: int
     projection: BlockProjection = BlockProjection.KRONECKER
 
+    def __post_init__(self) -> None:
+        """Accept the projection as its string value too (``"count_sketch"``).
+
+        Raises:
+            ValueError: an unknown projection (the message lists the allowed ones).
+        """
+        object.__setattr__(self, "projection", parse_enum(BlockProjection, self.projection))
+
     @property
     def k(self) -> int:
         """Features of this block, ``k_row * k_col``."""
@@ -249,10 +257,14 @@ class LayerBlock:
         signs = rng.integers(0, 2, size=n, dtype=np.int8).astype(np.float32) * 2 - 1
         return columns, signs
 
-    def whole_matrix(self, seed: int, distribution: Distribution) -> np.ndarray | None:
+    def whole_matrix(self, seed: int, distribution: Distribution) -> np.ndarray:
         """A whole block's R, `(rows * cols, k)` float32, applied to vec(G) flattened row-major: the count
-        sketch's as a matrix (for tests and checks: the hooks apply it as a scatter-add), or the Gaussian
-        (or Rademacher) N(0, 1/k) entries seeded by (seed, ``"<name>/dense"``); None for a two-sided block."""
+        sketch's as a matrix (for tests: the hooks apply it as a scatter-add), or the Gaussian (or
+        Rademacher) N(0, 1/k) entries seeded by (seed, ``"<name>/dense"``).
+
+        Raises:
+            ValueError: a two-sided block (it has two matrices: :meth:`matrices`).
+        """
         if self.projection is BlockProjection.COUNT_SKETCH:
             columns, signs = self.count_sketch(seed)
             r = np.zeros((self.rows * self.cols, self.k), dtype=np.float32)
@@ -260,7 +272,20 @@ class LayerBlock:
             return r
         if self.projection is BlockProjection.DENSE:
             return seeded_matrix(seed, f"{self.name}/dense", self.rows * self.cols, self.k, distribution)
-        return None
+        raise ValueError(f"block {self.name!r} is two-sided: it has no whole matrix")
+
+    def project_whole(self, vec_g: np.ndarray, seed: int, distribution: Distribution) -> np.ndarray:
+        """``R^T vec(G)`` `(k,)` float64 of a whole block for one example's `(rows * cols,)` gradient, without
+        forming a count sketch's R (one weighted bincount).
+
+        Raises:
+            ValueError: a two-sided block.
+        """
+        g = np.asarray(vec_g, dtype=np.float64).reshape(-1)
+        if self.projection is BlockProjection.COUNT_SKETCH:
+            columns, signs = self.count_sketch(seed)
+            return np.bincount(columns, weights=signs * g, minlength=self.k)
+        return g @ self.whole_matrix(seed, distribution).astype(np.float64)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of this block."""

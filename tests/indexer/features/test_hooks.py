@@ -306,6 +306,51 @@ def test_outputs_modified_in_place_after_their_hook_give_the_gradient_before_the
     np.testing.assert_array_equal(again, first)
 
 
+class NoGradBaseline(nn.Module):
+    """A Linear and a LayerNorm each also called under ``torch.no_grad`` inside the forward (a baseline
+    subtracted): those calls carry no gradient and must contribute nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.c = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            base = self.norm(self.a(x))
+        return self.c(torch.tanh(self.norm(self.a(x))) - base)
+
+
+@pytest.mark.parametrize("kind", BLOCK_KINDS)
+def test_calls_under_no_grad_inside_the_forward_contribute_nothing(kind: str, explicit_kronecker) -> None:
+    torch.manual_seed(22)
+    model = NoGradBaseline().eval()
+    x, y = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    plan = plan_kronecker(model, 40, seed=6, **BLOCK_KINDS[kind])
+    with HookFeaturizer(model, plan) as f:
+        got = f.featurize(MARGIN, x, y).phi
+    want = explicit_kronecker(plan, per_example_param_grads(model, MARGIN, x, y))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_batch_norm_far_from_zero_mean_keeps_its_precision() -> None:
+    """A BatchNorm on a raw feature such as a year (running mean 2000, standard deviation 2): its scale's
+    per-example gradient is ``sum_t delta_t (x_t - mean) / sigma``, computed with the difference first (as
+    ``x / sigma - mean / sigma`` it loses three digits to cancellation)."""
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    model[0].running_mean.fill_(2000.0)
+    model[0].running_var.fill_(4.0)
+    x, y = 2000.0 + 2.0 * torch.randn(6, 4), torch.randint(0, 3, (6,))
+    plan = plan_kronecker(model, 20, seed=7)
+    assert plan.rest.params == ("0.weight", "0.bias")
+    with HookFeaturizer(model, plan) as f:
+        phi = f.featurize(MARGIN, x, y).phi
+    grads = per_example_param_grads(model, MARGIN, x, y)
+    rest = np.stack([np.concatenate([g[n].reshape(-1).numpy() for n in plan.rest.params]) for g in grads])
+    want = DenseProjection(plan.rest.n_params, plan.rest.k, plan.seed, plan.distribution).project(rest)
+    np.testing.assert_allclose(phi[:, -plan.rest.k :], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
 def test_a_layer_whose_forward_is_bypassed_gets_no_block() -> None:
     """MultiheadAttention calls its out_proj's weight directly: a probe shows the hook never fires."""
     attention = nn.MultiheadAttention(4, 2, batch_first=True)
@@ -579,3 +624,27 @@ def test_a_count_sketch_is_one_signed_entry_per_gradient_entry() -> None:
     assert 40 < chi2 < 170, chi2
     with pytest.raises(ValueError, match="not count_sketch"):
         LayerBlock("w", "linear", ("w",), 2, 2, 2, 2).count_sketch(0)
+    with pytest.raises(ValueError, match="two-sided"):
+        LayerBlock("w", "linear", ("w",), 2, 2, 2, 2).whole_matrix(0, Distribution.GAUSSIAN)
+    # the projection may be given by its value; an unknown one is refused with the allowed values
+    named = LayerBlock("w", "linear", ("w",), 2, 2, 4, 1, "count_sketch")  # type: ignore[arg-type]
+    assert named.projection is BlockProjection.COUNT_SKETCH and named.whole
+    with pytest.raises(ValueError, match="'kronecker', 'count_sketch', 'dense'"):
+        LayerBlock("w", "linear", ("w",), 2, 2, 4, 1, "sparse")
+    # R^T vec(G) without forming R equals the product with the matrix
+    g = np.random.default_rng(0).standard_normal(2010)
+    np.testing.assert_allclose(block.project_whole(g, 4, Distribution.GAUSSIAN), g @ r.astype(np.float64))
+
+
+def test_whole_blocks_hold_no_identity_matrices() -> None:
+    """A whole Linear block's sides are never multiplied, so the featurizer holds no `(rows, rows)` or
+    `(cols, cols)` identity for it (a Linear(4095, 16) would hold 64 MiB); a two-sided block holds its two
+    seeded matrices."""
+    model = nn.Sequential(nn.Linear(4095, 16), nn.Tanh(), nn.Linear(16, 5000)).eval()  # 5,000 rows: two-sided
+    plan = plan_kronecker(model, 64, small_params=65_536)
+    assert [b.whole for b in plan.blocks] == [True, False]
+    with HookFeaturizer(model, plan) as f:
+        assert [m.numel() for m in f.matrices[0]] == [0, 0]
+        assert [tuple(m.shape) for m in f.matrices[1]] == [
+            (5000, plan.blocks[1].k_row), (17, plan.blocks[1].k_col)
+        ]  # fmt: skip

@@ -76,6 +76,7 @@ from indexer.store.search import (
     measure_recall,
     recall_queries,
     search_params,
+    vector_scale,
 )
 from indexer.store.sections import EXACT_FACTORY, FaissInfo, ProjectionInfo
 from indexer.store.shards import SHARD_FORMAT_VERSION, ShardStore, build_lock, remove_stale_siblings, work_key
@@ -401,7 +402,8 @@ def approximate_retrieval(
     """
     if config.faiss_factory == EXACT_FACTORY:
         return None, FaissInfo(factory=EXACT_FACTORY)
-    index = make_approximate_index(surrogate, config.faiss_factory, seed=config.seed)
+    scale = vector_scale(surrogate, seed=config.seed)
+    index = make_approximate_index(surrogate, config.faiss_factory, seed=config.seed, scale=scale)
     knobs = SearchKnobs(nprobe=config.nprobe, ef_search=config.ef_search)
     search_params(index, knobs)  # refuse a knob this index does not take
     queries = recall_queries(surrogate, query_phi, config.recall_queries, seed=config.seed)
@@ -416,6 +418,7 @@ def approximate_retrieval(
         recall_candidates=config.search_depth,
         nprobe=config.nprobe,
         ef_search=config.ef_search,
+        vector_scale=scale,
     )
 
 

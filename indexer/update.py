@@ -169,8 +169,9 @@ def _faiss(data: IndexData, surrogate: Surrogate, appended_from: int | None) -> 
     if start is None:
         index.reset()
         start = 0
+    scale = data.manifest.faiss.vector_scale  # the constant the build scaled the vectors by
     for lo in range(start, surrogate.n_train, _CHUNK):
-        index.add(information_gain_vectors(surrogate, slice(lo, min(lo + _CHUNK, surrogate.n_train))))
+        index.add(information_gain_vectors(surrogate, slice(lo, min(lo + _CHUNK, surrogate.n_train)), scale))
     return index
 
 

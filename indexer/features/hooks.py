@@ -148,6 +148,7 @@ class _Binding:
         self.has_bias = layer_bias(module) is not None
         self.whole = featurizer.plan.blocks[block_index].whole
         self.direct = True  # d m / d output read at the output itself (see _gradient_point)
+        self._identity: torch.Tensor | None = None  # a whole 3-D convolution's kernels (_identity_kernels)
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         f = self.featurizer.state  # this thread's batch, if it is featurizing one
@@ -176,11 +177,11 @@ class _Binding:
         elif self.kind.startswith("conv"):
             side = self._conv_side(module, x.float(), r_col)
         else:
-            r_in = r_row if self.kind == "gpt2_conv1d" else r_col
             flat = x.reshape(f.batch_size, -1, x.shape[-1]).float()
             if self.whole:  # identity sides: the input itself (the bias: gradient()), no identity product
                 side = flat
             else:
+                r_in = r_row if self.kind == "gpt2_conv1d" else r_col
                 side = flat @ r_in[: x.shape[-1]]
                 if self.has_bias:
                     side = side + r_in[-1]
@@ -210,13 +211,22 @@ class _Binding:
             )
             return patches.transpose(1, 2)  # the bias's 1: in gradient()
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
-        patch = int(np.prod(weight.shape[1:]))
-        # a whole block's identity kernels give the patch itself (its bias's 1: in gradient())
-        r_patch = r_col[:patch, :patch] if self.whole else r_col[:patch]
-        kernels = r_patch.T.reshape(r_patch.shape[1], *weight.shape[1:])
+        if self.whole:  # a 3-D patch (torch has no 3-D unfold): identity kernels give the patch itself
+            kernels = self._identity_kernels(weight)
+        else:
+            patch = int(np.prod(weight.shape[1:]))
+            kernels = r_col[:patch].T.reshape(r_col.shape[1], *weight.shape[1:])
         out = conv(x, kernels, None, module.stride, padding, module.dilation)
         side = out.reshape(out.shape[0], out.shape[1], -1).transpose(1, 2)
         return side + r_col[-1] if self.has_bias and not self.whole else side
+
+    def _identity_kernels(self, weight: torch.Tensor) -> torch.Tensor:
+        """`(patch, C_in, *kernel)` float32: one kernel per entry of the patch, made once per binding."""
+        if self._identity is None:
+            patch = int(np.prod(weight.shape[1:]))
+            eye = torch.eye(patch, device=weight.device)
+            self._identity = eye.reshape(patch, *weight.shape[1:])
+        return self._identity
 
     def out_side(self, grad: torch.Tensor) -> torch.Tensor:
         """`(B, T, k)`: the gradient at the layer's output projected by the block's output-side matrix."""
@@ -319,12 +329,14 @@ class HookFeaturizer:
         self.state = threading.local()
         params = dict(model.named_parameters())
         index = {block.name: i for i, block in enumerate(plan.blocks)}
-        # a whole block's identity sides are read only by a 3-D convolution (its identity kernels); the other
-        # kinds skip them (empty placeholders), so no (rows, rows) or (cols, cols) identity is held for them
+        # a whole block's sides are identities, never multiplied: empty placeholders stand for them
+        none = torch.empty(0, 0, device=self.device)
         self.matrices = [
-            tuple(torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution))
-            if not block.whole or block.layer == "conv3d"
-            else (torch.empty(0, 0, device=self.device), torch.empty(0, 0, device=self.device))
+            (none, none)
+            if block.whole
+            else tuple(
+                torch.from_numpy(m).to(self.device) for m in block.matrices(plan.seed, plan.distribution)
+            )
             for block in plan.blocks
         ]
         # a whole block's sides are identities, so its part of a batch is G itself, then projected by R

@@ -71,7 +71,8 @@ vec(G)) rather than two-sided (:class:`~indexer.features.projection.LayerBlock`)
 networks' LDS at the dense projection's."""
 
 SMALL_LAYER_SIDE = 4096
-"""Largest side (rows or cols) of a whole block: its two sides are identities, `(side, side)` float32."""
+"""Largest side (rows or cols) of a whole block: a whole embedding's input side is its one-hot ids,
+`(batch, T, rows)` float32, and a whole 3-D convolution's identity kernels are `(patch, patch)`."""
 
 
 def plan_kronecker(

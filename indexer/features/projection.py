@@ -229,10 +229,13 @@ class LayerBlock:
         return self.projection is not BlockProjection.KRONECKER
 
     def matrices(self, seed: int, distribution: Distribution) -> tuple[np.ndarray, np.ndarray]:
-        """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name); for a
-        whole block the identities `(rows, rows)` and `(cols, cols)`, so that the two sides give G itself."""
+        """``(R_row, R_col)``: `(rows, k_row)` and `(cols, k_col)` float32, seeded by (seed, name).
+
+        Raises:
+            ValueError: a whole block (its sides are identities, never formed: :meth:`whole_matrix`).
+        """
         if self.whole:
-            return np.eye(self.rows, dtype=np.float32), np.eye(self.cols, dtype=np.float32)
+            raise ValueError(f"block {self.name!r} is projected whole: it has no side matrices")
         return (
             seeded_matrix(seed, f"{self.name}/row", self.rows, self.k_row, distribution),
             seeded_matrix(seed, f"{self.name}/col", self.cols, self.k_col, distribution),

@@ -604,7 +604,13 @@ def vector_scale(surrogate: Surrogate, sample_rows: int = 65536, seed: int = 0) 
     IVF1024,PQ64 index trained on the raw vectors ranked its candidates as if at random (its top-50
     estimates all equal; recall@10 0.05 at 1,000 candidates), the same index on vectors scaled by 50 had
     recall 1.0 on a 200,000 subset. A scale common to all vectors changes no inner-product ranking; a power
-    of two changes no float32 mantissa.
+    of two changes no float32 mantissa. Recorded as the manifest's ``faiss.vector_scale`` (DESIGN.md 2.1).
+
+    Args:
+        surrogate: the fitted surrogate; sample_rows: vectors whose norms are looked at; seed: the sample's.
+
+    Returns:
+        A positive float (dimensionless), 2^j for an integer j.
     """
     n = surrogate.n_train
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, sample_rows), replace=False))

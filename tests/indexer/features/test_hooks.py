@@ -643,6 +643,8 @@ def test_whole_blocks_hold_no_identity_matrices() -> None:
     model = nn.Sequential(nn.Linear(4095, 16), nn.Tanh(), nn.Linear(16, 5000)).eval()  # 5,000 rows: two-sided
     plan = plan_kronecker(model, 64, small_params=65_536)
     assert [b.whole for b in plan.blocks] == [True, False]
+    with pytest.raises(ValueError, match="projected whole: it has no side matrices"):
+        plan.blocks[0].matrices(plan.seed, plan.distribution)
     with HookFeaturizer(model, plan) as f:
         assert [m.numel() for m in f.matrices[0]] == [0, 0]
         assert [tuple(m.shape) for m in f.matrices[1]] == [

@@ -12,7 +12,8 @@ again by Ray (``max_retries``); a shard an earlier attempt or build finished is 
 The driver then runs the ordinary build over the same data: it finds every shard, verifies its checksum and
 data digest, and writes the index from them with the summed data term. The blocks are the ones a
 single-process build sums (:func:`~indexer.gp.surrogate.sharded_data_term`), so with the same
-``shard_examples`` the two builds write the same files.
+``shard_examples`` the two builds write the same files (where torch runs as many threads in the driver as in a
+task: on some CPUs a float32 matrix product rounds differently with the thread count).
 
 Nothing here assumes one machine beyond the output folder's parent: on a real cluster it must be a
 filesystem every node sees (NFS, a mounted bucket); each node needs infotrace, torch and the model's code

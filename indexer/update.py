@@ -3,11 +3,21 @@ dropped rows, written as a new version of the index folder.
 
 The posterior precision is ``A = tau I + sum_i beta_i phi_i phi_i^T`` with tau kept at the recorded value, so
 adding examples adds their data term and removing examples subtracts theirs (the downdate: the surrogate as
-if they had never been there); A is re-factored (k x k, float64) and h_i, s_i of every example are
-recomputed from the stored features a chunk at a time (they all change with the posterior). The
-information-gain vectors depend on tau only, so an approximate FAISS index gets the new vectors appended
-(removal rebuilds its lists from the kept vectors with the trained quantizer) and its recall is measured
-again. The result equals a fresh build on the resulting set with the same tau.
+if they had never been there); A is re-factored (k x k, float64). The information-gain vectors depend on
+tau only, so an approximate FAISS index gets the new vectors appended (removal rebuilds its lists from the
+kept vectors with the trained quantizer) and its recall is measured again. The result equals a fresh build
+on the resulting set with the same tau.
+
+An add costs what it adds, not what the index holds (the 1M x 512 scale benchmark: docs/SCALE.md):
+- h_i and s_i of the examples already there change with the posterior, but only one way (more data: h
+  falls, s rises), so their stored values are kept as bounds and the exact values are computed on demand
+  (:mod:`indexer.gp.leverage`; recomputing all is N k^2 float64 operations, like a fit);
+- the added features are a new file (``phi.<j>.npy``, :mod:`indexer.segments`) and the unchanged files
+  (earlier feature segments, stored queries, checkpoint, tokenizer) are hard-linked into the new version
+  with their recorded checksums; after :data:`MAX_PHI_SEGMENTS` files the features are compacted into one;
+- the metadata table is copied as a file and the new rows inserted.
+A removal rewrites the features without the removed rows and recomputes every h_i and s_i (a downdate
+raises them, so the stored values bound nothing); every stored value is then exact again.
 
 The new version is written into a temporary sibling folder and renamed into place under the build lock
 (:func:`~indexer.store.writer.write_index_dir`): a crash at any point leaves the old version served and
@@ -18,7 +28,10 @@ build would number them); each keeps its metadata.
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,9 @@ from indexer.features.models import build_model, load_checkpoint
 from indexer.features.projection import DenseProjection, KroneckerProjection
 from indexer.features.stream import check_finite_inputs, check_targets, tangent_features
 from indexer.features.tasks import OutputFunction, output_function_from_spec
+from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import Surrogate, whiten
+from indexer.segments import RowSegments
 from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
@@ -43,18 +58,22 @@ from indexer.store.layout import (
     KEY_H,
     KEY_PHI_NORM,
     KEY_S,
+    METADATA_FILE,
     PHI_FILE,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
-    SPLIT_QUERY,
+    QUERY_STATS_FILE_PREFIX,
     SPLIT_TRAIN,
+    SQLITE_TABLE,
     TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
     example_file,
+    phi_segment_file,
     query_stats_file,
 )
+from indexer.store.manifest import Manifest, read_manifest
 from indexer.store.reader import IndexData, load_index
-from indexer.store.records import example_stats, keyed_files, stored_features
+from indexer.store.records import example_stats, keyed_files, model_stats, stored_features
 from indexer.store.search import (
     Searcher,
     SearchKnobs,
@@ -62,15 +81,18 @@ from indexer.store.search import (
     measure_recall,
     recall_queries,
 )
-from indexer.store.sections import EXACT_FACTORY, FaissInfo
+from indexer.store.sections import EXACT_FACTORY, FaissInfo, FileEntry
 from indexer.store.shards import build_lock, remove_stale_siblings
-from indexer.store.writer import MetadataRow, write_index_dir
+from indexer.store.writer import METADATA_SCHEMA, MetadataRow, metadata_values, write_index_dir
 
 __all__ = ["add_examples", "add_features", "remove_examples", "index_featurizer"]
 
 log = logging.getLogger("infotrace.indexer")
 
 _CHUNK = 65536
+
+MAX_PHI_SEGMENTS = 16
+"""Feature files an index may hold: the add that would make one more writes them as one instead."""
 
 
 def index_featurizer(data: IndexData) -> tuple[Featurizer, OutputFunction]:
@@ -140,23 +162,50 @@ def _refit(
     )
 
 
-def _metadata_rows(data: IndexData, keep: np.ndarray, added: Features | None) -> list[MetadataRow]:
-    """Every row of the new ``metadata.sqlite``: kept training rows renumbered, the added ones after them,
-    the stored queries as they were."""
-    rows = data.metadata.all_rows()
-    train = {row: (label, meta) for split, row, label, meta in rows if split == SPLIT_TRAIN}
-    out: list[MetadataRow] = [
-        (SPLIT_TRAIN, new, *train[int(old)])
-        for new, old in enumerate(keep)  # type: ignore[misc]
-    ]
-    if added is not None:
-        start = len(keep)
-        for i in range(len(added.phi)):
-            target = added.targets[i]
-            label: Any = np.asarray(target).tolist() if np.ndim(target) else np.asarray(target).item()
-            out.append((SPLIT_TRAIN, start + i, label, added.metadata[i] if added.metadata else {}))
-    out += [(split, row, label, meta) for split, row, label, meta in rows if split == SPLIT_QUERY]
+def _added_rows(added: Features, start: int) -> list[MetadataRow]:
+    """The metadata rows of the added examples, numbered from ``start``."""
+    out: list[MetadataRow] = []
+    for i in range(len(added.phi)):
+        target = added.targets[i]
+        label: Any = np.asarray(target).tolist() if np.ndim(target) else np.asarray(target).item()
+        out.append((SPLIT_TRAIN, start + i, label, added.metadata[i] if added.metadata else {}))
     return out
+
+
+def _metadata(data: IndexData, keep: np.ndarray, added: Features | None) -> Callable[[Path], None]:
+    """Writes the new ``metadata.sqlite``: kept training rows renumbered, the added ones after them, the
+    stored queries as they were. Rows are copied as SQLite holds them (no JSON decoded or encoded again);
+    with every training row kept, the file itself is copied and the added rows inserted."""
+    source = data.path / METADATA_FILE
+    n = data.n_train
+    insert = f"INSERT INTO {SQLITE_TABLE} VALUES (?, ?, ?, ?)"
+
+    def write(path: Path) -> None:
+        if len(keep) == n:
+            shutil.copyfile(source, path)
+            with sqlite3.connect(path) as db:
+                if added is not None:
+                    db.executemany(insert, metadata_values(_added_rows(added, n)))
+        else:
+            with sqlite3.connect(f"file:{source}?mode=ro&immutable=1", uri=True) as old:
+                rows = old.execute(f"SELECT split, row, label, metadata FROM {SQLITE_TABLE}").fetchall()
+            renumbered = np.full(n, -1, dtype=np.int64)
+            renumbered[keep] = np.arange(len(keep))
+            with sqlite3.connect(path) as db:
+                db.execute(METADATA_SCHEMA)
+                db.executemany(
+                    insert,
+                    [
+                        (split, int(renumbered[row]) if split == SPLIT_TRAIN else row, label, meta)
+                        for split, row, label, meta in rows
+                        if split != SPLIT_TRAIN or renumbered[row] >= 0
+                    ],
+                )
+                if added is not None:
+                    db.executemany(insert, metadata_values(_added_rows(added, len(keep))))
+        sqlite3.connect(path).close()  # rollback-journal mode: one self-contained file
+
+    return write
 
 
 def _faiss(data: IndexData, surrogate: Surrogate, appended_from: int | None) -> faiss.Index | None:
@@ -213,7 +262,12 @@ def _update(
             continue
         kept = np.asarray(values)[keep]
         stats[key] = kept if new_stats is None else np.concatenate([kept, new_stats[key].astype(kept.dtype)])
-    stats |= {KEY_BETA: beta, KEY_GRAD_TERM: grad_term, KEY_H: surrogate.h, KEY_S: surrogate.s}
+    stats |= {
+        KEY_BETA: beta,
+        KEY_GRAD_TERM: grad_term,
+        KEY_H: np.asarray(surrogate.h),
+        KEY_S: np.asarray(surrogate.s),
+    }
     arrays = {
         PHI_FILE: phi.astype(dtype, copy=False),
         CHOLESKY_FILE: surrogate.cholesky,
@@ -233,46 +287,186 @@ def _update(
         assert data.query_inputs is not None
         arrays[QUERY_INPUTS_FILE] = np.asarray(data.query_inputs)
     faiss_index = _faiss(data, surrogate, None if len(removed) else n)
+    linked = _linked(
+        data, [name for name in (CHECKPOINT_FILE, TOKENIZER_FILE) if name in data.manifest.files]
+    )
+    return _write_version(
+        index_dir, data, surrogate, arrays, faiss_index, stats[KEY_PHI_NORM], operation, started,
+        keep=keep, added=added, linked=linked, phi_segments=None,
+    )  # fmt: skip
+
+
+def _write_version(
+    index_dir: Path,
+    data: IndexData,
+    surrogate: Surrogate,
+    arrays: dict[str, np.ndarray],
+    faiss_index: faiss.Index | None,
+    phi_norm: np.ndarray,
+    operation: dict[str, Any],
+    started: float,
+    *,
+    keep: np.ndarray,
+    added: Features | None,
+    linked: dict[str, tuple[Path, FileEntry]],
+    phi_segments: list[int] | None,
+) -> Path:
+    """Write the new version of ``index_dir`` atomically (:func:`~indexer.store.writer.write_index_dir`)
+    in today's format, with the recall remeasured and the operation recorded in the history, then clear
+    what killed updates left beside it. An add (``phi_segments`` given) keeps the old examples' h and s as
+    bounds (``leverage_bounds``); every other update stores exact values.
+
+    Returns:
+        the index directory.
+    """
+    m = data.manifest
+    manifest = replace(
+        m,
+        format_version=FORMAT_VERSION,  # a format-1 index is rewritten in today's layout
+        surrogate=replace(
+            m.surrogate,
+            n_train=surrogate.n_train,
+            n_clamped=surrogate.n_clamped,
+            leverage_bounds=phi_segments is not None,
+        ),
+        counts=replace(
+            m.counts,
+            n_train=surrogate.n_train,
+            phi_segments=phi_segments if phi_segments is not None and len(phi_segments) > 1 else None,
+        ),
+        faiss=_remeasured(data, surrogate, faiss_index, phi_norm),
+        created_unix=time.time(),
+        extra=_history(m, operation, surrogate.n_train, started),
+        files={},
+    )
+    path = write_index_dir(
+        index_dir,
+        manifest,
+        arrays=arrays,
+        faiss_index=faiss_index,
+        metadata_rows=_metadata(data, keep, added),
+        extra_files={},
+        linked_files=linked,
+    )
+    for stale in remove_stale_siblings(index_dir):  # under the lock: what killed updates left behind
+        log.info("removed %s, left by an interrupted write of %s", stale, index_dir)
+    return path
+
+
+def _linked(data: IndexData, names: list[str]) -> dict[str, tuple[Path, FileEntry]]:
+    """``names`` of the old version as :func:`~indexer.store.writer.write_index_dir`'s linked files."""
+    return {name: (data.path / name, data.manifest.files[name]) for name in names}
+
+
+def _kept_files(manifest: Manifest) -> list[str]:
+    """Files an add links unchanged into the new version: the feature segments (unless the add compacts
+    them), the stored queries' files, the checkpoint and the tokenizer."""
+    segments = manifest.counts.phi_segments or [manifest.counts.n_train]
+    names = [phi_segment_file(j) for j in range(len(segments))] if len(segments) < MAX_PHI_SEGMENTS else []
+    names += [QUERY_PHI_FILE, CHECKPOINT_FILE, TOKENIZER_FILE, QUERY_INPUTS_FILE]
+    names += [name for name in manifest.files if name.startswith(QUERY_STATS_FILE_PREFIX)]
+    return [name for name in names if name in manifest.files]
+
+
+def _append(index_dir: Path, data: IndexData, added: Features, started: float) -> Path:
+    """The new version with ``added`` appended (module docstring: what it keeps, links and bounds)."""
+    m = data.manifest
+    n, ex, old = data.n_train, data.examples, data.surrogate
+    # the precision only grows: positive definite plus positive semi-definite, no downdate to fail
+    cholesky = np.linalg.cholesky(old.cholesky @ old.cholesky.T + _data_term(added.phi, added.beta))
+    u = whiten(cholesky, added.phi)
+    h_added = np.einsum("nk,nk->n", u, u)
+    s_raw = 1.0 - added.beta * h_added
+    floor = m.surrogate.s_floor
+    beta = np.concatenate([ex[KEY_BETA], added.beta])
+    grad_term = np.concatenate([ex[KEY_GRAD_TERM], added.grad_term])
+    # stored h, s of the examples already there: exact for the old posterior, bounds for the new one
+    h_bound = np.concatenate([ex[KEY_H], h_added])
+    s_bound = np.concatenate([ex[KEY_S], np.maximum(s_raw, floor)])
+    linked = _linked(data, _kept_files(m))
+    segments = list(m.counts.phi_segments or [n])
+    arrays: dict[str, np.ndarray] = {CHOLESKY_FILE: cholesky}
+    if phi_segment_file(0) in linked:  # append a segment
+        phi: np.ndarray | RowSegments = RowSegments(
+            [*(data.phi.parts if isinstance(data.phi, RowSegments) else [data.phi]), added.phi]
+        )
+        arrays[phi_segment_file(len(segments))] = added.phi
+        segments.append(len(added.phi))
+    else:  # compact every segment into one file
+        phi = np.concatenate([np.asarray(data.phi), added.phi])
+        arrays[PHI_FILE] = phi
+        segments = [n + len(added.phi)]
+    leverage = OnDemandLeverage(cholesky, phi, beta, h_bound, s_bound, floor)
+    leverage.h(np.arange(n, n + len(added.phi)))  # the added rows' exact values, known already
+    surrogate = Surrogate(
+        prior_precision=old.prior_precision,
+        cholesky=cholesky,
+        phi=phi,
+        beta=beta,
+        grad_term=grad_term,
+        h=LeverageColumn(leverage, "h"),
+        s=LeverageColumn(leverage, "s"),
+        s_floor=floor,
+        n_clamped=m.surrogate.n_clamped + int(np.sum(s_raw < floor)),  # an upper bound
+    )
+    output_fn = output_function_from_spec(m.model.output_function, m.model.output_params)
+    new_stats = model_stats(added, output_fn)
+    missing = sorted(set(ex) - set(new_stats) - {KEY_H, KEY_S, KEY_BETA, KEY_GRAD_TERM})
+    if missing:
+        raise ValueError(f"the added examples lack {missing}, which the index keeps for every example")
+    stats = {
+        key: np.concatenate([np.asarray(values), new_stats[key].astype(values.dtype)])
+        for key, values in ex.items()
+        if key not in (KEY_BETA, KEY_GRAD_TERM, KEY_H, KEY_S)
+    }
+    stats |= {KEY_BETA: beta, KEY_GRAD_TERM: grad_term, KEY_H: h_bound, KEY_S: s_bound}
+    arrays |= keyed_files(stats, example_file)
+    if data.inputs is not None:
+        if added.inputs is None:
+            raise ValueError("the index keeps its training inputs; give the added examples' inputs too")
+        inputs = np.asarray(data.inputs)
+        arrays[TRAIN_INPUTS_FILE] = np.concatenate([inputs, np.asarray(added.inputs, inputs.dtype)])
+    faiss_index = _faiss(data, surrogate, n)
+    return _write_version(
+        index_dir, data, surrogate, arrays, faiss_index, stats[KEY_PHI_NORM],
+        {"op": "add", "count": len(added.phi)}, started,
+        keep=np.arange(n), added=added, linked=linked, phi_segments=segments,
+    )  # fmt: skip
+
+
+def _remeasured(
+    data: IndexData, surrogate: Surrogate, faiss_index: faiss.Index | None, norms: np.ndarray
+) -> FaissInfo:
+    """The manifest's retrieval section for the new version: an approximate index's recall measured again
+    (the exact scan's format-1 predecessor, per-score flat files, becomes the exact scan)."""
     info = data.manifest.faiss
     if faiss_index is not None:
         knobs = SearchKnobs(nprobe=info.nprobe, ef_search=info.ef_search)
         seed = int(data.manifest.config.get("seed", 0))
         queries = recall_queries(surrogate, data.query_phi, info.recall_queries, seed=seed)
-        norms = stats[KEY_PHI_NORM]
         recall = measure_recall(
             Searcher(surrogate, norms),
             Searcher(surrogate, norms, faiss_index, knobs),
             queries,
             info.recall_candidates,
         )
-        info = replace(info, recall_at_10=recall, recall_queries=len(queries))
-    m = data.manifest
-    history = list(m.extra.get("updates", []))
-    history.append({**operation, "n_train": surrogate.n_train, "seconds": time.perf_counter() - started})
-    if faiss_index is None and not info.exact:  # a format-1 index's per-score flat files: the exact scan now
-        info = FaissInfo(factory=EXACT_FACTORY)
-    manifest = replace(
-        m,
-        format_version=FORMAT_VERSION,  # a format-1 index is rewritten in today's layout
-        surrogate=replace(m.surrogate, n_train=surrogate.n_train, n_clamped=surrogate.n_clamped),
-        counts=replace(m.counts, n_train=surrogate.n_train),
-        faiss=info,
-        created_unix=time.time(),
-        extra={**m.extra, "version": int(m.extra.get("version", 1)) + 1, "updates": history},
-        files={},
-    )
-    extra_files = {name: data.path / name for name in (CHECKPOINT_FILE, TOKENIZER_FILE) if name in m.files}
-    path = write_index_dir(
-        index_dir,
-        manifest,
-        arrays=arrays,
-        faiss_index=faiss_index,
-        metadata_rows=_metadata_rows(data, keep, added),
-        extra_files=extra_files,
-    )
-    for stale in remove_stale_siblings(index_dir):  # under the lock: what killed updates left behind
-        log.info("removed %s, left by an interrupted write of %s", stale, index_dir)
-    return path
+        return replace(info, recall_at_10=recall, recall_queries=len(queries))
+    return info if info.exact else FaissInfo(factory=EXACT_FACTORY)
+
+
+def _history(manifest: Manifest, operation: dict[str, Any], n_train: int, started: float) -> dict[str, Any]:
+    """The manifest's ``extra`` with the version counted up and the update listed."""
+    history = list(manifest.extra.get("updates", []))
+    history.append({**operation, "n_train": n_train, "seconds": time.perf_counter() - started})
+    return {**manifest.extra, "version": int(manifest.extra.get("version", 1)) + 1, "updates": history}
+
+
+def _add(index_dir: Path, data: IndexData, added: Features, started: float) -> Path:
+    """Append ``added``: a format-1 index is rewritten in today's layout, any other gets the new rows."""
+    if data.manifest.format_version == 1:
+        removed = np.zeros(0, dtype=np.int64)
+        return _update(index_dir, data, added, removed, {"op": "add", "count": len(added.phi)}, started)
+    return _append(index_dir, data, added, started)
 
 
 def _check_added(data: IndexData, features: Features) -> Features:
@@ -312,21 +506,14 @@ def add_features(
 
     started = time.perf_counter()
     with build_lock(Path(index_dir)):
-        data = load_index(index_dir)
+        data = load_index(index_dir, unverified=_kept_files(read_manifest(index_dir)))
         output_fn = output_function_from_spec(
             data.manifest.model.output_function, data.manifest.model.output_params
         )
         added = _check_added(
             data, precomputed_features(phi, outputs, targets, output_fn, beta, grad_term, metadata, "added")
         )
-        return _update(
-            Path(index_dir),
-            data,
-            added,
-            np.zeros(0, dtype=np.int64),
-            {"op": "add", "count": len(added.phi)},
-            started,
-        )
+        return _add(Path(index_dir), data, added, started)
 
 
 def add_examples(index_dir: Path, examples: Examples, batch_size: int = 128, progress: bool = False) -> Path:
@@ -349,7 +536,7 @@ def add_examples(index_dir: Path, examples: Examples, batch_size: int = 128, pro
     """
     started = time.perf_counter()
     with build_lock(Path(index_dir)):
-        data = load_index(index_dir)
+        data = load_index(index_dir, unverified=_kept_files(read_manifest(index_dir)))
         featurizer, output_fn = index_featurizer(data)
 
         def checked():
@@ -374,14 +561,7 @@ def add_examples(index_dir: Path, examples: Examples, batch_size: int = 128, pro
             if isinstance(featurizer, HookFeaturizer):
                 featurizer.close()
         added = _check_added(data, features)
-        return _update(
-            Path(index_dir),
-            data,
-            added,
-            np.zeros(0, dtype=np.int64),
-            {"op": "add", "count": len(added.phi)},
-            started,
-        )
+        return _add(Path(index_dir), data, added, started)
 
 
 def remove_examples(index_dir: Path, ids: list[int] | np.ndarray) -> Path:

@@ -18,8 +18,10 @@ from scipy.linalg.lapack import dtrtrs
 from indexer.enums import Objective, Score, parse_enum
 from indexer.exceptions import InvalidQueryError
 from indexer.gp.coreset import CoresetResult, coreset_information_gain, summed_information_gain
+from indexer.gp.leverage import LeverageColumn
 from indexer.gp.scores import QueryTerms, example_scores, score_vectors
 from indexer.gp.subset import GreedyResult, greedy_subset, joint_score
+from indexer.segments import RowSegments
 
 __all__ = [
     "S_FLOOR",
@@ -47,26 +49,41 @@ class Surrogate:
         prior_precision: tau.
         cholesky: `(k, k)` float64 lower-triangular L with A = tau I + Phi^T B Phi = L L^T.
         phi: `(n_train, k)` the features the surrogate was fitted on (float16 or float32 as stored, possibly
-            memory-mapped, or float64); every score is computed from these values in float64. No whitened
+            memory-mapped, or float64; :class:`~indexer.segments.RowSegments` when an add appended a file);
+            every score is computed from these values in float64. No whitened
             copy is kept (DESIGN.md 2.1): u_i = L^-1 phi_i is formed for the rows that need it
             (:meth:`whiten`), and c_qi = phi_i . A^-1 phi_q.
         beta: `(n_train,)` float64 likelihood weights.
         grad_term: `(n_train,)` float64 beta_i r_i.
-        h: `(n_train,)` float64 posterior variance |u_i|^2 of f_i.
-        s: `(n_train,)` float64 one minus the leverage, 1 - beta_i h_i, clamped at ``s_floor``.
+        h: `(n_train,)` float64 posterior variance |u_i|^2 of f_i: an array, or (after an add kept the old
+            examples' values as bounds) a :class:`~indexer.gp.leverage.LeverageColumn` that gives exact
+            values for the rows asked for.
+        s: `(n_train,)` float64 one minus the leverage, 1 - beta_i h_i, clamped at ``s_floor`` (an array or
+            a column, as ``h``).
         s_floor: the clamp floor.
-        n_clamped: how many s_i were raised to the floor.
+        n_clamped: how many s_i were raised to the floor (an upper bound while ``s`` is a column).
     """
 
     prior_precision: float
     cholesky: np.ndarray
-    phi: np.ndarray
+    phi: np.ndarray | RowSegments
     beta: np.ndarray
     grad_term: np.ndarray
-    h: np.ndarray
-    s: np.ndarray
+    h: np.ndarray | LeverageColumn
+    s: np.ndarray | LeverageColumn
     s_floor: float
     n_clamped: int
+
+    @property
+    def leverage_exact(self) -> bool:
+        """Whether ``s`` (and ``h``) hold exact values for every row (False: stored bounds, exact values
+        computed on demand; DESIGN.md 2.1)."""
+        return not isinstance(self.s, LeverageColumn)
+
+    @property
+    def s_lower_bound(self) -> np.ndarray:
+        """`(n_train,)` float64 lower bounds of every s_i (the exact values when :attr:`leverage_exact`)."""
+        return self.s.bound if isinstance(self.s, LeverageColumn) else np.asarray(self.s)
 
     @property
     def k(self) -> int:
@@ -220,8 +237,9 @@ class Surrogate:
         Raises:
             ValueError: shapes disagree, no queries, or ``size`` outside [1, n_train].
         """
+        phi = np.asarray(self.phi) if isinstance(self.phi, RowSegments) else self.phi
         return coreset_information_gain(
-            self.phi, self.beta, self.prior_precision, query_phi, size, progress=progress
+            phi, self.beta, self.prior_precision, query_phi, size, progress=progress
         )
 
     def summed_information_gain(self, rows: np.ndarray, query_phi: np.ndarray) -> float:

@@ -16,6 +16,7 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_CHECKSUM_FIELD",
     "PHI_FILE",
+    "phi_segment_file",
     "CHOLESKY_FILE",
     "example_file",
     "query_stats_file",
@@ -72,6 +73,12 @@ CHECKPOINT_FILE = "model.safetensors"  # the weights the features were taken fro
 TOKENIZER_FILE = "tokenizer.json"  # a language model's tokenizer (``tokenizers`` JSON), when given
 EXAMPLE_FILE_PREFIX = "examples."  # examples.<key>.npy: one `(n_train, ...)` array per key below
 QUERY_STATS_FILE_PREFIX = "queries."  # queries.<key>.npy: one `(n_query, ...)` array per key below
+
+
+def phi_segment_file(segment: int) -> str:
+    """File of the training features' ``segment``-th part: ``phi.npy`` for the first, ``phi.<j>.npy`` after
+    (rows appended by adds; the manifest's ``counts.phi_segments`` gives each file's rows)."""
+    return PHI_FILE if segment == 0 else f"phi.{segment}.npy"
 
 
 def example_file(key: str) -> str:

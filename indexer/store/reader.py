@@ -12,9 +12,9 @@ query touches, and processes serving the same index share those pages.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,9 @@ import faiss
 import numpy as np
 
 from indexer.exceptions import IndexCorruptError, UnknownExampleError
+from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import Surrogate
+from indexer.segments import RowSegments, concatenated
 from indexer.store.faiss_index import read_faiss_index
 from indexer.store.hashing import sha256_file
 from indexer.store.layout import (
@@ -38,7 +40,6 @@ from indexer.store.layout import (
     LEGACY_EXAMPLE_STATS_FILE,
     LEGACY_QUERY_STATS_FILE,
     METADATA_FILE,
-    PHI_FILE,
     QUERY_INPUTS_FILE,
     QUERY_PHI_FILE,
     QUERY_STATS_FILE_PREFIX,
@@ -48,6 +49,7 @@ from indexer.store.layout import (
     TRAIN_INPUTS_FILE,
     example_file,
     keys_of,
+    phi_segment_file,
 )
 from indexer.store.manifest import Manifest, read_manifest
 
@@ -57,34 +59,35 @@ __all__ = ["IndexData", "MetadataStore", "load_index"]
 class MetadataStore:
     """Read-only access to ``metadata.sqlite``: labels and metadata of training examples and stored queries.
 
-    One read-only connection per thread: safe under concurrent requests without a lock, and without the
-    cost of opening the file on every call. The file is opened once at construction and connections go
-    through that descriptor (``/proc/self/fd``, where there is one), so that an engine still answering
-    while a new version of its index replaces (and deletes) the old folder keeps reading its own file.
+    One read-only connection, opened at construction and shared by every thread under a lock (a lookup by
+    primary key takes microseconds). Opening it here matters: an engine still answering while a new
+    version of its index replaces (and deletes) the old folder keeps reading through the connection's own
+    file descriptor. A connection opened later, even through ``/proc/self/fd`` of a descriptor held open,
+    fails once the folder is gone (SQLite resolves the link to the deleted path): requests on the old
+    engine in a thread that had not read metadata before answered 500.
 
     Args:
         path: the SQLite file.
+
+    Raises:
+        IndexCorruptError: the file is not a readable SQLite database.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._local = threading.local()
-        self._fd: int | None = None
-        if Path("/proc/self/fd").is_dir():
-            self._fd = os.open(self.path, os.O_RDONLY)
+        # immutable: every version of an index is a new file that is never written again
+        uri = f"{self.path.resolve().as_uri()}?mode=ro&immutable=1"
+        try:
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the file is open from now on
+        except sqlite3.DatabaseError as exc:
+            raise IndexCorruptError(f"{self.path} is not a readable SQLite database: {exc}") from exc
+        self._lock = threading.Lock()
 
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)  # type: ignore[arg-type]
-
-    def _connect(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            target = f"/proc/self/fd/{self._fd}" if self._fd is not None else str(self.path)
-            # immutable: every version of an index is a new file that is never written again
-            db = sqlite3.connect(f"file:{target}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-            self._local.db = db
-        return db
+    def _query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
+        """The rows of one read-only statement."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def get(self, split: str, rows: list[int]) -> dict[int, dict[str, Any]]:
         """Metadata of ``rows`` of ``split``.
@@ -96,13 +99,9 @@ class MetadataStore:
         if not rows:
             return {}
         marks = ",".join("?" * len(rows))
-        found = (
-            self._connect()
-            .execute(
-                f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
-                [split, *map(int, rows)],
-            )
-            .fetchall()
+        found = self._query(
+            f"SELECT row, label, metadata FROM {SQLITE_TABLE} WHERE split = ? AND row IN ({marks})",
+            [split, *map(int, rows)],
         )
         # the writer stores a number as itself and a sequence as its JSON text: the only strings there are
         return {
@@ -112,7 +111,7 @@ class MetadataStore:
 
     def all_rows(self) -> list[tuple[str, int, Any, dict[str, Any]]]:
         """Every row as ``(split, row, label, metadata)`` (an update copies them into its new version)."""
-        found = self._connect().execute(f"SELECT split, row, label, metadata FROM {SQLITE_TABLE}").fetchall()
+        found = self._query(f"SELECT split, row, label, metadata FROM {SQLITE_TABLE}")
         return [
             (split, int(row), json.loads(label) if isinstance(label, str) else label, json.loads(meta))
             for split, row, label, meta in found
@@ -167,8 +166,9 @@ class IndexData:
         return self.path.name
 
     @property
-    def phi(self) -> np.ndarray:
-        """`(n_train, k)` stored training features (the surrogate's; float16 or float32, memory-mapped)."""
+    def phi(self) -> np.ndarray | RowSegments:
+        """`(n_train, k)` stored training features (the surrogate's; float16 or float32, memory-mapped; in
+        segments after an add)."""
         return self.surrogate.phi
 
     @property
@@ -221,7 +221,7 @@ class IndexData:
             raise UnknownExampleError(f"no {plural} with ids {shown}; valid ids are 0..{n - 1}")
 
 
-def _verify(index_dir: Path, manifest: Manifest) -> None:
+def _verify(index_dir: Path, manifest: Manifest, unverified: Collection[str] = ()) -> None:
     for name, entry in manifest.files.items():
         path = index_dir / name
         if not path.is_file():
@@ -230,7 +230,7 @@ def _verify(index_dir: Path, manifest: Manifest) -> None:
             raise IndexCorruptError(
                 f"{path} has {path.stat().st_size} bytes; the manifest expects {entry.bytes}"
             )
-        if sha256_file(path) != entry.sha256:
+        if name not in unverified and sha256_file(path) != entry.sha256:
             raise IndexCorruptError(
                 f"{path} does not match its sha256 in the manifest (altered or corrupted)"
             )
@@ -288,11 +288,25 @@ def _load_keyed(index_dir: Path, files: list[str], prefix: str, n: int) -> dict[
     return out
 
 
-def load_index(index_dir: Path) -> IndexData:
+def _load_phi(index_dir: Path, manifest: Manifest) -> np.ndarray | RowSegments:
+    """The training features: ``phi.npy`` memory-mapped, or its segments (``counts.phi_segments``)."""
+    counts = manifest.counts
+    rows = counts.phi_segments or [counts.n_train]
+    parts = [
+        _load_npy(index_dir / phi_segment_file(j), (r, counts.k), counts.feature_dtype)
+        for j, r in enumerate(rows)
+    ]
+    return concatenated(parts)
+
+
+def load_index(index_dir: Path, unverified: Collection[str] = ()) -> IndexData:
     """Load an index directory, verifying the format version, every checksum and every shape.
 
     Args:
         index_dir: the folder written by :func:`~indexer.store.writer.write_index_dir`.
+        unverified: files whose checksum is not computed (their size and shape still are): an add links
+            the existing feature segments and stored-query files unchanged into its new version with their
+            recorded checksums, so it need not read them (a damaged file stays detectably damaged).
 
     Returns:
         :class:`IndexData`.
@@ -305,10 +319,10 @@ def load_index(index_dir: Path) -> IndexData:
     """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
-    _verify(index_dir, manifest)
+    _verify(index_dir, manifest, unverified)
     n, n_query, k = manifest.counts.n_train, manifest.counts.n_query, manifest.counts.k
     dtype = manifest.counts.feature_dtype
-    phi = _load_npy(index_dir / PHI_FILE, (n, k), dtype)
+    phi = _load_phi(index_dir, manifest)
     cholesky = np.array(_load_npy(index_dir / CHOLESKY_FILE, (k, k), np.float64))
     files = list(manifest.files)
     legacy = manifest.format_version == 1
@@ -338,14 +352,21 @@ def load_index(index_dir: Path) -> IndexData:
                 f"lists no {FAISS_FILE}"
             )
         faiss_index = read_faiss_index(index_dir / FAISS_FILE, n, k)
+    h: np.ndarray | LeverageColumn = examples[KEY_H]
+    s: np.ndarray | LeverageColumn = examples[KEY_S]
+    if manifest.surrogate.leverage_bounds:  # stored bounds (an add kept them): exact values on demand
+        leverage = OnDemandLeverage(
+            cholesky, phi, examples[KEY_BETA], examples[KEY_H], examples[KEY_S], manifest.surrogate.s_floor
+        )
+        h, s = LeverageColumn(leverage, "h"), LeverageColumn(leverage, "s")
     surrogate = Surrogate(
         prior_precision=manifest.surrogate.prior_precision,
         cholesky=cholesky,
         phi=phi,
         beta=examples[KEY_BETA],
         grad_term=examples[KEY_GRAD_TERM],
-        h=examples[KEY_H],
-        s=examples[KEY_S],
+        h=h,
+        s=s,
         s_floor=manifest.surrogate.s_floor,
         n_clamped=manifest.surrogate.n_clamped,
     )

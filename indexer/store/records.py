@@ -36,6 +36,7 @@ from indexer.store.writer import MetadataRow
 __all__ = [
     "build_manifest",
     "example_stats",
+    "model_stats",
     "query_stats",
     "metadata_rows",
     "stored_features",
@@ -91,7 +92,9 @@ def keyed_files(arrays: dict[str, np.ndarray], name: Callable[[str], str]) -> di
     return {name(key): array for key, array in arrays.items()}
 
 
-def _stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+def model_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.ndarray]:
+    """What the model says of each example: output m_i, label, |phi_i| and, with model outputs, the
+    prediction, the model output (or its summary) and class probabilities; key -> `(n, ...)` array."""
     stats = {
         KEY_OUTPUT: features.outputs,
         KEY_LABEL: features.targets,
@@ -116,11 +119,11 @@ def example_stats(
         key -> `(n_train, ...)` array (keys in :mod:`indexer.store.layout`).
     """
     return {
-        **_stats(features, output_fn),
+        **model_stats(features, output_fn),
         KEY_BETA: surrogate.beta,
         KEY_GRAD_TERM: surrogate.grad_term,
-        KEY_H: surrogate.h,
-        KEY_S: surrogate.s,
+        KEY_H: np.asarray(surrogate.h),
+        KEY_S: np.asarray(surrogate.s),
     }
 
 
@@ -131,7 +134,7 @@ def query_stats(features: Features, output_fn: OutputFunction) -> dict[str, np.n
         key -> `(n_query, ...)` array.
     """
     if len(features.phi):
-        return _stats(features, output_fn)
+        return model_stats(features, output_fn)
     empty = np.zeros(0)
     return {KEY_OUTPUT: empty, KEY_LABEL: empty, KEY_PREDICTION: empty, KEY_PHI_NORM: empty}
 

@@ -39,12 +39,14 @@ from indexer.gp.scores import (
     signed_score,
 )
 from indexer.gp.surrogate import Surrogate
+from indexer.segments import RowSegments
 
 __all__ = [
     "RankRequest",
     "Ranked",
     "SearchKnobs",
     "FeatureScan",
+    "SegmentedScan",
     "Searcher",
     "search_params",
     "knob_support",
@@ -230,6 +232,38 @@ class FeatureScan:
         return x, err + 1e-30
 
 
+class SegmentedScan:
+    """:class:`FeatureScan` over features stored as several row segments
+    (:class:`~indexer.segments.RowSegments`, after adds): one scan per segment, the results concatenated.
+
+    Args:
+        phi: the segmented `(n, k)` stored features; phi_norm: `(n,)` float64 |phi_i|.
+
+    Attributes:
+        parts: one :class:`FeatureScan` per segment.
+        mode: the first segment's scan mode (every segment is checked on its own).
+    """
+
+    def __init__(self, phi: RowSegments, phi_norm: np.ndarray) -> None:
+        self.n, self.k = phi.shape
+        starts = phi.starts
+        self.parts = [
+            FeatureScan(part, np.asarray(phi_norm[starts[j] : starts[j + 1]]))
+            for j, part in enumerate(phi.parts)
+        ]
+        self.mode = self.parts[0].mode
+
+    def inner(self, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`FeatureScan.inner` over every segment."""
+        done = [part.inner(b) for part in self.parts]
+        return torch.cat([x for x, _ in done]), torch.cat([err for _, err in done])
+
+    def inner_many(self, b: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`FeatureScan.inner_many` over every segment (`(m, n)` results)."""
+        done = [part.inner_many(b) for part in self.parts]
+        return torch.cat([x for x, _ in done], dim=1), torch.cat([err for _, err in done], dim=1)
+
+
 def knob_support(index: faiss.Index) -> tuple[bool, bool]:
     """Whether ``index`` (or the index inside its pre-transforms) takes ``nprobe`` (IVF) and ``efSearch``
     (HNSW)."""
@@ -315,7 +349,7 @@ class Searcher:
         self.default_knobs = default_knobs
         self.cpu_index = cpu_index if cpu_index is not None else faiss_index
         self.max_depth = max_depth
-        self._scan: FeatureScan | None = None
+        self._scan: FeatureScan | SegmentedScan | None = None
         self._weights: dict[Score, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -324,10 +358,15 @@ class Searcher:
         return self.faiss_index is None
 
     @property
-    def scan(self) -> FeatureScan:
+    def scan(self) -> FeatureScan | SegmentedScan:
         """The exact scan (made on first use: an approximate index never touches the features otherwise)."""
         if self._scan is None:
-            self._scan = FeatureScan(self.surrogate.phi, self.phi_norm)
+            phi = self.surrogate.phi
+            self._scan = (
+                SegmentedScan(phi, self.phi_norm)
+                if isinstance(phi, RowSegments)
+                else FeatureScan(phi, self.phi_norm)
+            )
         return self._scan
 
     def _score_weights(self, score: Score) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,7 +377,7 @@ class Searcher:
                 score,
                 beta=np.asarray(sur.beta),
                 grad_term=np.asarray(sur.grad_term),
-                s=np.asarray(sur.s),
+                s=sur.s_lower_bound,  # exact, or (after an add) from below: weights from above
                 phi_norm=np.asarray(self.phi_norm),
                 prior_precision=sur.prior_precision,
             )
@@ -385,6 +424,10 @@ class Searcher:
             )
             return torch.where(wrong, torch.tensor(-float("inf"), dtype=key.dtype), key.abs() + err), b_norm
         side = key if direction is Direction.PROPONENTS else -key
+        if not self.surrogate.leverage_exact and score in (Score.INFORMATION_LOSS, Score.INFLUENCE):
+            # weights from s bounded from below are too large in magnitude (same sign): a key of the
+            # requested sign is bounded from above, one of the other sign only by 0, never wrongly eligible
+            return (side + err).clamp(min=0.0), b_norm
         return side + err, b_norm
 
     @staticmethod

@@ -225,8 +225,12 @@ class SurrogateInfo(_FlatSection):
         prior_precision_source: ``"given"`` or ``"mean_eigenvalue"``.
         likelihood: the output function's name (the likelihood the beta_i come from).
         s_floor: floor on s_i = 1 - leverage.
-        n_clamped: examples whose s_i was raised to the floor.
+        n_clamped: examples whose s_i was raised to the floor (an upper bound when ``leverage_bounds``).
         n_train: N, examples in the posterior.
+        leverage_bounds: whether the stored h_i and s_i of some examples are those of an earlier posterior
+            with fewer examples (an add keeps them instead of recomputing every example's, N k^2 float64
+            operations): h from above, s from below; readers compute the exact values on demand from the
+            Cholesky factor (:mod:`indexer.gp.leverage`, DESIGN.md 2.1). False: every stored value exact.
     """
 
     prior_precision: float
@@ -235,6 +239,15 @@ class SurrogateInfo(_FlatSection):
     s_floor: float
     n_clamped: int
     n_train: int
+    leverage_bounds: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's ``surrogate`` object (``leverage_bounds`` only when true, so that manifests
+        written before it round-trip exactly)."""
+        document = asdict(self)
+        if not self.leverage_bounds:
+            del document["leverage_bounds"]
+        return document
 
 
 @dataclass(frozen=True)
@@ -303,19 +316,42 @@ class Counts(_FlatSection):
         n_train: training examples N; n_query: stored queries; k: projected dimension.
         feature_dtype: numpy dtype name of the stored features ``phi.npy`` and ``query_phi.npy``
             (``"float16"`` or ``"float32"``).
+        phi_segments: rows in each file of the training features, in order (``phi.npy``, ``phi.1.npy``,
+            ...: an add appends its rows as a new file and links the others unchanged into the new version);
+            None: one file, ``phi.npy``.
     """
 
     n_train: int
     n_query: int
     k: int
     feature_dtype: str = "float32"
+    phi_segments: list | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse segment sizes that are not non-negative integers summing to ``n_train``.
+
+        Raises:
+            IndexFormatError: bad ``phi_segments``.
+        """
+        seg = self.phi_segments
+        if seg is not None and (
+            not seg
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in seg)
+            or sum(seg) != self.n_train
+        ):
+            raise IndexFormatError(
+                f"counts.phi_segments must be a non-empty list of row counts summing to n_train "
+                f"({self.n_train}); got {seg}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's ``counts`` object (``feature_dtype`` left out when it is the default, float32, as
-        manifests written before it was recorded have it)."""
+        manifests written before it was recorded have it; ``phi_segments`` when there are several)."""
         document = asdict(self)
         if self.feature_dtype == "float32":
             del document["feature_dtype"]
+        if self.phi_segments is None:
+            del document["phi_segments"]
         return document
 
 

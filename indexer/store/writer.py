@@ -13,6 +13,7 @@ import os
 import shutil
 import sqlite3
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from indexer.store.layout import (
 from indexer.store.manifest import Manifest
 from indexer.store.sections import FileEntry
 
-__all__ = ["MetadataRow", "write_index_dir"]
+__all__ = ["METADATA_SCHEMA", "MetadataRow", "metadata_values", "write_index_dir"]
 
 MetadataRow = tuple[str, int, int | float | list, dict[str, Any]]
 """One row of ``metadata.sqlite``: ``(split, row, label, metadata)``."""
@@ -43,8 +44,9 @@ def write_index_dir(
     manifest: Manifest,
     arrays: dict[str, np.ndarray],
     faiss_index: faiss.Index | None,
-    metadata_rows: list[MetadataRow],
+    metadata_rows: list[MetadataRow] | Callable[[Path], None],
     extra_files: dict[str, Path],
+    linked_files: dict[str, tuple[Path, FileEntry]] | None = None,
 ) -> Path:
     """Write an index into a temporary sibling folder, checksum every file, then rename it into place.
 
@@ -54,8 +56,12 @@ def write_index_dir(
         arrays: file name -> array, each saved with ``np.save`` (no pickle; memory-mappable by the reader).
         faiss_index: the approximate FAISS index, saved as :data:`~indexer.store.layout.FAISS_FILE`; None for
             the exact scan.
-        metadata_rows: the rows of the SQLite table.
+        metadata_rows: the rows of the SQLite table, or a function that writes the SQLite file at the path
+            it is given (an update that copies the previous version's table and changes it).
         extra_files: file name -> source path, copied in (the checkpoint).
+        linked_files: file name -> (source path, its manifest entry): files of the previous version that an
+            update keeps unchanged, hard-linked in (copied where the file system has no hard links) with
+            their recorded checksum, not read again (a damaged source stays detectably damaged).
 
     Returns:
         ``out_dir``.
@@ -72,11 +78,22 @@ def write_index_dir(
             np.save(tmp / name, array, allow_pickle=False)
         if faiss_index is not None:
             write_faiss_index(faiss_index, tmp / FAISS_FILE)
-        _write_metadata(tmp / METADATA_FILE, metadata_rows)
+        if callable(metadata_rows):
+            metadata_rows(tmp / METADATA_FILE)
+        else:
+            _write_metadata(tmp / METADATA_FILE, metadata_rows)
         for name, source in extra_files.items():
             shutil.copyfile(source, tmp / name)
+        linked = linked_files or {}
+        for name, (source, _) in linked.items():
+            try:
+                os.link(source, tmp / name)
+            except OSError:  # no hard links here (another file system, or none): a copy
+                shutil.copyfile(source, tmp / name)
         files = {
-            p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
+            p.name: linked[p.name][1]
+            if p.name in linked
+            else FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size)
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
@@ -98,23 +115,29 @@ def write_index_dir(
     return out_dir
 
 
+METADATA_SCHEMA = (
+    f"CREATE TABLE {SQLITE_TABLE} (split TEXT NOT NULL, row INTEGER NOT NULL, label, "
+    "metadata TEXT NOT NULL, PRIMARY KEY (split, row))"
+)
+"""The table of ``metadata.sqlite``: one row per training example and stored query."""
+
+
+def metadata_values(rows: list[MetadataRow]) -> list[tuple[str, int, Any, str]]:
+    """The SQLite values of ``rows``: a sequence label (token ids) as its JSON text, metadata as JSON."""
+    return [
+        (
+            split,
+            row,
+            json.dumps(label) if isinstance(label, list) else label,
+            json.dumps(meta, sort_keys=True),
+        )
+        for split, row, label, meta in rows
+    ]
+
+
 def _write_metadata(path: Path, rows: list[MetadataRow]) -> None:
     with sqlite3.connect(path) as db:
-        db.execute(
-            f"CREATE TABLE {SQLITE_TABLE} (split TEXT NOT NULL, row INTEGER NOT NULL, label, "
-            "metadata TEXT NOT NULL, PRIMARY KEY (split, row))"
-        )
-        db.executemany(
-            f"INSERT INTO {SQLITE_TABLE} VALUES (?, ?, ?, ?)",
-            [
-                (
-                    split,
-                    row,
-                    json.dumps(label) if isinstance(label, list) else label,
-                    json.dumps(meta, sort_keys=True),
-                )
-                for split, row, label, meta in rows
-            ],
-        )
+        db.execute(METADATA_SCHEMA)
+        db.executemany(f"INSERT INTO {SQLITE_TABLE} VALUES (?, ?, ?, ?)", metadata_values(rows))
     # a closed connection in rollback-journal mode leaves one self-contained file
     sqlite3.connect(path).close()

@@ -21,7 +21,6 @@ from indexer.exceptions import InvalidQueryError, NotStoredError
 from indexer.features.language import LanguageModelMargin
 from indexer.features.tasks import gaussian_entropy
 from indexer.store.layout import (
-    KEY_H,
     KEY_LABEL,
     KEY_OUTPUT,
     KEY_PREDICTION,
@@ -367,7 +366,8 @@ class AttributionEngine:
         stats = self.data.examples if split == SPLIT_TRAIN else self.data.queries
         meta = self._metadata(split, [example_id]).get(example_id, {})
         probabilities = stats.get(KEY_PROBABILITIES)
-        h = stats.get(KEY_H) if split == SPLIT_TRAIN else None
+        # the surrogate's h: exact (computed on demand where an add kept the stored values as bounds)
+        h = self.data.surrogate.h if split == SPLIT_TRAIN else None
         info = self.data.manifest.model
         return ExampleRecord(
             split=split,

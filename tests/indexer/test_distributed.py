@@ -4,6 +4,7 @@ running cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -94,6 +95,25 @@ def _build(out: Path, config: IndexConfig, ray_options: RayOptions | None, n: in
     )
 
 
+@contextlib.contextmanager
+def _task_threads() -> Iterator[None]:
+    """torch set to a Ray task's thread count meanwhile: its float32 products round differently with the
+    number of threads on some CPUs (an AMX Xeon: 6e-5 on a dense projection), so a single-process build
+    writes a Ray build's bytes only with the tasks' thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(RayOptions().cpus_per_task))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_process_build(out: Path, config: IndexConfig, n: int = 1000) -> Path:
+    """The build without Ray, with a task's thread count (:func:`_task_threads`)."""
+    with _task_threads():
+        return _build(out, config, None, n)
+
+
 def test_the_data_term_summed_by_shard_is_the_one_pass_sum() -> None:
     rng = np.random.default_rng(0)
     phi = rng.standard_normal((1000, 12)).astype(np.float16)
@@ -144,7 +164,7 @@ def test_a_ray_build_writes_the_files_of_a_single_process_build(
     tmp_path: Path, cluster: str, projection: str
 ) -> None:
     config = IndexConfig(k=32, batch_size=64, shard_examples=128, projection=projection)
-    single = _build(tmp_path / "single" / "mlp", config, None)
+    single = _single_process_build(tmp_path / "single" / "mlp", config)
     on_ray = _build(tmp_path / "ray" / "mlp", config, RayOptions(address=cluster))
     assert _files(on_ray) == _files(single)  # every array, the FAISS-free index, metadata, checkpoint
     timings = _manifest(on_ray)["timings_seconds"]
@@ -171,7 +191,9 @@ def test_a_ray_build_picks_its_shards_and_records_them(tmp_path: Path, cluster: 
     assert manifest["config"]["shard_examples"] == 128
     assert manifest["timings_seconds"]["ray_tasks"] == 8 + 1
     # the recorded size rebuilds the same files in one process
-    single = _build(tmp_path / "single" / "mlp", IndexConfig(k=32, batch_size=64, shard_examples=128), None)
+    single = _single_process_build(
+        tmp_path / "single" / "mlp", IndexConfig(k=32, batch_size=64, shard_examples=128)
+    )
     assert _files(single) == _files(on_ray)
 
 
@@ -180,18 +202,19 @@ def test_streamed_and_language_model_data_on_ray(tmp_path: Path, cluster: str) -
     model, train, _ = _problem(500)
     streamed = StreamedDataset(TensorDataset(train.inputs, train.targets))
     config = IndexConfig(k=16, batch_size=50, shard_examples=100)
-    paths = [
-        build_index(
-            model,
-            ClassificationMargin(),
-            streamed,
-            tmp_path / where / "s",
-            config=config,
-            progress=False,
-            ray=options,
-        )
-        for where, options in (("single", None), ("ray", RayOptions(address=cluster)))
-    ]
+    with _task_threads():
+        paths = [
+            build_index(
+                model,
+                ClassificationMargin(),
+                streamed,
+                tmp_path / where / "s",
+                config=config,
+                progress=False,
+                ray=options,
+            )
+            for where, options in (("single", None), ("ray", RayOptions(address=cluster)))
+        ]
     assert _files(paths[0]) == _files(paths[1])
 
     spec = ModelSpec("gpt", {"vocab_size": 40, "max_len": 12, "d_model": 16, "n_layer": 1})
@@ -201,18 +224,19 @@ def test_streamed_and_language_model_data_on_ray(tmp_path: Path, cluster: str) -
     built = []
     for where, options in (("single", None), ("ray", RayOptions(address=cluster))):
         torch.manual_seed(0)
-        built.append(
-            build_index(
-                build_model(spec),
-                LanguageModelMargin(40),
-                tokens,
-                tmp_path / where / "lm",
-                model_spec=spec,
-                config=IndexConfig(k=24, batch_size=20, shard_examples=40),
-                progress=False,
-                ray=options,
+        with _task_threads():
+            built.append(
+                build_index(
+                    build_model(spec),
+                    LanguageModelMargin(40),
+                    tokens,
+                    tmp_path / where / "lm",
+                    model_spec=spec,
+                    config=IndexConfig(k=24, batch_size=20, shard_examples=40),
+                    progress=False,
+                    ray=options,
+                )
             )
-        )
     assert _files(built[0]) == _files(built[1])
     assert _manifest(built[1])["timings_seconds"]["ray_tasks"] == 3
 
@@ -265,7 +289,7 @@ def test_a_worker_killed_mid_build_leaves_the_index_as_it_would_be(tmp_path: Pat
     assert done_when_killed < 19  # 2,400 examples: 19 training shards, most still to come
     with pytest.raises(ProcessLookupError):
         os.kill(victims[0], 0)
-    reference = _build(tmp_path / "single" / "mlp", config, None, n=2400)
+    reference = _single_process_build(tmp_path / "single" / "mlp", config, n=2400)
     assert _files(out) == _files(reference)
 
 

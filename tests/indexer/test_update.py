@@ -14,15 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from indexer import update
 from indexer.config import IndexConfig
 from indexer.data import Dataset
 from indexer.demo.mnist import load_mnist_sample
 from indexer.enums import Direction, Score
+from indexer.exceptions import IndexCorruptError
+from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import fit_surrogate
 from indexer.precomputed import build_from_features
-from indexer.store.layout import KEY_PHI_NORM
+from indexer.segments import RowSegments
+from indexer.store.layout import KEY_PHI_NORM, PHI_FILE, phi_segment_file
 from indexer.store.reader import load_index
-from indexer.store.search import Searcher
+from indexer.store.search import FeatureScan, Searcher, SegmentedScan
 from indexer.update import add_examples, add_features, remove_examples
 
 K = 16
@@ -40,8 +44,17 @@ def assert_same_index(updated: Path, fresh: Path) -> None:
     assert a.n_train == b.n_train
     np.testing.assert_array_equal(a.phi, b.phi)
     np.testing.assert_allclose(a.surrogate.cholesky, b.surrogate.cholesky, rtol=1e-8, atol=1e-12)
-    for key in ("beta", "grad_term", "h", "s", "phi_norm", "output", "label"):
+    for key in ("beta", "grad_term", "phi_norm", "output", "label"):
         np.testing.assert_allclose(a.examples[key], b.examples[key], rtol=1e-8, atol=1e-300, err_msg=key)
+    # h and s: the surrogate's exact values (an add keeps the stored ones as bounds: h above, s below)
+    for key, exact in (("h", a.surrogate.h), ("s", a.surrogate.s)):
+        np.testing.assert_allclose(exact[:], b.examples[key], rtol=1e-8, atol=1e-300, err_msg=key)
+        np.testing.assert_allclose(np.asarray(exact), b.examples[key], rtol=1e-8, atol=1e-300, err_msg=key)
+        rows = np.random.default_rng(3).choice(a.n_train, 50)  # rows in any order, repeated
+        np.testing.assert_allclose(exact[rows], b.examples[key][rows], rtol=1e-8, err_msg=key)
+    assert np.all(a.examples["h"] >= b.examples["h"] * (1 - 1e-12))
+    assert np.all(a.examples["s"] <= b.examples["s"] * (1 + 1e-12))
+    assert a.surrogate.n_clamped >= b.surrogate.n_clamped
     assert a.surrogate.prior_precision == b.surrogate.prior_precision
     assert [a.metadata.get_one("train", i) for i in range(0, a.n_train, 97)] == [
         b.metadata.get_one("train", i) for i in range(0, b.n_train, 97)
@@ -212,3 +225,92 @@ def test_an_index_of_format_1_is_updated_into_todays_layout(tmp_path: Path) -> N
     np.testing.assert_array_equal(new.phi, old.phi[keep])
     refit = fit_surrogate(new.phi, new.surrogate.beta, new.surrogate.grad_term, old.surrogate.prior_precision)
     np.testing.assert_allclose(new.surrogate.h, refit.h, rtol=1e-8)
+
+
+def test_an_add_writes_only_what_it_adds(tmp_path: Path) -> None:
+    """The old features stay in their file (a hard link into the new version, its checksum still verified);
+    the new rows go to a segment of their own; h and s of the old rows are kept as bounds."""
+    data = synthetic(700, seed=6)
+    index = build_from_features(
+        data["phi"][:600], tmp_path / "seg", outputs=data["outputs"][:600], targets=data["targets"][:600]
+    )
+    before = (index / PHI_FILE).resolve()
+    inode = before.stat().st_ino
+    add_features(index, data["phi"][600:], outputs=data["outputs"][600:], targets=data["targets"][600:])
+    grown = load_index(index)
+    assert grown.manifest.counts.phi_segments == [600, 100]
+    assert grown.manifest.surrogate.leverage_bounds
+    assert (index / PHI_FILE).resolve().stat().st_ino == inode  # the same file, not a copy
+    assert (index / phi_segment_file(1)).exists()
+    np.testing.assert_array_equal(np.asarray(grown.phi), data["phi"].astype(np.float16))
+    # the linked file is still checked: altering it (in place, so every version that links it) is named
+    with open(index / PHI_FILE, "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x3c\x00\x3c")
+    with pytest.raises(IndexCorruptError, match=PHI_FILE):
+        load_index(index)
+
+
+def test_many_adds_compact_the_segments_and_equal_a_fresh_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(update, "MAX_PHI_SEGMENTS", 3)
+    data = synthetic(900, seed=7)
+    index = build_from_features(
+        data["phi"][:500], tmp_path / "many", outputs=data["outputs"][:500], targets=data["targets"][:500]
+    )
+    tau = load_index(index).surrogate.prior_precision
+    seen = []
+    for start in range(500, 900, 100):
+        rows = slice(start, start + 100)
+        add_features(index, data["phi"][rows], outputs=data["outputs"][rows], targets=data["targets"][rows])
+        seen.append(load_index(index).manifest.counts.phi_segments)
+    assert seen == [[500, 100], [500, 100, 100], None, [800, 100]]  # the third add compacted into one file
+    fresh = build_from_features(
+        data["phi"], tmp_path / "fresh", outputs=data["outputs"], targets=data["targets"],
+        config=IndexConfig(prior_precision=tau),
+    )  # fmt: skip
+    assert_same_index(index, fresh)
+
+
+def test_on_demand_leverage_equals_brute_force() -> None:
+    rng = np.random.default_rng(8)
+    phi = rng.standard_normal((300, 6)).astype(np.float16)
+    beta = rng.uniform(0.05, 0.25, 300)
+    precision = np.eye(6) * 2.0 + (phi.astype(np.float64).T * beta) @ phi.astype(np.float64)
+    cholesky = np.linalg.cholesky(precision)
+    h = np.einsum("nk,kj,nj->n", phi.astype(np.float64), np.linalg.inv(precision), phi.astype(np.float64))
+    s = np.maximum(1 - beta * h, 1e-3)
+    leverage = OnDemandLeverage(cholesky, RowSegments([phi[:100], phi[100:]]), beta, h + 1, s / 2, 1e-3)
+    h_col, s_col = LeverageColumn(leverage, "h"), LeverageColumn(leverage, "s")
+    rows = np.array([299, 0, 150, 150, 7])
+    np.testing.assert_allclose(h_col[rows], h[rows], rtol=1e-10)
+    np.testing.assert_allclose(s_col[rows], s[rows], rtol=1e-10)
+    assert s_col[5] == pytest.approx(s[5], rel=1e-10) and isinstance(s_col[5], float)
+    np.testing.assert_allclose(np.asarray(h_col), h, rtol=1e-10)
+    np.testing.assert_allclose(s_col[10:20], s[10:20], rtol=1e-10)
+    np.testing.assert_array_equal(h_col.bound, h + 1)
+    np.testing.assert_array_equal(s_col.bound, s / 2)
+    assert leverage.n_clamped() == int(np.sum(1 - beta * h < 1e-3)) and h_col.shape == (300,)
+    with pytest.raises(ValueError, match="one row per example"):
+        OnDemandLeverage(cholesky, phi[:10], beta, h, s, 1e-3)
+    with pytest.raises(ValueError, match="'h' or 's'"):
+        LeverageColumn(leverage, "x")
+
+
+def test_a_segmented_scan_equals_the_whole_scan() -> None:
+    rng = np.random.default_rng(10)
+    phi = rng.standard_normal((1000, K)).astype(np.float16)
+    norm = np.linalg.norm(phi.astype(np.float64), axis=1)
+    whole, parts = (
+        FeatureScan(phi, norm),
+        SegmentedScan(RowSegments([phi[:300], phi[300:301], phi[301:]]), norm),
+    )
+    b = rng.standard_normal(K)
+    exact = phi.astype(np.float64) @ b
+    for x, err in (whole.inner(b), parts.inner(b)):
+        assert np.all(np.abs(x.numpy() - exact) <= err.numpy())  # each within its error bound
+    many = rng.standard_normal((4, K))
+    exact_many = many @ phi.astype(np.float64).T
+    for x, err in (whole.inner_many(many), parts.inner_many(many)):
+        assert x.shape == (4, 1000) and np.all(np.abs(x.numpy() - exact_many) <= err.numpy())

@@ -95,7 +95,10 @@ def test_an_index_built_before_the_move_loads_and_answers_as_before() -> None:
             query = engine.queries.input(want["input"], want["target"])
         got = engine.rank(query, Score(want["score"]), Direction(want["direction"]), 5, 5)
         assert got.ids.tolist() == want["ids"], want
-        np.testing.assert_allclose(got.signed, want["signed"], rtol=1e-12, atol=1e-300)
+        # a raw input is featurized again by torch in float32, whose kernels' last bits vary with the CPU
+        # (2.5e-7 relative on an AVX-512 machine); a stored query's scores are float64 from stored values
+        rtol = 1e-12 if "query" in want else 1e-5
+        np.testing.assert_allclose(got.signed, want["signed"], rtol=rtol, atol=1e-300)
 
 
 @pytest.mark.parametrize(

@@ -151,3 +151,30 @@ def test_crash_during_write_leaves_no_partial_index(
     assert left[-1] == "tiny" and [n.split("-")[0] for n in left[:-1]] == [".tiny.work"]
     assert json.loads((out / MANIFEST_FILE).read_text())["files"] == before  # old index untouched
     load_index(out)
+
+
+def test_metadata_is_read_from_new_threads_after_the_folder_is_deleted(
+    index_copy: Path, tmp_path: Path
+) -> None:
+    """An engine answering on an old version after the switch (a new request thread, the old folder deleted)
+    still reads its metadata (a connection opened later through /proc/self/fd failed: a 500)."""
+    import threading
+
+    data = load_index(index_copy)
+    want = data.metadata.get("train", [0, 5])
+    moved = tmp_path / "moved"
+    shutil.move(index_copy, moved)
+    shutil.rmtree(moved)
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(data.metadata.get("train", [0, 5])))
+    thread.start()
+    thread.join()
+    assert got == [want] and set(want) == {0, 5}
+
+
+def test_a_metadata_file_that_is_not_sqlite_is_named(tmp_path: Path) -> None:
+    from indexer.store.reader import MetadataStore
+
+    (tmp_path / "metadata.sqlite").write_bytes(b"not a database at all, just some bytes" * 40)
+    with pytest.raises(IndexCorruptError, match="metadata.sqlite is not a readable SQLite database"):
+        MetadataStore(tmp_path / "metadata.sqlite")

@@ -22,6 +22,7 @@ from indexer.exceptions import IndexFormatError
 from indexer.gp.scores import signed_score
 from indexer.gp.surrogate import fit_surrogate
 from indexer.precomputed import build_from_features
+from indexer.store import search as search_module
 from indexer.store.layout import KEY_PHI_NORM, PHI_FILE
 from indexer.store.reader import load_index
 from indexer.store.records import row_norms
@@ -30,6 +31,7 @@ from indexer.store.search import (
     RankRequest,
     Searcher,
     SearchKnobs,
+    faster_half_kernel,
     information_gain_vectors,
     make_approximate_index,
     measure_recall,
@@ -72,7 +74,7 @@ def problem(n: int, k: int, dtype: str, scale: float = 1.0, seed: int = 0):
 def test_the_exact_scan_is_the_brute_force_top_k(dtype: str, scale: float) -> None:
     surrogate, norms, queries = problem(3000, 24, dtype, scale)
     searcher = Searcher(surrogate, norms)
-    assert searcher.scan.mode == ("half" if dtype == "float16" else "float32")
+    assert searcher.scan.mode == (faster_half_kernel(24) if dtype == "float16" else "float32")
     for phi_q in queries:
         terms = surrogate.query_terms(phi_q)
         for score in Score:
@@ -89,7 +91,8 @@ def test_the_exact_scan_is_the_brute_force_top_k(dtype: str, scale: float) -> No
                     np.testing.assert_allclose(found.scores[s], want[s], rtol=1e-12, atol=1e-300)
 
 
-def test_the_chunked_float32_path_is_exact_too() -> None:
+def test_the_chunked_float32_path_is_exact_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_module, "_UPCAST_BYTES", 64 * 16 * 4 + 4)  # blocks of 64 rows, the last of 16
     surrogate, norms, queries = problem(2000, 16, "float16")
     searcher = Searcher(surrogate, norms)
     searcher.scan.mode = "upcast"  # the path taken where the half-precision kernel breaks its error bound
@@ -101,9 +104,12 @@ def test_the_chunked_float32_path_is_exact_too() -> None:
             assert found.ids.tolist() == brute_force(surrogate, phi_q, score, Direction.PROPONENTS, 7)
 
 
-def test_the_scan_bound_holds_for_every_example() -> None:
+@pytest.mark.parametrize("mode", ["half", "upcast"])
+def test_the_scan_bound_holds_for_every_example(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(search_module._kernel_for_k, 64, mode)  # either kernel, whichever this CPU prefers
     surrogate, norms, queries = problem(5000, 64, "float16", scale=50.0)
     scan = FeatureScan(surrogate.phi, norms)
+    assert scan.mode == mode
     for phi_q in queries:
         x, err = scan.inner(phi_q)
         exact = np.asarray(surrogate.phi, dtype=np.float64) @ phi_q

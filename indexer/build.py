@@ -48,6 +48,8 @@ from indexer.store.hashing import sha256_file, tensor_digest
 from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
+    FAISS_FILE,
+    FAISS_TRAINED_FILE,
     INDEX_NAME_PATTERN,
     KEY_PHI_NORM,
     PHI_FILE,
@@ -72,10 +74,11 @@ from indexer.store.records import (
 from indexer.store.search import (
     Searcher,
     SearchKnobs,
-    make_approximate_index,
+    fill_approximate_index,
     measure_recall,
     recall_queries,
     search_params,
+    trained_approximate_index,
     vector_scale,
 )
 from indexer.store.sections import EXACT_FACTORY, FaissInfo, ProjectionInfo
@@ -385,16 +388,17 @@ def assemble_index(
 
 def approximate_retrieval(
     surrogate: Surrogate, phi_norm: np.ndarray, query_phi: np.ndarray, config: IndexConfig
-) -> tuple[faiss.Index | None, FaissInfo]:
+) -> tuple[dict[str, faiss.Index] | None, FaissInfo]:
     """The approximate FAISS index of ``config.faiss_factory`` with its recall@10 measured against the exact
-    scan on held-out queries (DESIGN.md 2.1); ``(None, exact info)`` for ``"Flat"``.
+    scan on held-out queries (DESIGN.md 2.1); ``(None, exact info)`` for ``"Flat"``. The index is returned
+    with its trained, empty copy, which adds fill shards from.
 
     Args:
         surrogate: the fitted surrogate; phi_norm: `(n_train,)` |phi_i|; query_phi: `(n_query, k)` stored
             query features (the held-out queries, topped up with training features); config: the settings.
 
     Returns:
-        ``(index or None, FaissInfo)``.
+        ``({FAISS_FILE: index, FAISS_TRAINED_FILE: trained} or None, FaissInfo)``.
 
     Raises:
         ValueError: FAISS cannot build or train the factory on these vectors, or a knob the index does not
@@ -403,7 +407,8 @@ def approximate_retrieval(
     if config.faiss_factory == EXACT_FACTORY:
         return None, FaissInfo(factory=EXACT_FACTORY)
     scale = vector_scale(surrogate, seed=config.seed)
-    index = make_approximate_index(surrogate, config.faiss_factory, seed=config.seed, scale=scale)
+    trained = trained_approximate_index(surrogate, config.faiss_factory, seed=config.seed, scale=scale)
+    index = fill_approximate_index(faiss.clone_index(trained), surrogate, 0, scale)
     knobs = SearchKnobs(nprobe=config.nprobe, ef_search=config.ef_search)
     search_params(index, knobs)  # refuse a knob this index does not take
     queries = recall_queries(surrogate, query_phi, config.recall_queries, seed=config.seed)
@@ -411,7 +416,7 @@ def approximate_retrieval(
     approximate = Searcher(surrogate, phi_norm, index, knobs)
     recall = measure_recall(exact, approximate, queries, config.search_depth)
     log.info("approximate index %s: recall@10 %s", config.faiss_factory, recall)
-    return index, FaissInfo(
+    return {FAISS_FILE: index, FAISS_TRAINED_FILE: trained}, FaissInfo(
         factory=config.faiss_factory,
         recall_at_10=recall,
         recall_queries=len(queries),

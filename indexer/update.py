@@ -15,6 +15,10 @@ An add costs what it adds, not what the index holds (the 1M x 512 scale benchmar
 - the added features are a new file (``phi.<j>.npy``, :mod:`indexer.segments`) and the unchanged files
   (earlier feature segments, stored queries, checkpoint, tokenizer) are hard-linked into the new version
   with their recorded checksums; after :data:`MAX_PHI_SEGMENTS` files the features are compacted into one;
+- an approximate index's new vectors fill a shard of their own (``faiss.<j>.index``), started from the
+  trained, empty copy the build saved (``faiss.trained.index``); the earlier shards are linked, and
+  searches merge the shards (an IVF index's shards share the quantizer, so they answer as one index
+  would); after :data:`MAX_FAISS_SHARDS` shards the index is refilled as one file;
 - the metadata table is copied as a file and the new rows inserted.
 A removal rewrites the features without the removed rows and recomputes every h_i and s_i (a downdate
 raises them, so the stored values bound nothing); every stored value is then exact again.
@@ -32,7 +36,7 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +53,12 @@ from indexer.features.tasks import OutputFunction, output_function_from_spec
 from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import Surrogate, whiten
 from indexer.segments import RowSegments
+from indexer.store.faiss_index import merged_shards, read_faiss_index, shards_of
 from indexer.store.layout import (
     CHECKPOINT_FILE,
     CHOLESKY_FILE,
+    FAISS_FILE,
+    FAISS_TRAINED_FILE,
     FORMAT_VERSION,
     KEY_BETA,
     KEY_GRAD_TERM,
@@ -68,6 +75,7 @@ from indexer.store.layout import (
     TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
     example_file,
+    faiss_shard_file,
     phi_segment_file,
     query_stats_file,
 )
@@ -77,7 +85,7 @@ from indexer.store.records import example_stats, keyed_files, model_stats, store
 from indexer.store.search import (
     Searcher,
     SearchKnobs,
-    information_gain_vectors,
+    fill_approximate_index,
     measure_recall,
     recall_queries,
 )
@@ -93,6 +101,9 @@ _CHUNK = 65536
 
 MAX_PHI_SEGMENTS = 16
 """Feature files an index may hold: the add that would make one more writes them as one instead."""
+
+MAX_FAISS_SHARDS = 16
+"""Files of an approximate index: the add that would make one more refills the index as one file."""
 
 
 def index_featurizer(data: IndexData) -> tuple[Featurizer, OutputFunction]:
@@ -208,20 +219,55 @@ def _metadata(data: IndexData, keep: np.ndarray, added: Features | None) -> Call
     return write
 
 
-def _faiss(data: IndexData, surrogate: Surrogate, appended_from: int | None) -> faiss.Index | None:
-    """The approximate index of the new version: the old one with the new vectors appended, or (after a
-    removal) its lists refilled from the kept vectors with the trained quantizer."""
+@dataclass(frozen=True)
+class _FaissVersion:
+    """The approximate index of a new version: ``search`` (every vector, for the recall measurement),
+    ``files`` to write, old ``linked`` files kept, and the vectors per shard (None: one file)."""
+
+    search: faiss.Index | None = None
+    files: dict[str, faiss.Index] = field(default_factory=dict)
+    linked: list[str] = field(default_factory=list)
+    shards: list[int] | None = None
+
+
+def _faiss_shards(data: IndexData) -> list[int]:
+    info = data.manifest.faiss
+    return list(info.shards or [data.n_train])
+
+
+def _trained(data: IndexData) -> tuple[faiss.Index, bool]:
+    """The trained, empty approximate index, and whether it was read from its file (an index built before
+    the file was saved: its first file read whole and emptied)."""
+    info, k = data.manifest.faiss, data.k
+    if FAISS_TRAINED_FILE in data.manifest.files:
+        return read_faiss_index(data.path / FAISS_TRAINED_FILE, 0, k, info.factory, memory_map=False), True
+    count = _faiss_shards(data)[0]
+    index = read_faiss_index(data.path / FAISS_FILE, count, k, info.factory, memory_map=False)
+    index.reset()
+    return index, False
+
+
+def _faiss(data: IndexData, surrogate: Surrogate, appended_from: int | None) -> _FaissVersion:
+    """The approximate index of the new version: after an add, a new shard holding the new vectors (or,
+    at :data:`MAX_FAISS_SHARDS`, and after a removal, one index refilled from every kept vector)."""
     if data.faiss_index is None:
-        return None
-    index = faiss.clone_index(data.faiss_index)
-    start = appended_from
-    if start is None:
-        index.reset()
-        start = 0
+        return _FaissVersion()
     scale = data.manifest.faiss.vector_scale  # the constant the build scaled the vectors by
-    for lo in range(start, surrogate.n_train, _CHUNK):
-        index.add(information_gain_vectors(surrogate, slice(lo, min(lo + _CHUNK, surrogate.n_train)), scale))
-    return index
+    trained, saved = _trained(data)
+    # the loaded index is memory-mapped read-only: FAISS aborts on adding to it, so shards start from copies
+    files = {} if saved else {FAISS_TRAINED_FILE: trained}
+    linked = [FAISS_TRAINED_FILE] if saved else []
+    counts = _faiss_shards(data)
+    if appended_from is not None and len(counts) < MAX_FAISS_SHARDS:
+        shard = fill_approximate_index(faiss.clone_index(trained), surrogate, appended_from, scale)
+        files[faiss_shard_file(len(counts))] = shard
+        linked += [faiss_shard_file(j) for j in range(len(counts))]
+        parts = shards_of(data.faiss_index)
+        counts.append(surrogate.n_train - appended_from)
+        return _FaissVersion(merged_shards([*parts, shard]), files, linked, counts)
+    index = fill_approximate_index(faiss.clone_index(trained), surrogate, 0, scale)
+    files[FAISS_FILE] = index
+    return _FaissVersion(index, files, linked, None)
 
 
 def _update(
@@ -286,12 +332,12 @@ def _update(
         )
         assert data.query_inputs is not None
         arrays[QUERY_INPUTS_FILE] = np.asarray(data.query_inputs)
-    faiss_index = _faiss(data, surrogate, None if len(removed) else n)
+    faiss_version = _faiss(data, surrogate, None if len(removed) else n)
     linked = _linked(
         data, [name for name in (CHECKPOINT_FILE, TOKENIZER_FILE) if name in data.manifest.files]
     )
     return _write_version(
-        index_dir, data, surrogate, arrays, faiss_index, stats[KEY_PHI_NORM], operation, started,
+        index_dir, data, surrogate, arrays, faiss_version, stats[KEY_PHI_NORM], operation, started,
         keep=keep, added=added, linked=linked, phi_segments=None,
     )  # fmt: skip
 
@@ -301,7 +347,7 @@ def _write_version(
     data: IndexData,
     surrogate: Surrogate,
     arrays: dict[str, np.ndarray],
-    faiss_index: faiss.Index | None,
+    faiss_version: _FaissVersion,
     phi_norm: np.ndarray,
     operation: dict[str, Any],
     started: float,
@@ -334,7 +380,9 @@ def _write_version(
             n_train=surrogate.n_train,
             phi_segments=phi_segments if phi_segments is not None and len(phi_segments) > 1 else None,
         ),
-        faiss=_remeasured(data, surrogate, faiss_index, phi_norm),
+        faiss=replace(
+            _remeasured(data, surrogate, faiss_version.search, phi_norm), shards=faiss_version.shards
+        ),
         created_unix=time.time(),
         extra=_history(m, operation, surrogate.n_train, started),
         files={},
@@ -343,10 +391,10 @@ def _write_version(
         index_dir,
         manifest,
         arrays=arrays,
-        faiss_index=faiss_index,
+        faiss_index=faiss_version.files or None,
         metadata_rows=_metadata(data, keep, added),
         extra_files={},
-        linked_files=linked,
+        linked_files={**linked, **_linked(data, faiss_version.linked)},
     )
     for stale in remove_stale_siblings(index_dir):  # under the lock: what killed updates left behind
         log.info("removed %s, left by an interrupted write of %s", stale, index_dir)
@@ -359,11 +407,15 @@ def _linked(data: IndexData, names: list[str]) -> dict[str, tuple[Path, FileEntr
 
 
 def _kept_files(manifest: Manifest) -> list[str]:
-    """Files an add links unchanged into the new version: the feature segments (unless the add compacts
-    them), the stored queries' files, the checkpoint and the tokenizer."""
+    """Files an add links unchanged into the new version: the feature segments and the approximate index's
+    shards (unless the add compacts them), its trained copy, the stored queries' files, the checkpoint and
+    the tokenizer."""
     segments = manifest.counts.phi_segments or [manifest.counts.n_train]
     names = [phi_segment_file(j) for j in range(len(segments))] if len(segments) < MAX_PHI_SEGMENTS else []
-    names += [QUERY_PHI_FILE, CHECKPOINT_FILE, TOKENIZER_FILE, QUERY_INPUTS_FILE]
+    shards = manifest.faiss.shards or [manifest.counts.n_train]
+    if not manifest.faiss.exact and len(shards) < MAX_FAISS_SHARDS:
+        names += [faiss_shard_file(j) for j in range(len(shards))]
+    names += [FAISS_TRAINED_FILE, QUERY_PHI_FILE, CHECKPOINT_FILE, TOKENIZER_FILE, QUERY_INPUTS_FILE]
     names += [name for name in manifest.files if name.startswith(QUERY_STATS_FILE_PREFIX)]
     return [name for name in names if name in manifest.files]
 
@@ -426,9 +478,8 @@ def _append(index_dir: Path, data: IndexData, added: Features, started: float) -
             raise ValueError("the index keeps its training inputs; give the added examples' inputs too")
         inputs = np.asarray(data.inputs)
         arrays[TRAIN_INPUTS_FILE] = np.concatenate([inputs, np.asarray(added.inputs, inputs.dtype)])
-    faiss_index = _faiss(data, surrogate, n)
     return _write_version(
-        index_dir, data, surrogate, arrays, faiss_index, stats[KEY_PHI_NORM],
+        index_dir, data, surrogate, arrays, _faiss(data, surrogate, n), stats[KEY_PHI_NORM],
         {"op": "add", "count": len(added.phi)}, started,
         keep=np.arange(n), added=added, linked=linked, phi_segments=segments,
     )  # fmt: skip

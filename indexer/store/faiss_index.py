@@ -6,6 +6,7 @@ The vectors are those of DESIGN.md 1.3 (vector form): every single-example score
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import faiss
@@ -18,6 +19,9 @@ __all__ = [
     "make_faiss_index",
     "write_faiss_index",
     "read_faiss_index",
+    "stores_inverted_lists",
+    "merged_shards",
+    "shards_of",
     "gpu_count",
     "to_gpus",
     "max_norm",
@@ -65,12 +69,35 @@ def write_faiss_index(index: faiss.Index, path: Path) -> None:
     faiss.write_index(index, str(path))
 
 
-def read_faiss_index(path: Path, n: int, k: int) -> faiss.Index:
+def stores_inverted_lists(factory: str, k: int) -> bool:
+    """Whether ``factory`` builds an IVF index (beneath any pre-transform) for dimension ``k``.
+
+    Raises:
+        ValueError: FAISS rejects the factory string.
+    """
+    check_factory(k, factory)
+    try:
+        faiss.extract_index_ivf(faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT))
+    except RuntimeError:
+        return False
+    return True
+
+
+def read_faiss_index(path: Path, n: int, k: int, factory: str, memory_map: bool = True) -> faiss.Index:
     """Read a FAISS index and check that it holds ``n`` vectors of dimension ``k``.
+
+    Memory-mapped by default (DESIGN.md 2.1), read-only: an IVF index gets FAISS's ``IO_FLAG_MMAP`` (its
+    inverted lists become an ``OnDiskInvertedLists`` over the file), any other (HNSW's storage, flat and
+    scalar-quantised codes) ``IO_FLAG_MMAP_IFC`` (its flat codes are mapped). Pages of the file are read
+    when a search touches them and belong to the page cache, shared by every process serving the index.
+    FAISS aborts the process when a read-only mapped index is modified: read with ``memory_map=False``
+    for an index to add to or clone.
 
     Args:
         path: the index file (its checksum is verified by the reader before this is called).
         n: expected number of vectors; k: expected dimension.
+        factory: the manifest's factory string (which mapping applies).
+        memory_map: map the file (True) or read it into RAM (False, a modifiable index).
 
     Returns:
         The index, on the CPU.
@@ -78,8 +105,15 @@ def read_faiss_index(path: Path, n: int, k: int) -> faiss.Index:
     Raises:
         IndexCorruptError: FAISS cannot read the file, or its size disagrees with the manifest.
     """
+    flags = 0
+    if memory_map:
+        try:
+            ivf = stores_inverted_lists(factory, k)
+        except ValueError as exc:
+            raise IndexCorruptError(f"{path}: {exc}") from exc
+        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_MMAP if ivf else faiss.IO_FLAG_MMAP_IFC)
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise IndexCorruptError(f"{path} is not a FAISS index FAISS can read: {exc}") from exc
     if index.d != k or index.ntotal != n:
@@ -87,6 +121,36 @@ def read_faiss_index(path: Path, n: int, k: int) -> faiss.Index:
             f"{path} holds {index.ntotal} vectors of dimension {index.d}; expected {n} x {k}"
         )
     return index
+
+
+def merged_shards(shards: Sequence[faiss.Index]) -> faiss.Index:
+    """One index over ``shards`` (FAISS ``IndexShards``, ids numbered on across the shards in order):
+    a search asks every shard for its top-k and keeps the best k. Shards trained alike (the same IVF
+    quantizer) answer as one index holding every vector would; the sole shard itself for one.
+
+    Raises:
+        ValueError: no shards, or shards of different dimensions.
+    """
+    if not shards:
+        raise ValueError("merged_shards needs at least one shard")
+    if len(shards) == 1:
+        return shards[0]
+    d = shards[0].d
+    if any(shard.d != d for shard in shards):
+        raise ValueError(f"shards of dimensions {[shard.d for shard in shards]}; they must agree")
+    merged = faiss.IndexShards(d)  # FAISS's defaults: not threaded, successive ids
+    for shard in shards:
+        merged.add_shard(shard)  # faiss keeps a reference to each shard
+    return merged
+
+
+def shards_of(index: faiss.Index) -> list[faiss.Index]:
+    """The shards of a merged index (:func:`merged_shards`), downcast; ``[index]`` for any other."""
+    inner = faiss.downcast_index(index)
+    if not isinstance(inner, faiss.IndexShards):
+        return [inner]
+    at = getattr(inner, "at")  # noqa: B009  # IndexShards.at and .count are absent from faiss's type stubs
+    return [faiss.downcast_index(at(j)) for j in range(getattr(inner, "count")())]  # noqa: B009
 
 
 def gpu_count() -> int:
@@ -106,6 +170,9 @@ def to_gpus(index: faiss.Index) -> faiss.Index:
             "FAISS sees no GPU (faiss-cpu, or no device): install the gpu extra on a GPU machine, or search "
             "on the CPU"
         )
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexShards):  # each shard copied on its own, merged again
+        return merged_shards([faiss.index_cpu_to_all_gpus(shard) for shard in shards_of(inner)])
     return faiss.index_cpu_to_all_gpus(index)
 
 

@@ -21,6 +21,8 @@ __all__ = [
     "example_file",
     "query_stats_file",
     "FAISS_FILE",
+    "FAISS_TRAINED_FILE",
+    "faiss_shard_file",
     "QUERY_PHI_FILE",
     "TRAIN_INPUTS_FILE",
     "QUERY_INPUTS_FILE",
@@ -66,6 +68,7 @@ PHI_FILE = "phi.npy"  # `(n_train, k)` float16 (or float32): projected tangent f
 CHOLESKY_FILE = "cholesky.npy"  # `(k, k)` float64: lower factor L of the posterior precision A
 QUERY_PHI_FILE = "query_phi.npy"  # `(n_query, k)` phi's dtype: stored query features (held-out split)
 FAISS_FILE = "faiss.index"  # an approximate FAISS index over the information-gain vectors, when asked for
+FAISS_TRAINED_FILE = "faiss.trained.index"  # the same index trained and empty: where an add starts a shard
 TRAIN_INPUTS_FILE = "inputs.npy"  # `(n_train, *input_shape)`: the training inputs, for rendering examples
 QUERY_INPUTS_FILE = "query_inputs.npy"  # `(n_query, *input_shape)`: the stored queries' inputs
 METADATA_FILE = "metadata.sqlite"  # one row per training example and per stored query
@@ -73,6 +76,12 @@ CHECKPOINT_FILE = "model.safetensors"  # the weights the features were taken fro
 TOKENIZER_FILE = "tokenizer.json"  # a language model's tokenizer (``tokenizers`` JSON), when given
 EXAMPLE_FILE_PREFIX = "examples."  # examples.<key>.npy: one `(n_train, ...)` array per key below
 QUERY_STATS_FILE_PREFIX = "queries."  # queries.<key>.npy: one `(n_query, ...)` array per key below
+
+
+def faiss_shard_file(shard: int) -> str:
+    """File of the approximate index's ``shard``-th part: ``faiss.index`` for the first, ``faiss.<j>.index``
+    after (the vectors appended by adds; the manifest's ``faiss.shards`` gives each file's vectors)."""
+    return FAISS_FILE if shard == 0 else f"faiss.{shard}.index"
 
 
 def phi_segment_file(segment: int) -> str:

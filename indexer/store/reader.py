@@ -26,12 +26,11 @@ from indexer.exceptions import IndexCorruptError, UnknownExampleError
 from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import Surrogate
 from indexer.segments import RowSegments, concatenated
-from indexer.store.faiss_index import read_faiss_index
+from indexer.store.faiss_index import merged_shards, read_faiss_index
 from indexer.store.hashing import sha256_file
 from indexer.store.layout import (
     CHOLESKY_FILE,
     EXAMPLE_FILE_PREFIX,
-    FAISS_FILE,
     KEY_BETA,
     KEY_GRAD_TERM,
     KEY_H,
@@ -48,6 +47,7 @@ from indexer.store.layout import (
     TOKENIZER_FILE,
     TRAIN_INPUTS_FILE,
     example_file,
+    faiss_shard_file,
     keys_of,
     phi_segment_file,
 )
@@ -299,6 +299,26 @@ def _load_phi(index_dir: Path, manifest: Manifest) -> np.ndarray | RowSegments:
     return concatenated(parts)
 
 
+def _read_faiss_shards(index_dir: Path, manifest: Manifest) -> faiss.Index:
+    """The approximate index, memory-mapped: its one file, or its shards merged (``faiss.shards``)."""
+    n, k, info = manifest.counts.n_train, manifest.counts.k, manifest.faiss
+    counts = info.shards or [n]
+    if sum(counts) != n:
+        raise IndexCorruptError(
+            f"{index_dir}: the manifest's faiss.shards {counts} hold {sum(counts)} vectors; n_train is {n}"
+        )
+    shards = []
+    for j, count in enumerate(counts):
+        name = faiss_shard_file(j)
+        if name not in manifest.files:
+            raise IndexCorruptError(
+                f"{index_dir}: the manifest names the approximate factory {info.factory!r} but lists no "
+                f"{name}"
+            )
+        shards.append(read_faiss_index(index_dir / name, count, k, info.factory))
+    return merged_shards(shards)
+
+
 def load_index(index_dir: Path, unverified: Collection[str] = ()) -> IndexData:
     """Load an index directory, verifying the format version, every checksum and every shape.
 
@@ -346,12 +366,7 @@ def load_index(index_dir: Path, unverified: Collection[str] = ()) -> IndexData:
         queries = _load_keyed(index_dir, files, QUERY_STATS_FILE_PREFIX, n_query)
     faiss_index = None
     if not manifest.faiss.exact and not legacy:
-        if FAISS_FILE not in manifest.files:
-            raise IndexCorruptError(
-                f"{index_dir}: the manifest names the approximate factory {manifest.faiss.factory!r} but "
-                f"lists no {FAISS_FILE}"
-            )
-        faiss_index = read_faiss_index(index_dir / FAISS_FILE, n, k)
+        faiss_index = _read_faiss_shards(index_dir, manifest)
     h: np.ndarray | LeverageColumn = examples[KEY_H]
     s: np.ndarray | LeverageColumn = examples[KEY_S]
     if manifest.surrogate.leverage_bounds:  # stored bounds (an add kept them): exact values on demand

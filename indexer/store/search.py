@@ -42,6 +42,7 @@ from indexer.gp.scores import (
 )
 from indexer.gp.surrogate import Surrogate
 from indexer.segments import RowSegments
+from indexer.store.faiss_index import shards_of
 
 __all__ = [
     "RankRequest",
@@ -55,12 +56,17 @@ __all__ = [
     "knob_support",
     "information_gain_vectors",
     "make_approximate_index",
+    "trained_approximate_index",
+    "fill_approximate_index",
     "vector_scale",
     "measure_recall",
     "recall_queries",
 ]
 
 _CHUNK_ROWS = 65536
+_RECALL_BATCH = 16
+"""Queries ranked together while measuring recall: the batched scan's `(16, n)` products and bounds stay a
+few hundred MB at N = 10^6."""
 _UPCAST_BYTES = 2**19
 """float32 bytes of one block of the ``"upcast"`` scan: its buffer stays in L2 from conversion to product."""
 _kernel_for_k: dict[int, str] = {}
@@ -308,10 +314,15 @@ class SegmentedScan:
 def knob_support(index: faiss.Index) -> tuple[bool, bool]:
     """Whether ``index`` (or the index inside its pre-transforms) takes ``nprobe`` (IVF) and ``efSearch``
     (HNSW)."""
-    inner = faiss.downcast_index(index)
+    inner = _first_shard(index)
     while isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
     return isinstance(inner, faiss.IndexIVF), isinstance(inner, faiss.IndexHNSW)
+
+
+def _first_shard(index: faiss.Index) -> faiss.Index:
+    """``index`` downcast, or its first shard for a sharded one (every shard has the same structure)."""
+    return shards_of(index)[0]
 
 
 def search_params(index: faiss.Index, knobs: SearchKnobs) -> faiss.SearchParameters | None:
@@ -335,7 +346,7 @@ def search_params(index: faiss.Index, knobs: SearchKnobs) -> faiss.SearchParamet
     else:
         params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009  # absent from faiss's type stubs
         params.efSearch = int(knobs.ef_search or 0)
-    inner = faiss.downcast_index(index)
+    inner = _first_shard(index)  # IndexShards hands the parameters to each shard as they are
     while isinstance(inner, faiss.IndexPreTransform):
         wrapper = faiss.SearchParametersPreTransform()
         wrapper.index_params = params
@@ -705,13 +716,13 @@ def vector_scale(surrogate: Surrogate, sample_rows: int = 65536, seed: int = 0) 
     return float(2.0 ** round(-math.log2(median)))
 
 
-def make_approximate_index(
+def trained_approximate_index(
     surrogate: Surrogate, factory: str, train_rows: int = 262144, seed: int = 0, scale: float = 1.0
 ) -> faiss.Index:
-    """An approximate FAISS inner-product index over the information-gain vectors.
+    """An approximate FAISS inner-product index for the information-gain vectors, trained and empty.
 
-    Trained on a seeded sample of at most ``train_rows`` vectors, then filled a chunk at a time (no N x k
-    array is formed).
+    Trained on a seeded sample of at most ``train_rows`` vectors (DESIGN.md 2.1). Saved beside the filled
+    index (:data:`~indexer.store.layout.FAISS_TRAINED_FILE`) so that an add fills a shard of its own.
 
     Args:
         surrogate: the fitted surrogate; factory: ``faiss.index_factory`` string (not ``"Flat"``);
@@ -719,7 +730,7 @@ def make_approximate_index(
         (:func:`vector_scale`, recorded as the manifest's ``faiss.vector_scale``).
 
     Returns:
-        The trained, filled index.
+        The trained index, holding no vectors.
 
     Raises:
         ValueError: FAISS rejects the string, or the training set is too small for it (e.g. fewer vectors
@@ -743,9 +754,32 @@ def make_approximate_index(
             index.train(sample)
         except RuntimeError as exc:
             raise ValueError(f"FAISS cannot train {factory!r} on {len(sample)} vectors: {exc}") from exc
-    for start in range(0, n, _CHUNK_ROWS):
-        index.add(information_gain_vectors(surrogate, slice(start, min(start + _CHUNK_ROWS, n)), scale))
     return index
+
+
+def fill_approximate_index(
+    index: faiss.Index, surrogate: Surrogate, start: int = 0, scale: float = 1.0
+) -> faiss.Index:
+    """Add the information-gain vectors of training examples ``start..n_train - 1`` to ``index`` (a trained
+    index, modified and returned), a chunk at a time: no N x k array is formed."""
+    n = surrogate.n_train
+    for lo in range(start, n, _CHUNK_ROWS):
+        index.add(information_gain_vectors(surrogate, slice(lo, min(lo + _CHUNK_ROWS, n)), scale))
+    return index
+
+
+def make_approximate_index(
+    surrogate: Surrogate, factory: str, train_rows: int = 262144, seed: int = 0, scale: float = 1.0
+) -> faiss.Index:
+    """:func:`trained_approximate_index` filled with every training example's vector
+    (:func:`fill_approximate_index`); same arguments and errors.
+
+    Returns:
+        The trained, filled index.
+    """
+    return fill_approximate_index(
+        trained_approximate_index(surrogate, factory, train_rows, seed, scale), surrogate, 0, scale
+    )
 
 
 def recall_queries(surrogate: Surrogate, query_phi: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -775,13 +809,13 @@ def measure_recall(
     Returns:
         score value -> recall in [0, 1] (the fraction of the exact top-k found, averaged over queries).
     """
-    recall: dict[str, float] = {}
-    for score in Score:
-        found = []
-        for phi_q in queries:
-            terms = exact.surrogate.query_terms(phi_q)
-            want = exact.rank(terms, score, Direction.BOTH, top_k, candidates).ids
-            got = approximate.rank(terms, score, Direction.BOTH, top_k, candidates).ids
-            found.append(len(np.intersect1d(want, got)) / max(len(want), 1))
-        recall[score.value] = round(float(np.mean(found)), 4) if found else 1.0
-    return recall
+    terms = [exact.surrogate.query_terms(phi_q) for phi_q in queries]
+    requests = [RankRequest(t, score, Direction.BOTH, top_k, candidates) for score in Score for t in terms]
+    found: dict[Score, list[float]] = {score: [] for score in Score}
+    # batched as the service batches (the same answers as one rank each): one pass over the features per
+    # batch instead of one per query and score
+    for start in range(0, len(requests), _RECALL_BATCH):
+        batch = requests[start : start + _RECALL_BATCH]
+        for r, want, got in zip(batch, exact.rank_many(batch), approximate.rank_many(batch), strict=True):
+            found[r.score].append(len(np.intersect1d(want.ids, got.ids)) / max(len(want.ids), 1))
+    return {score.value: round(float(np.mean(found[score])), 4) if found[score] else 1.0 for score in Score}

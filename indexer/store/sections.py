@@ -271,6 +271,9 @@ class FaissInfo(_FlatSection):
             of norm ~0.02 (IVF1024,PQ64 at N = 1,000,000: recall@10 0.05 unscaled, see
             :func:`~indexer.store.search.vector_scale`); appended vectors get the same constant. 1.0 in
             indexes built before it.
+        shards: vectors in each file of the approximate index, in order (``faiss.index``,
+            ``faiss.1.index``, ...: an add appends its vectors as a shard, trained like the first, and
+            searches merge the shards' results); None: one file.
         exact: whether retrieval is the exact scan (the factory is ``"Flat"``), so that results are the
             brute-force top-k.
     """
@@ -283,15 +286,23 @@ class FaissInfo(_FlatSection):
     nprobe: int | None = None
     ef_search: int | None = None
     vector_scale: float = 1.0
+    shards: list | None = None
 
     def __post_init__(self) -> None:
-        """Refuse a scale that is not a positive finite number.
+        """Refuse a scale that is not a positive finite number, and shard sizes that are not a list of at
+        least two non-negative integers.
 
         Raises:
-            IndexFormatError: ``vector_scale`` is zero, negative, infinite or NaN.
+            IndexFormatError: ``vector_scale`` is zero, negative, infinite or NaN; bad ``shards``.
         """
         if not (math.isfinite(self.vector_scale) and self.vector_scale > 0):
             raise IndexFormatError(f"faiss.vector_scale must be positive and finite; got {self.vector_scale}")
+        shards = self.shards
+        if shards is not None and (
+            len(shards) < 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in shards)
+        ):
+            raise IndexFormatError(f"faiss.shards must list two or more vector counts; got {shards}")
 
     @property
     def exact(self) -> bool:
@@ -301,7 +312,7 @@ class FaissInfo(_FlatSection):
     def to_json(self) -> dict[str, Any]:
         """The manifest's ``faiss`` object (``exact`` is written for readers of the file; the fields of an
         approximate index only when set, so that an older manifest round-trips exactly)."""
-        later = ("recall_at_10", "recall_queries", "recall_candidates", "nprobe", "ef_search")
+        later = ("recall_at_10", "recall_queries", "recall_candidates", "nprobe", "ef_search", "shards")
         document = {key: value for key, value in asdict(self).items() if key not in later or value}
         if self.vector_scale == 1.0:
             del document["vector_scale"]

@@ -43,7 +43,7 @@ def write_index_dir(
     out_dir: Path,
     manifest: Manifest,
     arrays: dict[str, np.ndarray],
-    faiss_index: faiss.Index | None,
+    faiss_index: faiss.Index | dict[str, faiss.Index] | None,
     metadata_rows: list[MetadataRow] | Callable[[Path], None],
     extra_files: dict[str, Path],
     linked_files: dict[str, tuple[Path, FileEntry]] | None = None,
@@ -54,8 +54,9 @@ def write_index_dir(
         out_dir: final index folder; an existing index there is replaced only once the new one is complete.
         manifest: the manifest; its ``files`` are filled in here.
         arrays: file name -> array, each saved with ``np.save`` (no pickle; memory-mappable by the reader).
-        faiss_index: the approximate FAISS index, saved as :data:`~indexer.store.layout.FAISS_FILE`; None for
-            the exact scan.
+        faiss_index: the approximate FAISS index, saved as :data:`~indexer.store.layout.FAISS_FILE`, or file
+            name -> FAISS index (the index with its trained copy, or an add's new shard); None for the exact
+            scan.
         metadata_rows: the rows of the SQLite table, or a function that writes the SQLite file at the path
             it is given (an update that copies the previous version's table and changes it).
         extra_files: file name -> source path, copied in (the checkpoint).
@@ -76,8 +77,10 @@ def write_index_dir(
     try:
         for name, array in arrays.items():
             np.save(tmp / name, array, allow_pickle=False)
-        if faiss_index is not None:
-            write_faiss_index(faiss_index, tmp / FAISS_FILE)
+        faiss_files = faiss_index if isinstance(faiss_index, dict) else {FAISS_FILE: faiss_index}
+        for name, index in faiss_files.items():
+            if index is not None:
+                write_faiss_index(index, tmp / name)
         if callable(metadata_rows):
             metadata_rows(tmp / METADATA_FILE)
         else:

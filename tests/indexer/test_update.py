@@ -24,9 +24,24 @@ from indexer.gp.leverage import LeverageColumn, OnDemandLeverage
 from indexer.gp.surrogate import fit_surrogate
 from indexer.precomputed import build_from_features
 from indexer.segments import RowSegments
-from indexer.store.layout import KEY_PHI_NORM, PHI_FILE, phi_segment_file
+from indexer.store.faiss_index import read_faiss_index, shards_of
+from indexer.store.layout import (
+    FAISS_FILE,
+    FAISS_TRAINED_FILE,
+    KEY_PHI_NORM,
+    PHI_FILE,
+    faiss_shard_file,
+    phi_segment_file,
+)
 from indexer.store.reader import load_index
-from indexer.store.search import FeatureScan, Searcher, SegmentedScan
+from indexer.store.search import (
+    FeatureScan,
+    Searcher,
+    SearchKnobs,
+    SegmentedScan,
+    information_gain_vectors,
+    search_params,
+)
 from indexer.update import add_examples, add_features, remove_examples
 
 K = 16
@@ -113,6 +128,69 @@ def test_an_approximate_index_gets_the_new_vectors_and_its_recall_again(tmp_path
     remove_examples(index, list(range(0, 3000, 3)))
     shrunk = load_index(index)
     assert shrunk.faiss_index is not None and shrunk.faiss_index.ntotal == 2000 == shrunk.n_train
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "OPQ8,IVF8,PQ8"])
+def test_adds_fill_faiss_shards_that_answer_as_one_index(
+    tmp_path: Path, factory: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each add writes a shard of the new vectors only (the earlier files linked, not rewritten); the merged
+    shards return what one index trained alike and holding every vector returns; the fourth shard refills
+    the index as one file, and a removal does too."""
+    monkeypatch.setattr(update, "MAX_FAISS_SHARDS", 3)
+    data = synthetic(3000, seed=2)
+    config = IndexConfig(faiss_factory=factory, nprobe=3, recall_queries=30)
+    index = build_from_features(
+        data["phi"][:2400], tmp_path / "ivf", outputs=data["outputs"][:2400], targets=data["targets"][:2400],
+        config=config,
+    )  # fmt: skip
+    first_inode = (index / FAISS_FILE).stat().st_ino
+    for lo, hi in ((2400, 2600), (2600, 2700)):
+        add_features(
+            index, data["phi"][lo:hi], outputs=data["outputs"][lo:hi], targets=data["targets"][lo:hi]
+        )
+    grown = load_index(index)
+    assert grown.manifest.faiss.shards == [2400, 200, 100]
+    assert (index / FAISS_FILE).stat().st_ino == first_inode  # linked: the build's file, unchanged
+    assert [shard.ntotal for shard in shards_of(grown.faiss_index)] == [2400, 200, 100]
+    # one index from the same trained copy holding every vector in order
+    whole = read_faiss_index(index / FAISS_TRAINED_FILE, 0, grown.k, factory, memory_map=False)
+    whole.add(information_gain_vectors(grown.surrogate, slice(0, 2700), grown.manifest.faiss.vector_scale))
+    queries = np.random.default_rng(3).standard_normal((40, grown.k)).astype(np.float32)
+    params = search_params(whole, SearchKnobs(nprobe=3))
+    np.testing.assert_array_equal(
+        grown.faiss_index.search(queries, 20, params=params)[1], whole.search(queries, 20, params=params)[1]
+    )
+    searcher = Searcher(
+        grown.surrogate, grown.examples[KEY_PHI_NORM], grown.faiss_index, SearchKnobs(nprobe=3)
+    )
+    found = searcher.rank(
+        grown.surrogate.query_terms(queries[0]), Score.INFORMATION_GAIN, Direction.BOTH, 5, 50
+    )
+    assert len(found.ids) == 5 and not found.exact
+    add_features(index, data["phi"][2700:], outputs=data["outputs"][2700:], targets=data["targets"][2700:])
+    compacted = load_index(index)
+    assert compacted.manifest.faiss.shards is None and compacted.faiss_index.ntotal == 3000
+    assert not (index / faiss_shard_file(1)).exists()
+    remove_examples(index, [0, 5, 2999])
+    shrunk = load_index(index)
+    assert shrunk.manifest.faiss.shards is None and shrunk.faiss_index.ntotal == 2997
+
+
+def test_a_damaged_faiss_shard_is_named(tmp_path: Path) -> None:
+    data = synthetic(1000, seed=4)
+    index = build_from_features(
+        data["phi"][:900], tmp_path / "ivf", outputs=data["outputs"][:900], targets=data["targets"][:900],
+        config=IndexConfig(faiss_factory="IVF4,Flat", recall_queries=10),
+    )  # fmt: skip
+    add_features(index, data["phi"][900:], outputs=data["outputs"][900:], targets=data["targets"][900:])
+    shard = index / faiss_shard_file(1)
+    damaged = bytearray(shard.read_bytes())
+    damaged[-8] ^= 0xFF
+    shard.chmod(0o644)
+    shard.write_bytes(bytes(damaged))
+    with pytest.raises(IndexCorruptError, match=faiss_shard_file(1)):
+        load_index(index)
 
 
 def test_a_model_index_adds_examples_featurized_with_its_own_model(tmp_path: Path, index_root: Path) -> None:

@@ -23,7 +23,7 @@ from indexer.gp.scores import signed_score
 from indexer.gp.surrogate import fit_surrogate
 from indexer.precomputed import build_from_features
 from indexer.store import search as search_module
-from indexer.store.layout import KEY_PHI_NORM, PHI_FILE
+from indexer.store.layout import FAISS_FILE, KEY_PHI_NORM, PHI_FILE
 from indexer.store.reader import load_index
 from indexer.store.records import row_norms
 from indexer.store.search import (
@@ -273,6 +273,26 @@ def test_the_cli_builds_from_a_feature_file(tmp_path: Path) -> None:
     assert shown.exit_code == 2 and "unknown array(s) ['labels']" in shown.output
 
 
+def _load_in_a_fresh_process(index_dir: Path, then: str = "", report: str = "") -> dict:
+    """Load ``index_dir`` in a new interpreter: its RSS growth (``grown``, bytes) and, after running
+    ``then``, the values of the JSON object body ``report``."""
+    script = f"""
+import json, sys
+import numpy as np
+from indexer.store.faiss_index import read_faiss_index
+from indexer.store.reader import load_index
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+before = rss()
+index = load_index({str(index_dir)!r})
+after = rss()
+{then}
+print(json.dumps({{"grown": after - before, {report}}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_loading_maps_the_features_instead_of_reading_them(tmp_path: Path) -> None:
     """RSS after loading grows by far less than the features' size (measured in a fresh process)."""
     rng = np.random.default_rng(4)
@@ -284,19 +304,33 @@ def test_loading_maps_the_features_instead_of_reading_them(tmp_path: Path) -> No
         targets=rng.integers(0, 2, n),
     )
     phi_bytes = (out / PHI_FILE).stat().st_size
-    script = f"""
-import json, resource, sys
-from indexer.store.reader import load_index
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
-before = rss()
-index = load_index({str(out)!r})
-after = rss()
-print(json.dumps({{"grown": after - before}}))
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    grown = json.loads(result.stdout.strip().splitlines()[-1])["grown"]
+    grown = _load_in_a_fresh_process(out)["grown"]
     assert grown < 0.25 * phi_bytes, (grown, phi_bytes)
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "HNSW16"])
+def test_loading_maps_the_faiss_index_instead_of_reading_it(tmp_path: Path, factory: str) -> None:
+    """An IVF index's lists and an HNSW index's vectors stay in the file (FAISS's mmap IO flags): RSS
+    after loading grows by far less than the vectors' bytes, and the mapped index answers as one read
+    whole."""
+    rng = np.random.default_rng(5)
+    n, k, m = 40_000, 128, 20  # a 20 MB FAISS file of float32 vectors
+    out = build_from_features(
+        rng.standard_normal((n, k), dtype=np.float32), tmp_path / "mapped",
+        outputs=rng.standard_normal(n), targets=rng.integers(0, 2, n),
+        query_phi=rng.standard_normal((m, k), dtype=np.float32), query_outputs=rng.standard_normal(m),
+        query_targets=rng.integers(0, 2, m), config=IndexConfig(faiss_factory=factory, recall_queries=m),
+    )  # fmt: skip
+    faiss_bytes = (out / FAISS_FILE).stat().st_size
+    then = f"""
+queries = np.random.default_rng(6).standard_normal((5, {k})).astype(np.float32)
+whole = read_faiss_index(index.path / "{FAISS_FILE}", {n}, {k}, {factory!r}, memory_map=False)
+mapped_ids, whole_ids = index.faiss_index.search(queries, 10)[1], whole.search(queries, 10)[1]
+"""
+    found = _load_in_a_fresh_process(out, then, '"same": bool(np.array_equal(mapped_ids, whole_ids))')
+    vector_bytes = n * k * 4  # HNSW's graph is read into RAM; the vectors of both stay in the file
+    assert found["grown"] < faiss_bytes - vector_bytes + 0.2 * vector_bytes, (found, faiss_bytes)
+    assert found["same"]
 
 
 def test_the_scan_stops_early_where_no_unseen_example_can_qualify() -> None:

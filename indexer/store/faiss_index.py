@@ -90,8 +90,9 @@ def read_faiss_index(path: Path, n: int, k: int, factory: str, memory_map: bool 
     inverted lists become an ``OnDiskInvertedLists`` over the file), any other (HNSW's storage, flat and
     scalar-quantised codes) ``IO_FLAG_MMAP_IFC`` (its flat codes are mapped). Pages of the file are read
     when a search touches them and belong to the page cache, shared by every process serving the index.
-    FAISS aborts the process when a read-only mapped index is modified: read with ``memory_map=False``
-    for an index to add to or clone.
+    The mapped lists' prefetch threads are turned off (they cost more than the search). FAISS aborts the
+    process when a read-only mapped index is modified: read with ``memory_map=False`` for an index to add
+    to or clone.
 
     Args:
         path: the index file (its checksum is verified by the reader before this is called).
@@ -105,7 +106,7 @@ def read_faiss_index(path: Path, n: int, k: int, factory: str, memory_map: bool 
     Raises:
         IndexCorruptError: FAISS cannot read the file, or its size disagrees with the manifest.
     """
-    flags = 0
+    flags, ivf = 0, False
     if memory_map:
         try:
             ivf = stores_inverted_lists(factory, k)
@@ -120,6 +121,13 @@ def read_faiss_index(path: Path, n: int, k: int, factory: str, memory_map: bool 
         raise IndexCorruptError(
             f"{path} holds {index.ntotal} vectors of dimension {index.d}; expected {n} x {k}"
         )
+    if memory_map and ivf:
+        # the mapped lists' prefetch starts 32 threads per search: 2.2 ms against 0.9 ms for IVF1024,Flat
+        # at N = 100,000 on one thread; the pages come from the page cache on demand instead
+        lists = faiss.extract_index_ivf(index).invlists
+        mapped = faiss.downcast_InvertedLists(lists) if lists is not None else None
+        if isinstance(mapped, faiss.OnDiskInvertedLists):
+            mapped.prefetch_nthread = 0
     return index
 
 

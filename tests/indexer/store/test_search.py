@@ -327,7 +327,17 @@ queries = np.random.default_rng(6).standard_normal((5, {k})).astype(np.float32)
 whole = read_faiss_index(index.path / "{FAISS_FILE}", {n}, {k}, {factory!r}, memory_map=False)
 mapped_ids, whole_ids = index.faiss_index.search(queries, 10)[1], whole.search(queries, 10)[1]
 """
-    found = _load_in_a_fresh_process(out, then, '"same": bool(np.array_equal(mapped_ids, whole_ids))')
+    if factory.startswith("IVF"):  # mapped lists, their per-search prefetch threads off
+        then += """
+import faiss
+lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index.faiss_index).invlists)
+prefetch = lists.prefetch_nthread if isinstance(lists, faiss.OnDiskInvertedLists) else -1
+"""
+    else:
+        then += "prefetch = 0\n"
+    report = '"same": bool(np.array_equal(mapped_ids, whole_ids)), "prefetch": prefetch'
+    found = _load_in_a_fresh_process(out, then, report)
+    assert found["prefetch"] == 0
     vector_bytes = n * k * 4  # HNSW's graph is read into RAM; the vectors of both stay in the file
     assert found["grown"] < faiss_bytes - vector_bytes + 0.2 * vector_bytes, (found, faiss_bytes)
     assert found["same"]

@@ -70,14 +70,18 @@ def write_faiss_index(index: faiss.Index, path: Path) -> None:
 
 
 def stores_inverted_lists(factory: str, k: int) -> bool:
-    """Whether ``factory`` builds an IVF index (beneath any pre-transform) for dimension ``k``.
+    """Whether ``factory`` builds an IVF index (beneath any pre-transform) for dimension ``k``: which of
+    FAISS's mmap IO flags applies to its file (DESIGN.md 2.1). Builds the empty index once.
 
     Raises:
         ValueError: FAISS rejects the factory string.
     """
-    check_factory(k, factory)
     try:
-        faiss.extract_index_ivf(faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT))
+        empty = faiss.index_factory(int(k), factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS rejects the factory string {factory!r} for dimension {k}: {exc}") from exc
+    try:
+        faiss.extract_index_ivf(empty)
     except RuntimeError:
         return False
     return True
@@ -133,8 +137,9 @@ def read_faiss_index(path: Path, n: int, k: int, factory: str, memory_map: bool 
 
 def merged_shards(shards: Sequence[faiss.Index]) -> faiss.Index:
     """One index over ``shards`` (FAISS ``IndexShards``, ids numbered on across the shards in order):
-    a search asks every shard for its top-k and keeps the best k. Shards trained alike (the same IVF
-    quantizer) answer as one index holding every vector would; the sole shard itself for one.
+    a search asks every shard for its top-k and keeps the best k (DESIGN.md 2.1, 2.3). Shards trained alike
+    (the same IVF quantizer) answer as one index holding every vector would; the sole shard itself for one.
+    ``d`` of the result is the shards' dimension k; ``ntotal`` the sum of theirs.
 
     Raises:
         ValueError: no shards, or shards of different dimensions.
@@ -153,7 +158,8 @@ def merged_shards(shards: Sequence[faiss.Index]) -> faiss.Index:
 
 
 def shards_of(index: faiss.Index) -> list[faiss.Index]:
-    """The shards of a merged index (:func:`merged_shards`), downcast; ``[index]`` for any other."""
+    """The shards of a merged index (:func:`merged_shards`), downcast, in id order; ``[index]`` (downcast)
+    for any other (DESIGN.md 2.1). Raises nothing."""
     inner = faiss.downcast_index(index)
     if not isinstance(inner, faiss.IndexShards):
         return [inner]

@@ -264,7 +264,7 @@ def faster_half_kernel(k: int) -> str:
     float16) or ``"upcast"`` (:func:`_upcast_mv`). Measured once per process and k, at the torch thread
     count of the first call, on 32 MiB of seeded float16 rows (the best of three runs of each, alternated);
     a few tens of milliseconds. Both kernels give bounded, verified estimates (the ranking is exact either
-    way), so the choice changes speed only."""
+    way), so the choice changes speed only (DESIGN.md 2.1). Raises nothing."""
     if k not in _kernel_for_k:
         rows = max(1, 2**24 // k)
         phi = torch.from_numpy(np.random.default_rng(0).standard_normal((rows, k)).astype(np.float16))
@@ -314,15 +314,10 @@ class SegmentedScan:
 def knob_support(index: faiss.Index) -> tuple[bool, bool]:
     """Whether ``index`` (or the index inside its pre-transforms) takes ``nprobe`` (IVF) and ``efSearch``
     (HNSW)."""
-    inner = _first_shard(index)
+    inner = shards_of(index)[0]  # every shard has the same structure
     while isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
     return isinstance(inner, faiss.IndexIVF), isinstance(inner, faiss.IndexHNSW)
-
-
-def _first_shard(index: faiss.Index) -> faiss.Index:
-    """``index`` downcast, or its first shard for a sharded one (every shard has the same structure)."""
-    return shards_of(index)[0]
 
 
 def search_params(index: faiss.Index, knobs: SearchKnobs) -> faiss.SearchParameters | None:
@@ -346,7 +341,7 @@ def search_params(index: faiss.Index, knobs: SearchKnobs) -> faiss.SearchParamet
     else:
         params = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009  # absent from faiss's type stubs
         params.efSearch = int(knobs.ef_search or 0)
-    inner = _first_shard(index)  # IndexShards hands the parameters to each shard as they are
+    inner = shards_of(index)[0]  # IndexShards hands the parameters to each shard as they are
     while isinstance(inner, faiss.IndexPreTransform):
         wrapper = faiss.SearchParametersPreTransform()
         wrapper.index_params = params
@@ -760,8 +755,13 @@ def trained_approximate_index(
 def fill_approximate_index(
     index: faiss.Index, surrogate: Surrogate, start: int = 0, scale: float = 1.0
 ) -> faiss.Index:
-    """Add the information-gain vectors of training examples ``start..n_train - 1`` to ``index`` (a trained
-    index, modified and returned), a chunk at a time: no N x k array is formed."""
+    """Add the information-gain vectors (DESIGN.md 1.3, 2.1; `(n_train - start, k)` float32, times
+    ``scale``) of training examples ``start..n_train - 1`` to ``index`` (a trained index of dimension k,
+    modified and returned), a chunk at a time: no N x k array is formed.
+
+    Raises:
+        RuntimeError: FAISS refuses the vectors (an untrained index, or another dimension).
+    """
     n = surrogate.n_train
     for lo in range(start, n, _CHUNK_ROWS):
         index.add(information_gain_vectors(surrogate, slice(lo, min(lo + _CHUNK_ROWS, n)), scale))

@@ -43,7 +43,7 @@ typecheck: install
 test: install install-bench browser lint typecheck  ## install what the tests need, lint, type-check and run the suite
 	$(VENV)/bin/pytest -q
 
-bench: install-bench  ## attribution quality vs TRAK, dattri, Captum (full mode, ~40 min): benchmarks/results/QUALITY.md
+bench: install-bench  ## attribution quality vs TRAK, dattri, Captum (full mode, ~35 min with cached retrains): benchmarks/results/QUALITY.md
 	$(PY) -m benchmarks.quality.run $(if $(QUICK),--quick)
 
 bench-quick: install-bench  ## the same harness on a tiny problem (what CI runs, ~2 min): var/bench-quick/QUALITY.md

@@ -16,6 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.setting import EXCLUSION_REASONS, MODEL_DESCRIPTIONS
+
 __all__ = ["write_report", "render_markdown", "standing", "main"]
 
 _MB = 2**20
@@ -119,6 +121,15 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
             if "updated" in result
             else []
         ),
+        *(
+            [
+                f"Model(s) {', '.join(result['added']['models'])} were run on {result['added']['date']} with"
+                f" `--add-models` ({result['added']['wall_s'] / 60:.1f} min), same configuration, beside"
+                " the earlier models' sections.",
+            ]
+            if "added" in result
+            else []
+        ),
         "",
         "## Setting",
         "",
@@ -127,8 +138,10 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
         f" {result['sizes']['n_validation']} validation queries"
         f" (damping tuning, coreset objective), coreset accuracy on the {result['sizes']['n_heldout']}"
         " test digits outside the validation split.",
-        f"- Models: MLP 784-64-10 and logistic regression, Adam lr {cfg['lr']}, batch {cfg['batch_size']},"
-        f" {cfg['epochs']} epochs; every retrain uses the same procedure with its own seed.",
+        "- Models: "
+        + "; ".join(MODEL_DESCRIPTIONS.get(name, name) for name in result["models"])
+        + f". Adam lr {cfg['lr']}, batch {cfg['batch_size']}, {cfg['epochs']} epochs; every retrain uses"
+        " the same procedure with its own seed.",
         f"- Output function: the margin z_y - logsumexp_(c != y) z_c (DESIGN.md 1.1). Projection dimension"
         f" k = {cfg['k']} for infotrace and every peer that projects.",
         f"- Damping grid (every method with a damping/regularisation, same values): {cfg['damping_grid']};"
@@ -147,6 +160,25 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
             f" {res['wall_s'] / 60:.1f} min.",
             "",
         ]
+        override = res.get("sizes_override", {})
+        if override:
+            lines += [
+                "Run with smaller sizes than the other models (a retrain of this model costs tens of"
+                " times an MLP's on 2 cores): "
+                + ", ".join(f"{key} = {value}" for key, value in override.items())
+                + (
+                    "; the group and coreset stages were not run for it."
+                    if "group_sizes" in override or "coreset_fractions" in override
+                    else "."
+                ),
+                *(
+                    f" {EXCLUSION_REASONS[key]}."
+                    for key in override.get("excluded_methods", [])
+                    if key in EXCLUSION_REASONS
+                ),
+                "",
+            ]
+        mcfg = {**cfg, **override}
         lines += ["### Where infotrace stands", ""]
         for metric, best, value, ours, rank, n in standing(res):
             lines.append(
@@ -197,10 +229,10 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
         lines += [
             "### 2. Counterfactual removal of the top-k proponents",
             "",
-            f"{cfg['n_counterfactual']} queries, {cfg['n_seeds']} retrain seeds; margin drop = margin of the"
-            " full-data model minus margin after removal (same seed); flipped = the predicted class changed;"
-            " dH = predictive entropy of the retrained model minus that of the full-data model (same seed),"
-            " in nats, averaged over seeds and queries.",
+            f"{mcfg['n_counterfactual']} queries, {mcfg['n_seeds']} retrain seed(s); margin drop = margin of"
+            " the full-data model minus margin after removal (same seed); flipped = the predicted class"
+            " changed; dH = predictive entropy of the retrained model minus that of the full-data model"
+            " (same seed), in nats, averaged over seeds and queries.",
             "",
         ]
         sizes = sorted(res["counterfactual"], key=int)
@@ -265,6 +297,8 @@ def render_markdown(result: dict[str, Any], plots: dict[str, dict[str, str]]) ->
             ["method", "total s", "featurize s", "featurize peak MiB", "score s", "score peak MiB"], rows
         )
 
+        if not res.get("group") or not res.get("coreset"):  # the CNN runs neither (QualityConfig.for_model)
+            continue
         lines += [
             "### 5. Group counterfactual (issue #4)",
             "",

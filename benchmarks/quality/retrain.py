@@ -45,7 +45,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from indexer.data import Dataset
-from indexer.features.models import mlp
+from indexer.features.models import cnn, mlp
 
 __all__ = [
     "RetrainConfig",
@@ -71,6 +71,9 @@ class RetrainConfig:
     Attributes:
         epochs: passes over each model's subset; lr: Adam learning rate; batch_size: rows per step;
         in_features, hidden, out_features: the MLP architecture (default: the demo 784-64-10).
+        channels: when not empty, the model is :func:`indexer.features.models.cnn` instead: one 3 x 3
+            convolution + BatchNorm2d + ReLU + 2 x 2 max-pool block per entry on ``in_features`` square
+            images, then one hidden Linear layer of width ``hidden[0]``.
     """
 
     epochs: int = 5
@@ -79,17 +82,30 @@ class RetrainConfig:
     in_features: int = 784
     hidden: tuple[int, ...] = (64,)
     out_features: int = 10
+    channels: tuple[int, ...] = ()
 
     def build(self) -> nn.Module:
-        """A fresh MLP of this architecture (weights from the current global torch RNG)."""
-        return mlp(self.in_features, list(self.hidden), self.out_features)
+        """A fresh model of this architecture (weights from the current global torch RNG).
+
+        Raises:
+            ValueError: a CNN whose ``in_features`` is not a square side divisible by ``2 ** len(channels)``,
+                or whose ``hidden`` is not one width.
+        """
+        if not self.channels:
+            return mlp(self.in_features, list(self.hidden), self.out_features)
+        side = math.isqrt(self.in_features)
+        if side * side != self.in_features or len(self.hidden) != 1:
+            raise ValueError(
+                f"a CNN needs square images and one hidden width; got {self.in_features} inputs, "
+                f"hidden {list(self.hidden)}"
+            )
+        return cnn(side, list(self.channels), self.hidden[0], self.out_features, batch_norm=True)
 
     def describe(self) -> str:
         """A canonical string of every field, for cache keys."""
-        return (
-            f"epochs={self.epochs};lr={self.lr!r};batch={self.batch_size};"
-            f"arch={self.in_features}-{list(self.hidden)}-{self.out_features}"
-        )
+        arch = f"arch={self.in_features}-{list(self.hidden)}-{self.out_features}"
+        cnn_part = f";cnn={list(self.channels)}" if self.channels else ""
+        return f"epochs={self.epochs};lr={self.lr!r};batch={self.batch_size};{arch}{cnn_part}"
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -122,7 +138,7 @@ def _check_masks_seeds(masks: np.ndarray, seeds: np.ndarray, n_train: int) -> tu
 
 
 def init_stacked(seeds: np.ndarray, config: RetrainConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Initial weights of one model per seed, stacked.
+    """Initial weights (and buffers) of one model per seed, stacked.
 
     Model ``m`` gets the weights of ``torch.manual_seed(seeds[m]); config.build()``; the global RNG state
     is restored afterwards.
@@ -131,17 +147,18 @@ def init_stacked(seeds: np.ndarray, config: RetrainConfig) -> tuple[nn.Module, d
         seeds: `(n_models,)` integer seeds.
 
     Returns:
-        ``(base, params)``: a template module (on the meta device) for ``functional_call`` and a dict of
-        stacked parameters, each `(n_models, *shape)` float32, detached.
+        ``(base, state)``: a template module (on the meta device) for ``functional_call`` and a dict of
+        the stacked parameters, `(n_models, *shape)` float32, detached, followed by the stacked buffers
+        (a BatchNorm's running mean and variance float32, its batch count int64; none for an MLP).
     """
     models = []
     with torch.random.fork_rng(devices=[]):
         for seed in seeds:
             torch.manual_seed(int(seed))
             models.append(config.build())
-    params, _ = stack_module_state(models)
+    params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    return base, {k: v.detach().clone() for k, v in params.items()}
+    return base, {k: v.detach().clone() for k, v in {**params, **buffers}.items()}
 
 
 def _batch_plan(
@@ -183,7 +200,12 @@ def train_stacked(
     seeds: np.ndarray,
     config: RetrainConfig = RetrainConfig(),
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """Train one MLP per (mask, seed) at once, each as ``train_classifier`` would train it alone.
+    """Train one model per (mask, seed) at once, each as ``train_classifier`` would train it alone.
+
+    A model with buffers (the CNN's BatchNorm) normalises each batch by that batch's statistics and
+    updates its running statistics, so it cannot take padded rows or sit a step out: such models are
+    stacked only when every subset has the same size (then every batch of the stack is real rows, and
+    every model steps together); :func:`retrain_logits` groups them so.
 
     Args:
         inputs: `(n_train, in_features)` float32; targets: `(n_train,)` int64 labels.
@@ -191,10 +213,22 @@ def train_stacked(
         config: hyperparameters.
 
     Returns:
-        ``(base, params)``: template module and stacked trained parameters `(n_models, *shape)`.
+        ``(base, state)``: template module and stacked trained parameters and buffers `(n_models, *shape)`.
+
+    Raises:
+        ValueError: bad masks or seeds, or a model with buffers stacked over subsets of different sizes.
     """
     masks, seeds = _check_masks_seeds(masks, seeds, len(inputs))
-    base, params = init_stacked(seeds, config)
+    base, state = init_stacked(seeds, config)
+    param_names = {name for name, _ in base.named_parameters()}
+    params = {k: v for k, v in state.items() if k in param_names}
+    buffers = {k: v for k, v in state.items() if k not in param_names}
+    sizes = masks.sum(1)
+    if buffers and (sizes != sizes[0]).any():
+        raise ValueError(
+            f"a model with buffers (BatchNorm) is stacked only over subsets of one size; got sizes "
+            f"{sorted(set(sizes.tolist()))}"
+        )
     rows, weights, active = _batch_plan(masks, seeds, config.epochs, config.batch_size)
     n_models = masks.shape[0]
     # Each model's slice of a stacked tensor is its own torch.optim.Adam parameter (a view sharing the
@@ -205,23 +239,34 @@ def train_stacked(
         [p for views in slices.values() for p in views], lr=config.lr, fused=inputs.device.type == "cpu"
     )
 
-    def model_loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
-        logits = functional_call(base, p, (x,))
+    def model_loss(
+        p: dict[str, torch.Tensor],
+        b: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        w: torch.Tensor,
+    ) -> torch.Tensor:
+        # BatchNorm in training mode updates the running statistics of b in place: b is batched over
+        # the stack like p, so each model's buffers take its own batch's statistics
+        logits = functional_call(base, {**p, **b}, (x,))
         ce = nn.functional.cross_entropy(logits, y, reduction="none")
         return (ce * w).sum() / w.sum().clamp_min(1.0)
 
+    base.train()
     grad_fn = vmap(torch.func.grad(model_loss))
     for t in range(rows.shape[0]):
         act = active[t].tolist()
         if not any(act):
             continue
-        r = rows[t]
-        grads = grad_fn(params, inputs[r], targets[r], weights[t])
+        # the widest real batch of this step: padding beyond it would be weight-0 rows for every model
+        width = int(weights[t].sum(1).max())
+        r = rows[t, :, :width]
+        grads = grad_fn(params, buffers, inputs[r], targets[r], weights[t, :, :width])
         for k, views in slices.items():
             for m, view in enumerate(views):
                 view.grad = grads[k][m] if act[m] else None
         optimiser.step()
-    return base, params
+    return base, {**params, **buffers}
 
 
 def stacked_margins(
@@ -307,6 +352,7 @@ def stacked_logits(base: nn.Module, params: dict[str, torch.Tensor], inputs: tor
     Returns:
         `(n_models, n, C)` float32 logits.
     """
+    base.eval()  # a BatchNorm normalises by its running statistics, as the trained model serves
     with torch.no_grad():
         return vmap(lambda p: functional_call(base, p, (inputs,)))(params)
 
@@ -337,6 +383,22 @@ def _load_cached(path: Path, mask: np.ndarray, seed: int) -> np.ndarray | None:
     return None
 
 
+def _chunks(
+    order: list[tuple[str, int]], sizes: np.ndarray, chunk_size: int, one_size: bool
+) -> list[list[tuple[str, int]]]:
+    """Cut the size-sorted jobs ``order`` ((key, row) pairs) into chunks of at most ``chunk_size``;
+    with ``one_size`` (a model with BatchNorm) a chunk also ends where the subset size ``sizes[row]``
+    changes."""
+    chunks: list[list[tuple[str, int]]] = []
+    for job in order:
+        same = not one_size or (bool(chunks) and sizes[chunks[-1][0][1]] == sizes[job[1]])
+        if chunks and len(chunks[-1]) < chunk_size and same:
+            chunks[-1].append(job)
+        else:
+            chunks.append([job])
+    return chunks
+
+
 def retrain_logits(
     train: Dataset,
     query_inputs: torch.Tensor,
@@ -352,7 +414,8 @@ def retrain_logits(
     Each retrain is cached on its own as ``cache_dir/<key>.npz`` (key: :func:`model_key`), so a rerun,
     or another experiment asking for the same (mask, seed), reuses it. Retrains not in the cache are
     trained ``chunk_size`` at a time (models of similar subset size together) and saved as each chunk
-    finishes. Duplicate (mask, seed) rows are trained once.
+    finishes (a CNN's chunks hold subsets of one size only, see :func:`train_stacked`). Duplicate
+    (mask, seed) rows are trained once.
 
     Args:
         train: training set, inputs `(n_train, in_features)`, targets `(n_train,)` int64.
@@ -386,8 +449,7 @@ def retrain_logits(
             todo[key] = m
     order = sorted(todo.items(), key=lambda item: (int(masks[item[1]].sum()), item[0]))
     with tqdm(total=len(order), desc=progress, unit="model", disable=progress is None, leave=False) as bar:
-        for start in range(0, len(order), chunk_size):
-            chunk = order[start : start + chunk_size]
+        for chunk in _chunks(order, masks.sum(1), chunk_size, one_size=bool(config.channels)):
             rows = np.array([m for _, m in chunk])
             logits = _train_chunk(train, query_inputs, masks[rows], seeds[rows], config)
             for (key, m), out in zip(chunk, logits, strict=True):

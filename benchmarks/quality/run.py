@@ -67,7 +67,7 @@ from benchmarks.quality.stages import (
 from benchmarks.quality.stages.base import accuracy, log
 from indexer.data import Dataset
 
-__all__ = ["HarnessError", "run", "update", "check_result", "main"]
+__all__ = ["HarnessError", "run", "update", "add_models", "check_result", "main"]
 
 MACHINE_PACKAGES = ("infotrace", "torch", "numpy", "faiss-cpu", "traker", "dattri", "captum")
 """The distributions whose versions the result's machine record lists."""
@@ -93,8 +93,13 @@ def _run_model(
 ) -> dict[str, Any]:
     """Every stage for one model, in order; the tables of its entry in ``quality.json``."""
     t_model = time.perf_counter()
+    base_config, config = config, config.for_model(model_name)
     ctx = StageContext(model_name, config, train, queries, cache_dir / model_name, chunk)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    if config != base_config:
+        out["sizes_override"] = {
+            key: value for key, value in config.to_json().items() if value != base_config.to_json()[key]
+        }
     labels, held = ctx.labels, queries.heldout_rows
 
     log(f"{model_name}: reference model")
@@ -135,11 +140,13 @@ def _run_model(
     out["base_accuracy"] = full_retrain_accuracy(ctx, base_full, ref_logits)
 
     # ---- group counterfactual (#4): greedy joint sets against top-m single-example sets ----
-    out["group"], out["near_duplicate_rate"], out["group_joint_scores"] = group_stage(
-        ctx, methods, damping, signed_cf
-    )
+    if config.group_sizes:  # none for the CNN (QualityConfig.for_model)
+        out["group"], out["near_duplicate_rate"], out["group_joint_scores"] = group_stage(
+            ctx, methods, damping, signed_cf
+        )
     # ---- coreset (#4): train from scratch on m chosen examples, same number of optimiser steps ----
-    out["coreset_selection_cost"], out["coreset"] = coreset_stage(ctx, methods, damping)
+    if config.coreset_fractions:
+        out["coreset_selection_cost"], out["coreset"] = coreset_stage(ctx, methods, damping)
     # ---- ground truth: planted near-duplicates, then planted mislabels ----
     out["retrieval"] = near_duplicate_stage(ctx, methods, damping)
     out["mislabel"] = mislabel_stage(ctx, methods, damping)
@@ -193,7 +200,9 @@ def check_result(result: dict[str, Any], config: QualityConfig) -> None:
         HarnessError: a table lacks a method, a removal size, a coreset fraction or a model.
     """
     problems = []
-    for model_name in config.models:
+    base_config = config
+    for model_name in base_config.models:
+        config = base_config.for_model(model_name)
         res = result["models"].get(model_name)
         if res is None:
             raise HarnessError(f"model {model_name} missing from the result")
@@ -206,18 +215,18 @@ def check_result(result: dict[str, Any], config: QualityConfig) -> None:
             "mislabel": res["mislabel"],
             "cost": res["cost"],
             **{f"counterfactual k={k}": res["counterfactual"].get(str(k), {}) for k in config.removal_sizes},
-            **{f"group m={m}": res["group"].get(str(m), {}) for m in config.group_sizes},
+            **{f"group m={m}": res.get("group", {}).get(str(m), {}) for m in config.group_sizes},
             **{
-                f"coreset {f:g}": res["coreset"].get(f"{f:g}", {}).get("methods", {})
+                f"coreset {f:g}": res.get("coreset", {}).get(f"{f:g}", {}).get("methods", {})
                 for f in config.coreset_fractions
             },
         }
         set_keys = [*keys, RANDOM, "greedy_information_loss", "greedy_information_gain"]
         for m in config.group_sizes:
-            tables[f"group m={m} (sets)"] = dict.fromkeys(res["group"].get(str(m), {}))
+            tables[f"group m={m} (sets)"] = dict.fromkeys(res.get("group", {}).get(str(m), {}))
             tables[f"near-duplicate rate m={m}"] = res.get("near_duplicate_rate", {}).get(str(m), {})
         for f in config.coreset_fractions:
-            rows = res["coreset"].get(f"{f:g}", {}).get("methods", {})
+            rows = res.get("coreset", {}).get(f"{f:g}", {}).get("methods", {})
             for extra in (RANDOM, "greedy_information_gain", "k_center_greedy"):
                 if extra not in rows:
                     problems.append(f"{model_name} coreset {f:g}: missing {extra}")
@@ -256,11 +265,13 @@ def update(
         raise ValueError("the result was made with another configuration; rerun the harness instead")
     t0 = time.perf_counter()
     train, queries = split_queries(config)
+    base_config = config
     for model_name, res in result["models"].items():
+        config = base_config.for_model(model_name)
         ctx = StageContext(model_name, config, train, queries, cache_dir / model_name, chunk)
         reference = train_reference(train, config, model_name, seed=0)
         damping = {m["key"]: m["damping"] for m in res["methods"]}
-        if "group" in stages:
+        if "group" in stages and config.group_sizes:
             methods = harness_methods(config)
             for method in methods:
                 method.fit(reference, train.inputs, train.targets)
@@ -280,6 +291,47 @@ def update(
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     result = _nan_to_none(result)
+    check_result(result, base_config)
+    return result
+
+
+def add_models(
+    result: dict[str, Any], config: QualityConfig, cache_dir: Path, names: Sequence[str], chunk: int = 32
+) -> dict[str, Any]:
+    """Run every stage for models not yet in ``result`` and add their sections (the others are kept).
+
+    Args:
+        result: a result of :func:`run`; config: its configuration (the models it lists may differ, and
+            fields the result predates are taken from ``config``); names: models of :data:`MODELS` to run.
+
+    Returns:
+        The result with the new models' sections, ``config.models`` the union in run order, and an
+        ``added`` record (models, date, seconds).
+
+    Raises:
+        ValueError: a name is already in the result, or another field of ``config`` differs from the
+            result's.
+    """
+    present = [name for name in names if name in result["models"]]
+    if present:
+        raise ValueError(f"{present} are already in the result; rerun the harness to replace them")
+    previous, wanted = result["config"], config.to_json()
+    differ = sorted(key for key, value in previous.items() if key != "models" and wanted.get(key) != value)
+    if differ:
+        raise ValueError(f"the result was made with other {differ}; rerun the harness instead")
+    t0 = time.perf_counter()
+    models = (*previous["models"], *names)
+    config = dataclasses.replace(config, models=models)
+    train, queries = split_queries(config)
+    for model_name in names:
+        result["models"][model_name] = _run_model(model_name, config, train, queries, cache_dir, chunk)
+    result["config"] = config.to_json()
+    result["added"] = {
+        "models": list(names),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    result = _nan_to_none(result)
     check_result(result, config)
     return result
 
@@ -292,8 +344,13 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
         "--out", type=Path, default=None, help="default: benchmarks/results (quick: var/bench-quick)"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path("var/bench-cache"), help="retrain cache")
-    parser.add_argument("--models", default=None, help="comma-separated subset of: mlp,logreg")
+    parser.add_argument("--models", default=None, help="comma-separated subset of: mlp,logreg,cnn")
     parser.add_argument("--chunk", type=int, default=32, help="models retrained at once")
+    parser.add_argument(
+        "--add-models",
+        default=None,
+        help="run only these models (comma-separated) and add them to <out>/quality.json",
+    )
     parser.add_argument(
         "--update",
         default=None,
@@ -305,11 +362,22 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
         names = tuple(m.strip() for m in args.models.split(",") if m.strip())
         unknown = [m for m in names if m not in MODELS]
         if unknown:
-            parser.error(f"unknown model(s) {unknown}; expected a subset of mlp,logreg")
+            parser.error(f"unknown model(s) {unknown}; expected a subset of {','.join(MODELS)}")
         config = dataclasses.replace(config, models=names)
+    added = tuple(m.strip() for m in (args.add_models or "").split(",") if m.strip())
+    if [m for m in added if m not in MODELS] or (args.add_models is not None and not added):
+        parser.error(f"--add-models takes a subset of {','.join(MODELS)}; got {args.add_models!r}")
     out = args.out or (Path("var/bench-quick") if args.quick else Path("benchmarks/results"))
     mode = "quick" if args.quick else "full"
-    if args.update:
+    if added:
+        if not (out / "quality.json").is_file():
+            parser.error(f"--add-models needs an existing {out / 'quality.json'}")
+        previous = json.loads((out / "quality.json").read_text())
+        try:
+            result = add_models(previous, config, args.cache_dir / mode, added, chunk=args.chunk)
+        except ValueError as error:
+            parser.error(str(error))
+    elif args.update:
         stages = [st.strip() for st in args.update.split(",") if st.strip()]
         unknown = sorted(set(stages) - {"group", "cost"})
         if unknown or not stages:
@@ -327,8 +395,8 @@ def main(argv: Sequence[str] | None = None, reporter: Callable[..., None] | None
     from benchmarks.quality.report import write_report
 
     (reporter or write_report)(result, out)
-    seconds = result["updated"]["wall_s"] if args.update else result["wall_s"]
-    log(f"wrote {out / 'quality.json'} and {out / 'QUALITY.md'} in {seconds:.0f} s")
+    record = result["added"] if added else result["updated"] if args.update else result
+    log(f"wrote {out / 'quality.json'} and {out / 'QUALITY.md'} in {record['wall_s']:.0f} s")
     return 0
 
 

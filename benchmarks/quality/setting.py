@@ -1,4 +1,4 @@
-"""The benchmark setting: digits, query splits, the two models and the planted-cause variants.
+"""The benchmark setting: digits, query splits, the three models and the planted-cause variants.
 
 Everything here is seeded, so that two runs of the harness see the same data, queries and models:
 
@@ -8,9 +8,9 @@ Everything here is seeded, so that two runs of the harness see the same data, qu
   removal, near-duplicates; the first ``n_counterfactual`` of them are the counterfactual queries), then
   the validation queries (damping tuning and the coreset objective); the rest of the test split is held
   out, and the coreset models' accuracy is measured on everything but the validation queries;
-- models: the demo MLP 784-64-10 and a multinomial logistic regression (784-10), each trained exactly
-  as :mod:`benchmarks.quality.retrain` retrains it (same seed handling, epochs, Adam), so the reference
-  model of a counterfactual and its retrains come from one procedure;
+- models: the demo MLP 784-64-10, a multinomial logistic regression (784-10) and a small CNN with
+  BatchNorm2d, each trained exactly as :mod:`benchmarks.quality.retrain` retrains it (same seed handling,
+  epochs, Adam), so the reference model of a counterfactual and its retrains come from one procedure;
 - planted causes (metric 3): near-duplicates (lightly perturbed copies of evaluation queries appended to
   the training set with the query's label) and mislabels (a seeded 5% of training labels moved to
   another class).
@@ -18,7 +18,7 @@ Everything here is seeded, so that two runs of the harness see the same data, qu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ __all__ = [
     "Queries",
     "Planted",
     "MODELS",
+    "MODEL_DESCRIPTIONS",
+    "EXCLUSION_REASONS",
     "quick_config",
     "full_config",
     "split_queries",
@@ -40,9 +42,31 @@ __all__ = [
     "train_reference",
 ]
 
-MODELS: dict[str, tuple[int, ...]] = {"mlp": (64,), "logreg": ()}
-"""Benchmark models by name: the hidden widths of :func:`indexer.features.models.mlp` (``()``: logistic
-regression)."""
+MODELS: dict[str, dict[str, tuple[int, ...]]] = {
+    "mlp": {"hidden": (64,)},
+    "logreg": {"hidden": ()},
+    "cnn": {"hidden": (32,), "channels": (4, 8)},
+}
+"""Benchmark models by name: the architecture fields of their :class:`RetrainConfig` (``hidden``: the
+widths of :func:`indexer.features.models.mlp`, ``()`` for logistic regression; ``channels``: the
+convolution blocks of :func:`indexer.features.models.cnn`, each 3 x 3 conv + BatchNorm2d + ReLU + 2 x 2
+max-pool). The CNN is narrower than the digits-cnn demo (16, 32 channels, 128 hidden): on 2 cores its
+hundreds of counterfactual retrains must fit the full mode's time."""
+
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "mlp": "MLP 784-64-10",
+    "logreg": "logistic regression 784-10",
+    "cnn": "CNN: conv 3x3 (4 channels) + BatchNorm2d + ReLU + max-pool 2, conv 3x3 (8) + BatchNorm2d + ReLU"
+    " + max-pool 2, Linear 392-32, ReLU, Linear 32-10 (13,266 parameters)",
+}
+"""One line per benchmark model, for the report."""
+
+EXCLUSION_REASONS: dict[str, str] = {
+    "dattri_if_cg": "dattri's IF-CG is left out of the CNN: its vmapped conjugate gradient took 21 s and"
+    " 6.8 GB for 16 queries with H on 300 digits (measured in quick mode), so the full mode's damping"
+    " sweep over 300 validation queries and its 4,000 self-scores would take hours on 2 cores",
+}
+"""Why :attr:`QualityConfig.cnn_excluded` leaves a method out, for the report."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,10 @@ class QualityConfig:
             (10, all) so that its damping sweep and 4,000 self-scores fit the full mode's time budget.
         kronecker: also score infotrace with the library's default Kronecker projection (rows
             ``infotrace_kronecker_*``) beside the dense one at the same k.
+        excluded_methods: method keys left out of this run.
+        cnn_counterfactual, cnn_seeds, cnn_excluded: the CNN's counterfactual queries and retrain seeds
+            (at most ``n_counterfactual``) and the methods it leaves out; its group and coreset stages
+            are not run (see :meth:`for_model`).
         seed: master seed (data split, queries, subsets, planted causes, projections).
     """
 
@@ -80,7 +108,7 @@ class QualityConfig:
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-3
-    models: tuple[str, ...] = ("mlp", "logreg")
+    models: tuple[str, ...] = ("mlp", "logreg", "cnn")
     k: int = 512
     lds_subsets: int = 100
     lds_alpha: float = 0.5
@@ -99,7 +127,33 @@ class QualityConfig:
     cg_max_iter: int = 5
     cg_hessian_examples: int | None = 1000
     kronecker: bool = True
+    excluded_methods: tuple[str, ...] = ()
+    cnn_counterfactual: int = 10
+    cnn_seeds: int = 1
+    cnn_excluded: tuple[str, ...] = ("dattri_if_cg",)
     seed: int = 0
+
+    def for_model(self, model: str) -> QualityConfig:
+        """The sizes one model runs with: these, except for the CNN, whose retrains cost about 40 times an
+        MLP's on 2 cores (a vmapped convolution per model): ``cnn_counterfactual`` queries and
+        ``cnn_seeds`` seeds of counterfactual removal, no group or coreset stage (empty
+        ``group_sizes`` and ``coreset_fractions``), and without ``cnn_excluded``: dattri's IF-CG, whose
+        vmapped conjugate gradient over the CNN took 21 s and 6.8 GB for 16 queries with H on 300
+        digits (quick mode; the full mode's tuning alone would take hours on 2 cores).
+
+        Raises:
+            KeyError: ``model`` not in :data:`MODELS`.
+        """
+        if MODELS[model].get("channels"):
+            return replace(
+                self,
+                n_counterfactual=min(self.n_counterfactual, self.cnn_counterfactual),
+                n_seeds=self.cnn_seeds,
+                group_sizes=(),
+                coreset_fractions=(),
+                excluded_methods=(*self.excluded_methods, *self.cnn_excluded),
+            )
+        return self
 
     def retrain_config(self, model: str, epochs: int | None = None) -> RetrainConfig:
         """The :class:`RetrainConfig` of a benchmark model (``epochs`` overrides, e.g. for coresets).
@@ -111,7 +165,7 @@ class QualityConfig:
             epochs=self.epochs if epochs is None else epochs,
             lr=self.lr,
             batch_size=self.batch_size,
-            hidden=MODELS[model],
+            **MODELS[model],  # type: ignore[arg-type]
         )
 
     def to_json(self) -> dict:
@@ -142,6 +196,7 @@ def quick_config() -> QualityConfig:
         coreset_fractions=(0.1,),
         n_duplicates=8,
         damping_grid=(1e-3, 1.0, 1000.0),
+        cnn_counterfactual=4,
     )
 
 

@@ -66,7 +66,7 @@ def raw_scores(method: Any, data: Dataset, damping: float | None) -> np.ndarray:
 
 
 def harness_methods(config: QualityConfig) -> list[Any]:
-    """Unfitted methods in report order: the five infotrace scores, then the five peers.
+    """Unfitted methods in report order: the infotrace scores, then the peers (less ``excluded_methods``).
 
     Raises:
         SystemExit: a peer package is not installed (the ``bench`` extra).
@@ -84,7 +84,11 @@ def harness_methods(config: QualityConfig) -> list[Any]:
     projections = (
         (ProjectionKind.DENSE, ProjectionKind.KRONECKER) if config.kronecker else (ProjectionKind.DENSE,)
     )
-    return [*infotrace_methods(config.k, config.seed, projections), *peers]
+    excluded = set(config.excluded_methods)
+    return [
+        *infotrace_methods(config.k, config.seed, projections),
+        *(p for p in peers if p.key not in excluded),
+    ]
 
 
 def infotrace_features(methods: Sequence[Any]) -> InfotraceFeatures:

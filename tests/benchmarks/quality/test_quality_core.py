@@ -139,6 +139,69 @@ def test_batched_retraining_equals_training_each_model_alone(tiny: tuple[Dataset
         torch.testing.assert_close(batched[m], alone, atol=1e-4, rtol=1e-4)
 
 
+CNN_CONFIG = RetrainConfig(epochs=2, batch_size=16, hidden=(8,), channels=(2, 4))
+PRE_BATCH_NORM = {"1.bias", "5.bias", "2.running_mean", "6.running_mean"}
+"""A convolution's bias before BatchNorm has a zero gradient up to rounding, which Adam scales up to steps
+of size lr; it and the running means that absorb it are seed-noise, not the stack's doing."""
+
+
+def test_batched_cnn_retraining_equals_training_each_model_alone(tiny: tuple[Dataset, Dataset]) -> None:
+    train, query = tiny
+    masks = random_subsets(N_TRAIN, 3, 0.3, seed=1)  # 60 rows each: 3 full batches and one of 12
+    seeds = np.array([2, 3, 4])
+    base, state = train_stacked(train.inputs, train.targets, masks, seeds, CNN_CONFIG)
+    assert {"2.running_var", "6.num_batches_tracked"} <= set(state)
+    batched = retrain.stacked_logits(base, state, query.inputs)  # eval mode: the running statistics
+    for m in range(3):
+        model = train_alone(train, masks[m], int(seeds[m]), CNN_CONFIG)
+        alone_state = model.state_dict()
+        assert int(state["2.num_batches_tracked"][m]) == int(alone_state["2.num_batches_tracked"]) == 8
+        for name, value in alone_state.items():
+            if name not in PRE_BATCH_NORM:
+                torch.testing.assert_close(state[name][m], value, atol=2e-5, rtol=1e-4)
+        stacked_model = CNN_CONFIG.build()
+        stacked_model.load_state_dict({name: value[m] for name, value in state.items()})
+        with torch.no_grad():
+            eval_stacked, eval_alone = stacked_model.eval()(query.inputs), model.eval()(query.inputs)
+            # in training mode a batch's own statistics cancel the pre-BatchNorm bias: the stacked model
+            # and the one trained alone compute the same function there (this forward updates their
+            # running statistics, so it comes after the eval-mode ones)
+            torch.testing.assert_close(
+                stacked_model.train()(query.inputs), model.train()(query.inputs), atol=1e-4, rtol=1e-4
+            )
+        torch.testing.assert_close(batched[m], eval_stacked, atol=1e-5, rtol=1e-5)
+        # in eval mode the bias noise (about lr per step) stays
+        torch.testing.assert_close(batched[m], eval_alone, atol=2e-2, rtol=0)
+
+
+def test_a_batch_norm_model_stacks_only_subsets_of_one_size(tiny: tuple[Dataset, Dataset]) -> None:
+    train, _ = tiny
+    masks = random_subsets(N_TRAIN, 2, 0.3, seed=1)
+    masks[1, :100] = True
+    with pytest.raises(ValueError, match="one size"):
+        train_stacked(train.inputs, train.targets, masks, np.array([0, 1]), CNN_CONFIG)
+    order = [("a", 0), ("b", 1), ("c", 2), ("d", 3), ("e", 4)]
+    sizes = np.array([10, 10, 20, 20, 20])
+    assert retrain._chunks(order, sizes, 2, one_size=True) == [order[:2], order[2:4], order[4:]]
+    assert retrain._chunks(order, sizes, 3, one_size=False) == [order[:3], order[3:]]
+
+
+def test_cnn_retrains_through_the_cache_match_the_stack(tiny: tuple[Dataset, Dataset], tmp_path) -> None:
+    train, query = tiny
+    masks = np.concatenate([random_subsets(N_TRAIN, 2, 0.3, seed=1), random_subsets(N_TRAIN, 1, 0.4, seed=2)])
+    seeds = np.array([2, 3, 4])
+    logits = retrain.retrain_logits(train, query.inputs, masks, seeds, CNN_CONFIG, tmp_path, chunk_size=8)
+    for m in (0, 2):  # two sizes: trained in two chunks
+        base, state = train_stacked(
+            train.inputs, train.targets, masks[m : m + 1], seeds[m : m + 1], CNN_CONFIG
+        )
+        alone = retrain.stacked_logits(base, state, query.inputs)[0]
+        # 2e-2: the pre-BatchNorm bias noise (see PRE_BATCH_NORM) differs between stacks of 2 and of 1
+        np.testing.assert_allclose(logits[m], alone, atol=2e-2)
+    assert np.abs(logits[0] - logits[2]).max() > 0.1  # another subset is far outside that tolerance
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+
+
 def test_seed_changes_the_model_and_repeats_exactly(tiny: tuple[Dataset, Dataset]) -> None:
     train, query = tiny
     masks = np.repeat(random_subsets(N_TRAIN, 1, 0.5, seed=3), 3, axis=0)

@@ -123,3 +123,30 @@ def test_infotrace_adapter_equals_library_scoring_and_signs_by_influence(data) -
     # the five scores share one fit: fitted for this model object, not for another
     assert feats.fitted_for(model)
     assert not feats.fitted_for(train_reference(train, CONFIG, "mlp", seed=0))
+
+
+def test_the_cnn_runs_smaller_counterfactuals_without_if_cg() -> None:
+    from benchmarks.quality.stages import harness_methods
+
+    full = dataclasses.replace(CONFIG, n_counterfactual=50, n_seeds=3, cnn_counterfactual=10)
+    cnn = full.for_model("cnn")
+    assert (cnn.n_counterfactual, cnn.n_seeds, cnn.group_sizes, cnn.coreset_fractions) == (10, 1, (), ())
+    assert full.for_model("mlp") == full and full.for_model("logreg") == full
+    keys = [m.key for m in harness_methods(cnn)]
+    assert "dattri_if_cg" not in keys and "traker_trak" in keys
+    assert "dattri_if_cg" in [m.key for m in harness_methods(full)]
+    model = cnn.retrain_config("cnn").build()
+    assert sum(p.numel() for p in model.parameters()) == 13_266
+    assert any(isinstance(layer, torch.nn.BatchNorm2d) for layer in model.modules())
+
+
+def test_add_models_refuses_a_present_model_or_another_configuration(tmp_path) -> None:
+    from benchmarks.quality.run import add_models
+
+    result = {"config": CONFIG.to_json(), "models": {"mlp": {}}}
+    with pytest.raises(ValueError, match="already in the result"):
+        add_models(result, CONFIG, tmp_path, ["mlp"])
+    other = dataclasses.replace(CONFIG, k=64)
+    with pytest.raises(ValueError, match=r"other \['k'\]"):
+        add_models(result, other, tmp_path, ["cnn"])
+    assert result == {"config": CONFIG.to_json(), "models": {"mlp": {}}}  # nothing changed
